@@ -1,0 +1,161 @@
+"""The MiniMind causal LM: embedding -> N pre-norm blocks -> RMSNorm -> (tied) head.
+
+Parameter names follow MiniMind's checkpoints (``embed_tokens``, ``layers_{i}/self_attn/q_proj``,
+``input_layernorm`` ...). With ``config.scan_layers`` the blocks are one ``nn.scan`` named ``layers``
+whose params carry a leading layer axis (logical axis ``layers``); ``config.remat_policy`` wraps each
+block in ``nn.remat`` (``full``: save nothing; ``dots``: save matmul outputs without batch dims).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.model.attention import Attention, attention_bias
+from minimind_jax.model.layers import RMSNorm, matmul, param_init, rope_cos_sin
+from minimind_jax.model.mlp import MLP
+from minimind_jax.model.moe import MoE
+from minimind_jax.precision import Policy, get_policy
+
+
+@flax.struct.dataclass
+class KVCache:
+    """A preallocated cache for all layers: ``k`` and ``v`` are (layers, batch, max_len, kv_heads, head_dim);
+    ``index`` (int32 scalar) is the number of slots already written (the next write position)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # (batch, seq, vocab) in the policy's output dtype
+    aux_loss: jax.Array  # float32 scalar: sum over MoE layers (0 for Dense and in evaluation)
+    cache: KVCache | None = None
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer. Signature fits ``nn.scan``: (carry, scanned, *broadcast)."""
+
+    config: ModelConfig
+    policy: Policy
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, carry, layer_cache, cos, sin, bias, cache_index):
+        cfg, pol = self.config, self.policy
+        h, aux = carry
+        attn_out, new_cache = Attention(cfg, pol, self.train, name="self_attn")(
+            RMSNorm(cfg.rms_norm_eps, pol, name="input_layernorm")(h), cos, sin, bias, layer_cache, cache_index)
+        h = h + attn_out
+        x = RMSNorm(cfg.rms_norm_eps, pol, name="post_attention_layernorm")(h)
+        if cfg.use_moe:
+            mlp_out, layer_aux = MoE(cfg, pol, self.train, name="mlp")(x)
+            aux = aux + layer_aux
+        else:
+            mlp_out = MLP(cfg, pol, name="mlp")(x)
+            if cfg.generation == "minimind2":  # MiniMind2's FeedForward ends in dropout
+                mlp_out = nn.Dropout(cfg.dropout, name="mlp_dropout")(mlp_out, deterministic=not self.train)
+        return (h + mlp_out, aux), new_cache
+
+
+def _remat(block_cls, config: ModelConfig):
+    if config.remat_policy == "none":
+        return block_cls
+    policy = None if config.remat_policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # prevent_cse is only needed outside scan (scan already stops XLA from merging the recomputation).
+    return nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
+
+
+class MiniMindLM(nn.Module):
+    """MiniMind causal LM (both generations, Dense and MoE).
+
+    ``apply({"params": p}, input_ids, attention_mask=None, position_ids=None, cache=None, train=False)``:
+
+    * ``input_ids`` (batch, seq) int; ``attention_mask`` (batch, kv_len), 1 = attend, where kv_len is
+      seq without a cache and ``cache.max_len`` with one; ``position_ids`` default to
+      ``cache.index + arange(seq)``.
+    * ``cache``: a ``KVCache``; the new keys/values are written at ``cache.index`` and the returned
+      ``ModelOutput.cache`` has ``index`` advanced by seq.
+    * ``train=True`` enables dropout (needs an ``rngs={"dropout": key}``) and the MoE aux loss.
+    """
+
+    config: ModelConfig
+    policy: Policy | str = "fp32"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                 train: bool = False) -> ModelOutput:
+        cfg = self.config
+        pol = get_policy(self.policy)
+        b, t = input_ids.shape
+        start = cache.index if cache is not None else 0
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(position_ids, cfg)
+        kv_len = cache.max_len if cache is not None else t
+        bias = attention_bias(t, kv_len, start, attention_mask)
+
+        embed = self.param("embed_tokens",
+                           nn.with_logical_partitioning(param_init(cfg), ("vocab", "embed")),
+                           (cfg.vocab_size, cfg.hidden_size), pol.param_dtype)
+        h = jnp.take(embed, input_ids, axis=0).astype(pol.compute_dtype)
+        h = nn.Dropout(cfg.dropout, name="dropout")(h, deterministic=not train)
+        aux = jnp.zeros((), jnp.float32)
+
+        block = _remat(Block, cfg)
+        if cfg.scan_layers:
+            layer_cache = (cache.k, cache.v) if cache is not None else None
+            scanned = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            (h, aux), new_kv = scanned(cfg, pol, train, name="layers")((h, aux), layer_cache, cos, sin, bias, start)
+        else:
+            new_k, new_v = [], []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
+                (h, aux), kv = block(cfg, pol, train, name=f"layers_{i}")((h, aux), layer_cache, cos, sin, bias, start)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+
+        h = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(h)
+        if cfg.tie_word_embeddings:
+            logits = matmul(h, embed, pol, "...h,vh->...v", out_dtype=jnp.float32)
+        else:
+            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg), ("embed", "vocab")),
+                              (cfg.hidden_size, cfg.vocab_size), pol.param_dtype)
+            logits = matmul(h, head, pol, out_dtype=jnp.float32)
+        new_cache = KVCache(new_kv[0], new_kv[1], start + t) if cache is not None else None
+        return ModelOutput(logits.astype(pol.output_dtype), aux, new_cache)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, policy: Policy | str = "fp32", seq_len: int = 8):
+    """Freshly initialised params (plain arrays, in the policy's param dtype)."""
+    model = MiniMindLM(config, policy)
+    variables = jax.jit(model.init)(rng, jnp.zeros((1, seq_len), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def logical_axes(config: ModelConfig, policy: Policy | str = "fp32"):
+    """The params pytree with each leaf replaced by its tuple of logical axis names (no compute)."""
+    model = MiniMindLM(config, policy)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    return nn.get_partition_spec(abstract)["params"]

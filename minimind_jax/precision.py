@@ -1,0 +1,164 @@
+"""Mixed precision: a small ``Policy`` (param / compute / output dtypes) and loss scaling.
+
+Presets (``get_policy(name)``):
+
+=============  ===========  =============  ============  ==========================================
+name           params       compute        output        use
+=============  ===========  =============  ============  ==========================================
+``fp32``       float32      float32        float32       reference runs, CPU
+``bf16``       float32      bfloat16       float32       training on GPUs (the default there)
+``fp16``       float32      float16        float32       training on older GPUs; needs loss scaling
+``bf16-params``bfloat16     bfloat16       bfloat16      inference with half the weight memory
+=============  ===========  =============  ============  ==========================================
+
+Whatever the compute dtype, RMSNorm, the attention and router softmaxes and the loss run in float32
+(the same ops PyTorch's autocast keeps in float32); the model modules do that, not the policy.
+
+Loss scaling uses jmp's ``NoOpLossScale`` / ``StaticLossScale`` / ``DynamicLossScale`` (pytrees, so they
+live in the train state) and ``optax.apply_if_finite`` to skip updates whose gradients overflowed. The
+order inside a train step is: scale the loss -> grad -> ``unscale`` -> finiteness check ->
+``adjust`` the scale -> clip -> optimizer (the clip and the optimizer sit inside the optax chain that
+``skip_nonfinite`` wraps, so clipping always sees unscaled gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import jmp
+import optax
+
+NoOpLossScale = jmp.NoOpLossScale
+StaticLossScale = jmp.StaticLossScale
+DynamicLossScale = jmp.DynamicLossScale
+LossScale = jmp.NoOpLossScale | jmp.StaticLossScale | jmp.DynamicLossScale
+all_finite = jmp.all_finite
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Dtypes at the model's boundaries: params are stored in ``param_dtype``, cast to ``compute_dtype``
+    where they are used, and the logits come out in ``output_dtype``."""
+
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = jnp.float32
+    output_dtype: Any = jnp.float32
+    name: str = "custom"
+
+    def cast_to_param(self, tree):
+        return _cast_floating(tree, self.param_dtype)
+
+    def cast_to_compute(self, tree):
+        return _cast_floating(tree, self.compute_dtype)
+
+    def cast_to_output(self, tree):
+        return _cast_floating(tree, self.output_dtype)
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return jnp.dtype(self.compute_dtype) == jnp.float16
+
+    def __str__(self) -> str:
+        names = [jnp.dtype(d).name for d in (self.param_dtype, self.compute_dtype, self.output_dtype)]
+        return f"{self.name} (params={names[0]}, compute={names[1]}, output={names[2]})"
+
+
+POLICIES: dict[str, Policy] = {
+    "fp32": Policy(jnp.float32, jnp.float32, jnp.float32, "fp32"),
+    "bf16": Policy(jnp.float32, jnp.bfloat16, jnp.float32, "bf16"),
+    "fp16": Policy(jnp.float32, jnp.float16, jnp.float32, "fp16"),
+    "bf16-params": Policy(jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, "bf16-params"),
+}
+
+# MiniMind's --dtype flag names the autocast dtype; these are the policies its users expect.
+DTYPE_FLAG_TO_POLICY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def get_policy(policy: str | Policy) -> Policy:
+    """A preset by name (``fp32``, ``bf16``, ``fp16``, ``bf16-params``; MiniMind's ``--dtype`` names
+    ``float32`` / ``bfloat16`` / ``float16`` also work) or a ``Policy`` unchanged."""
+    if isinstance(policy, Policy):
+        return policy
+    name = DTYPE_FLAG_TO_POLICY.get(policy, policy)
+    if name not in POLICIES:
+        raise ValueError(f"unknown precision policy {policy!r}; choose one of {', '.join(POLICIES)} "
+                         f"(or {', '.join(DTYPE_FLAG_TO_POLICY)})")
+    return POLICIES[name]
+
+
+def _cast_floating(tree, dtype):
+    def cast(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            return jnp.asarray(x, dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+# --------------------------------------------------------------------------------------- loss scaling
+DYNAMIC_INITIAL_SCALE = 2.0**15
+DYNAMIC_PERIOD = 2000
+DYNAMIC_FACTOR = 2
+DYNAMIC_MIN_SCALE = 1.0
+
+
+def make_loss_scale(kind: str = "dynamic", *, initial: float = DYNAMIC_INITIAL_SCALE,
+                    period: int = DYNAMIC_PERIOD, factor: int = DYNAMIC_FACTOR,
+                    min_scale: float = DYNAMIC_MIN_SCALE) -> LossScale:
+    """``none``; ``static`` (a fixed ``initial``); ``dynamic``: start at ``initial`` (2**15), multiply by
+    ``factor`` after ``period`` (2000) finite steps in a row, divide by ``factor`` on a non-finite
+    gradient (that step's update is skipped), never below ``min_scale``."""
+    if kind == "none":
+        return jmp.NoOpLossScale()
+    if kind == "static":
+        return jmp.StaticLossScale(jnp.float32(initial))
+    if kind == "dynamic":
+        return jmp.DynamicLossScale(jnp.float32(initial), counter=jnp.zeros((), jnp.int32), period=period,
+                                    factor=factor, min_loss_scale=jnp.float32(min_scale))
+    raise ValueError(f"unknown loss scale {kind!r}; choose none, static or dynamic")
+
+
+def default_loss_scale(policy: str | Policy) -> LossScale:
+    """Dynamic scaling for float16 compute, none otherwise (bf16 has float32's exponent range)."""
+    return make_loss_scale("dynamic" if get_policy(policy).needs_loss_scaling else "none")
+
+
+def current_scale(loss_scale: LossScale) -> jax.Array:
+    """The scale as a float32 scalar (1 for no scaling), for logging."""
+    return jnp.asarray(loss_scale.loss_scale, jnp.float32)
+
+
+def scaled_value_and_grad(loss_fn: Callable[..., Any], loss_scale: LossScale, *, has_aux: bool = False):
+    """``jax.value_and_grad`` of ``loss_fn`` with the loss multiplied by the loss scale and the gradients
+    divided by it again. Returns ``f(params, *args) -> (value, grads, finite)``; ``value`` is unscaled,
+    ``finite`` says whether every gradient is finite (if not, skip the update and ``adjust`` the scale)."""
+
+    def scaled(params, *args):
+        out = loss_fn(params, *args)
+        loss, aux = out if has_aux else (out, None)
+        return loss_scale.scale(loss), (loss, aux)
+
+    def f(params, *args):
+        (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params, *args)
+        grads = loss_scale.unscale(grads)
+        finite = jmp.all_finite(grads)
+        return ((loss, aux) if has_aux else loss), grads, finite
+
+    return f
+
+
+def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wrap ``tx`` so that an update with a non-finite gradient is skipped (params and optimizer state
+    unchanged). The wrapper's state counts skipped steps (``total_notfinite``). Never gives up: the
+    dynamic loss scale, not this wrapper, decides how to recover."""
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
+def skipped_steps(opt_state) -> jax.Array:
+    """Total skipped (non-finite) steps recorded by ``skip_nonfinite``'s state."""
+    return opt_state.total_notfinite
