@@ -294,12 +294,12 @@ def rope_scaling_extra(config: ModelConfig) -> dict[str, Any]:
 _MINIMIND3_MARKERS = ("num_experts", "router_aux_loss_coef", "head_dim")
 _MINIMIND2_MARKERS = ("n_routed_experts", "aux_loss_alpha", "seq_aux", "n_shared_experts")
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-_OURS = ("scan_layers", "remat_policy", "moe_impl", "initializer_range", "qk_norm", "rope_scaling_factor",
-         "rope_scaling_original_max", "rope_scaling_beta_fast", "rope_scaling_beta_slow",
-         "rope_scaling_attention_factor")
+_OURS = {"scan_layers": bool, "remat_policy": str, "moe_impl": str, "initializer_range": float, "qk_norm": bool,
+         "rope_scaling_factor": float, "rope_scaling_original_max": int, "rope_scaling_beta_fast": float,
+         "rope_scaling_beta_slow": float, "rope_scaling_attention_factor": float}  # key: JSON type
 
 
-def _detect_generation(raw: Mapping[str, Any]) -> str | None:
+def _detect_generation(raw: Mapping[str, Any], asked: str | None = None) -> str | None:
     model_type = raw.get("model_type")
     if model_type in ("qwen3", "qwen3_moe"):
         return "minimind3"
@@ -310,6 +310,8 @@ def _detect_generation(raw: Mapping[str, Any]) -> str | None:
     m3 = [k for k in _MINIMIND3_MARKERS if k in raw]
     m2 = [k for k in _MINIMIND2_MARKERS if k in raw]
     if m3 and m2:
+        if asked is not None:  # the caller settles it, as the message below suggests
+            return asked
         raise ConfigError(
             f"contradictory generation keys: minimind-3 keys {m3} and minimind2 keys {m2} in one file; "
             "pass generation= to say which")
@@ -321,7 +323,11 @@ def _detect_generation(raw: Mapping[str, Any]) -> str | None:
 
 
 def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str, Any]:
-    detected = _detect_generation(raw)
+    model_type = raw.get("model_type") or "minimind"
+    if model_type not in ("minimind", "qwen3", "qwen3_moe", "llama"):
+        raise ConfigError(f"unsupported model_type {model_type!r} (expected minimind, qwen3, qwen3_moe or llama)")
+    hf = model_type in ("qwen3", "qwen3_moe", "llama")
+    detected = _detect_generation(raw, generation)
     if generation is not None and detected is not None and generation != detected:
         raise ConfigError(f"generation={generation!r} was asked for but the file's keys say {detected!r}")
     generation = generation or detected
@@ -336,12 +342,11 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
     missing = [k for k in _SHAPE_KEYS if raw.get(k) is None]
     if missing:
         raise ConfigError(f"missing model-shape field(s) {missing}")
-    model_type = raw.get("model_type", "minimind")
-    hf = model_type in ("qwen3", "qwen3_moe", "llama")
-    if model_type not in ("minimind", "qwen3", "qwen3_moe", "llama"):
-        raise ConfigError(f"unsupported model_type {model_type!r} (expected minimind, qwen3, qwen3_moe or llama)")
 
     f: dict[str, Any] = {"generation": generation}
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, list):  # HF allows a list; MiniMind has one eos
+        raw = {**raw, "eos_token_id": eos[0] if eos else None}
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "pad_token_id", "bos_token_id",
                 "eos_token_id"):
@@ -352,9 +357,7 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
         if not hf:
             raise ConfigError("missing model-shape field 'num_key_value_heads'")
         kv = f["num_attention_heads"]  # HF convention: absent means multi-head attention
-    f["num_key_value_heads"] = int(kv)
-    if isinstance(raw.get("eos_token_id"), list):  # HF allows a list; MiniMind has one eos
-        f["eos_token_id"] = int(raw["eos_token_id"][0])
+    f["num_key_value_heads"] = _int("num_key_value_heads", kv)
     if raw.get("head_dim") is not None:
         f["head_dim"] = _as_int(raw, "head_dim")
     for key in ("hidden_act",):
@@ -362,18 +365,18 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
             f[key] = raw[key]
     for key in ("rms_norm_eps", "dropout", "initializer_range"):
         if raw.get(key) is not None:
-            f[key] = float(raw[key])
+            f[key] = _float(key, raw[key])
     if raw.get("tie_word_embeddings") is not None:
-        f["tie_word_embeddings"] = bool(raw["tie_word_embeddings"])
+        f["tie_word_embeddings"] = _bool("tie_word_embeddings", raw["tie_word_embeddings"])
     elif hf:
-        f["tie_word_embeddings"] = False if model_type == "llama" else f.get("tie_word_embeddings", True)
+        f["tie_word_embeddings"] = False  # transformers' default for Qwen3, Qwen3Moe and Llama
 
     # RoPE: MiniMind and older HF files carry rope_theta; transformers 5 nests it in rope_parameters.
     rope_params = raw.get("rope_parameters") or {}
     theta = raw.get("rope_theta", rope_params.get("rope_theta"))
     if theta is not None:
-        f["rope_theta"] = float(theta)
-    rope_type = rope_params.get("rope_type", "default")
+        f["rope_theta"] = _float("rope_theta", theta)
+    rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
     if hf:
         scaling = raw.get("rope_scaling")
         if scaling or rope_type not in ("default", None):
@@ -383,61 +386,90 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
         if raw.get("attention_bias") or raw.get("mlp_bias"):
             raise ConfigError("attention_bias / mlp_bias are set: MiniMind models have no biases")
     else:
-        f["inference_rope_scaling"] = bool(raw.get("inference_rope_scaling", False))
-        scaling = raw.get("rope_scaling") or {}
+        f["inference_rope_scaling"] = _bool("inference_rope_scaling", raw.get("inference_rope_scaling", False))
+        # transformers 5 saves MiniMind's rope_scaling dict as rope_parameters (rope_type "yarn").
+        scaling = raw.get("rope_scaling") or (rope_params if rope_type == "yarn" else {})
         for ours, theirs in (("rope_scaling_factor", "factor"),
                              ("rope_scaling_original_max", "original_max_position_embeddings"),
                              ("rope_scaling_beta_fast", "beta_fast"), ("rope_scaling_beta_slow", "beta_slow"),
                              ("rope_scaling_attention_factor", "attention_factor")):
             if theirs in scaling:
-                f[ours] = type(getattr(ModelConfig, ours))(scaling[theirs])
+                f[ours] = _TYPED[_OURS[ours]](f"rope_scaling.{theirs}", scaling[theirs])
 
     # Mixture of experts.
     if model_type == "qwen3_moe":
         f["use_moe"] = True
-        if raw.get("mlp_only_layers") or int(raw.get("decoder_sparse_step", 1)) != 1:
+        if raw.get("mlp_only_layers") or _int("decoder_sparse_step", raw.get("decoder_sparse_step", 1)) != 1:
             raise ConfigError("mlp_only_layers / decoder_sparse_step != 1: MiniMind puts MoE in every layer")
     elif hf:
         f["use_moe"] = False
     else:
-        f["use_moe"] = bool(raw.get("use_moe", False))
+        f["use_moe"] = _bool("use_moe", raw.get("use_moe", False))
     n3, n2 = raw.get("num_experts"), raw.get("n_routed_experts")
-    if n3 is not None and n2 is not None and int(n3) != int(n2):
+    if n3 is None and model_type == "qwen3_moe":  # transformers 5 writes Qwen3Moe's num_experts under this name
+        n3 = raw.get("num_local_experts")
+    n3 = None if n3 is None else _int("num_experts", n3)
+    n2 = None if n2 is None else _int("n_routed_experts", n2)
+    if n3 is not None and n2 is not None and n3 != n2:
         raise ConfigError(f"num_experts ({n3}) and n_routed_experts ({n2}) disagree")
     if (n3 if n3 is not None else n2) is not None:
-        f["num_experts"] = int(n3 if n3 is not None else n2)
+        f["num_experts"] = n3 if n3 is not None else n2
     a3, a2 = raw.get("router_aux_loss_coef"), raw.get("aux_loss_alpha")
-    if a3 is not None and a2 is not None and float(a3) != float(a2):
+    a3 = None if a3 is None else _float("router_aux_loss_coef", a3)
+    a2 = None if a2 is None else _float("aux_loss_alpha", a2)
+    if a3 is not None and a2 is not None and a3 != a2:
         raise ConfigError(f"router_aux_loss_coef ({a3}) and aux_loss_alpha ({a2}) disagree")
     if (a3 if a3 is not None else a2) is not None:
-        f["router_aux_loss_coef"] = float(a3 if a3 is not None else a2)
+        f["router_aux_loss_coef"] = a3 if a3 is not None else a2
     for key in ("num_experts_per_tok", "moe_intermediate_size", "n_shared_experts"):
         if raw.get(key) is not None:
-            f[key] = int(raw[key])
+            f[key] = _int(key, raw[key])
     for key in ("norm_topk_prob", "seq_aux"):
         if raw.get(key) is not None:
-            f[key] = bool(raw[key])
+            f[key] = _bool(key, raw[key])
     if raw.get("scoring_func", "softmax") != "softmax":
         raise ConfigError(f"scoring_func {raw['scoring_func']!r} is not supported (MiniMind uses softmax)")
     if f.get("use_moe") and model_type == "qwen3_moe" and raw.get("shared_expert_intermediate_size"):
         raise ConfigError("shared_expert_intermediate_size is set: that is Qwen2-MoE, not a MiniMind model")
 
     # This project's own keys (written by to_json).
-    for key in _OURS:
+    for key, kind in _OURS.items():
         if key in raw and raw[key] is not None and key not in f:
-            f[key] = raw[key]
-    if "qk_norm" in f:
-        f["qk_norm"] = bool(f["qk_norm"])
-    if model_type == "llama" and "head_dim" in f and f["head_dim"] != f["hidden_size"] // f["num_attention_heads"]:
-        pass  # allowed: Llama files may carry an explicit head_dim
+            f[key] = _TYPED[kind](key, raw[key])
     return f
 
 
 def _as_int(raw: Mapping[str, Any], key: str) -> int:
-    value = raw[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    return _int(key, raw[key])
+
+
+def _int(key: str, value: Any) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())):  # also refuses inf / nan
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     return int(value)
+
+
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    # Not bool(value): bool("false") is True.
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+_TYPED = {int: _int, float: _float, bool: _bool, str: _str}
 
 
 # ---------------------------------------------------------------------------------------------- presets

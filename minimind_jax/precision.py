@@ -33,7 +33,30 @@ import optax
 
 NoOpLossScale = jmp.NoOpLossScale
 StaticLossScale = jmp.StaticLossScale
-DynamicLossScale = jmp.DynamicLossScale
+
+
+@jax.tree_util.register_pytree_node_class
+class DynamicLossScale(jmp.DynamicLossScale):
+    """``jmp.DynamicLossScale`` that keeps ``min_loss_scale`` through pytree flattening.
+
+    jmp 0.0.4 leaves ``min_loss_scale`` out of ``tree_flatten``, so every ``jax.jit`` / ``tree.map`` /
+    checkpoint round trip silently reset the floor to 1. Here it is a pytree leaf like the scale.
+    """
+
+    def tree_flatten(self):
+        return (self.loss_scale, self.counter, self.min_loss_scale), (self.period, self.factor)
+
+    @classmethod
+    def tree_unflatten(cls, meta, data):
+        loss_scale, counter, min_loss_scale = data
+        period, factor = meta
+        return cls(loss_scale, counter, period, factor, min_loss_scale)
+
+    def adjust(self, grads_finite: jax.Array) -> "DynamicLossScale":
+        new = super().adjust(grads_finite)  # a plain jmp.DynamicLossScale
+        return DynamicLossScale(new.loss_scale, new.counter, new.period, new.factor, new.min_loss_scale)
+
+
 LossScale = jmp.NoOpLossScale | jmp.StaticLossScale | jmp.DynamicLossScale
 all_finite = jmp.all_finite
 
@@ -118,8 +141,8 @@ def make_loss_scale(kind: str = "dynamic", *, initial: float = DYNAMIC_INITIAL_S
     if kind == "static":
         return jmp.StaticLossScale(jnp.float32(initial))
     if kind == "dynamic":
-        return jmp.DynamicLossScale(jnp.float32(initial), counter=jnp.zeros((), jnp.int32), period=period,
-                                    factor=factor, min_loss_scale=jnp.float32(min_scale))
+        return DynamicLossScale(jnp.float32(initial), counter=jnp.zeros((), jnp.int32), period=period,
+                                factor=factor, min_loss_scale=jnp.float32(min_scale))
     raise ValueError(f"unknown loss scale {kind!r}; choose none, static or dynamic")
 
 

@@ -49,11 +49,19 @@ class ExpertBank(nn.Module):
                                     (self.num, inter, h), pol.param_dtype)
 
     def all_experts(self, x: jax.Array) -> jax.Array:
-        """Every expert on every token: x (n, h) -> (E, n, h)."""
+        """Every expert on every token: x (n, h) -> (E, n, h).
+
+        One 2-D matmul per expert (E is small and static) rather than one batched einsum: XLA:CPU
+        rejects some batched bf16 x bf16 -> f32 dots after layout assignment ("Unsupported element
+        type for DotThunk"), and plain matmuls are its fastest path anyway.
+        """
         pol = self.policy
-        gate = matmul(x, self.gate_proj, pol, "nh,ehi->eni")
-        up = matmul(x, self.up_proj, pol, "nh,ehi->eni")
-        return matmul(nn.silu(gate) * up, self.down_proj, pol, "eni,eih->enh")
+        outs = []
+        for e in range(self.num):
+            gate = matmul(x, self.gate_proj[e], pol)
+            up = matmul(x, self.up_proj[e], pol)
+            outs.append(matmul(nn.silu(gate) * up, self.down_proj[e], pol))
+        return jnp.stack(outs)
 
     def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """Rows sorted by expert, ``group_sizes[e]`` rows for expert e: (m, h) -> (m, h)."""

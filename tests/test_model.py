@@ -1,0 +1,213 @@
+"""The Flax model: shapes and dtypes per policy, causality, masks, the KV cache, scan / remat, dropout."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _util import VOCAB, cached_params, random_ids, tiny, to_scanned
+
+from minimind_jax import KVCache, MiniMindLM, ModelConfig, init_params, logical_axes
+from minimind_jax.precision import POLICIES, get_policy
+
+
+def logits_fn(config, policy="fp32", **kw):
+    model = MiniMindLM(config, policy)
+    return jax.jit(lambda p, ids: model.apply({"params": p}, ids, **kw).logits)
+
+
+class PolicyShapesTest(chex.TestCase):
+    def check(self, name, policy_name, fn_wrapper):
+        config, policy = tiny(name), get_policy(policy_name)
+        params = cached_params(config, 0, policy_name)
+        for leaf in jax.tree.leaves(params):
+            chex.assert_type(leaf, policy.param_dtype)
+        model = MiniMindLM(config, policy)
+        fn = fn_wrapper(lambda p, ids: model.apply({"params": p}, ids, train=True))
+        out = fn(params, random_ids((2, 7)))
+        chex.assert_shape(out.logits, (2, 7, VOCAB))
+        chex.assert_type(out.logits, policy.output_dtype)
+        chex.assert_shape(out.aux_loss, ())
+        chex.assert_type(out.aux_loss, jnp.float32)
+        chex.assert_tree_all_finite(out.logits)
+        assert out.cache is None
+        if config.use_moe:
+            assert float(out.aux_loss) > 0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_moe_under_bf16_with_and_without_jit(self):
+        self.check("tiny2-moe", "bf16", self.variant)
+
+    def test_shapes_and_dtypes_under_every_policy(self):
+        for name in ("tiny3-moe", "tiny2"):
+            for policy_name in POLICIES:
+                self.check(name, policy_name, jax.jit)
+
+    def test_training_policies_keep_float32_params(self):
+        for policy_name in ("fp32", "bf16", "fp16"):
+            params = cached_params(tiny("tiny3-moe"), 0, policy_name)
+            assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("name", ["tiny3", "tiny3-moe", "tiny2", "tiny2-moe"])
+def test_causality(name):
+    config = tiny(name)
+    params = cached_params(config)
+    fn = logits_fn(config)
+    apply = lambda ids: fn(params, ids)  # noqa: E731
+    ids = random_ids((2, 12))
+    base = apply(ids)
+    for j in (0, 5, 11):
+        changed = apply(ids.at[:, j].set((ids[:, j] + 7) % VOCAB))
+        chex.assert_trees_all_close(changed[:, :j], base[:, :j], atol=1e-6, rtol=0)
+        assert np.abs(np.asarray(changed[:, j:] - base[:, j:])).max() > 1e-4, "a later position must change"
+
+
+@pytest.mark.parametrize("name", ["tiny3", "tiny2-moe"])
+def test_padding_mask(name):
+    config = tiny(name)
+    params = cached_params(config)
+    model = MiniMindLM(config)
+    apply = jax.jit(lambda ids, mask, pos: model.apply({"params": params}, ids, attention_mask=mask,
+                                                       position_ids=pos).logits)
+    ids = random_ids((1, 10))
+    mask = jnp.asarray([[1] * 7 + [0] * 3])
+    # Right padding: what sits in the padded slots never changes the real positions.
+    a = apply(ids, mask, None)
+    b = apply(ids.at[:, 7:].set(5), mask, None)
+    chex.assert_trees_all_close(a[:, :7], b[:, :7], atol=1e-6, rtol=0)
+    # Left padding with positions counted from the first real token equals the unpadded sequence.
+    real = ids[:, :7]
+    alone = logits_fn(config)(params, real)
+    padded = jnp.concatenate([jnp.full((1, 3), 9, jnp.int32), real], axis=1)
+    left_mask = jnp.asarray([[0] * 3 + [1] * 7])
+    positions = jnp.maximum(jnp.cumsum(left_mask, axis=1) - 1, 0)
+    out = apply(padded, left_mask, positions)
+    chex.assert_trees_all_close(out[:, 3:], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny3", "tiny3-moe", "tiny2", "tiny2-moe"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decoding_equals_full_forward(name, scan):
+    config = tiny(name, scan_layers=scan)
+    params = cached_params(config)
+    model = MiniMindLM(config)
+    b, prompt, total, max_len = 2, 5, 11, 16
+    ids = random_ids((b, total), seed=4)
+    full = logits_fn(config)(params, ids)
+
+    step = jax.jit(lambda ids, cache: model.apply({"params": params}, ids, cache=cache))
+    cache = KVCache.init(config, b, max_len)
+    out = step(ids[:, :prompt], cache)  # prefill
+    pieces = [out.logits]
+    cache = out.cache
+    assert int(cache.index) == prompt
+    for t in range(prompt, total):  # one token at a time
+        out = step(ids[:, t:t + 1], cache)
+        pieces.append(out.logits)
+        cache = out.cache
+    assert int(cache.index) == total
+    chex.assert_trees_all_close(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_kv_cache_with_left_padding_mask():
+    """Two prompts of different lengths, left padded in one batch, decode like each alone."""
+    config = tiny("tiny3-moe")
+    params = cached_params(config)
+    model = MiniMindLM(config)
+    step = jax.jit(lambda ids, mask, pos, cache: model.apply(
+        {"params": params}, ids, attention_mask=mask, position_ids=pos, cache=cache))
+    max_len = 12
+    long, short = random_ids((1, 6), seed=6), random_ids((1, 3), seed=7)
+    ids = jnp.concatenate([long, jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], axis=1)])
+    mask = jnp.zeros((2, max_len), jnp.int32).at[0, :6].set(1).at[1, 3:6].set(1)
+    positions = jnp.asarray([[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2]])
+    out = step(ids, mask, positions, KVCache.init(config, 2, max_len))
+    nxt = jnp.asarray([[11], [12]])
+    mask = mask.at[:, 6].set(1)
+    out2 = step(nxt, mask, jnp.asarray([[6], [3]]), out.cache)
+    for row, prompt in ((0, long), (1, short)):
+        seq = jnp.concatenate([prompt, nxt[row:row + 1]], axis=1)
+        alone = logits_fn(config)(params, seq)
+        chex.assert_trees_all_close(out2.logits[row, -1], alone[0, -1], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny3", "tiny2-moe"])
+def test_scan_and_remat_match_the_plain_model(name):
+    config = tiny(name)
+    params = cached_params(config)
+    ids = random_ids((2, 9))
+
+    def loss_fn(cfg, p):
+        def f(p):
+            out = MiniMindLM(cfg).apply({"params": p}, ids, train=True)
+            return jnp.mean(jax.nn.logsumexp(out.logits, -1)) + out.aux_loss
+        return jax.jit(jax.value_and_grad(f))(p)
+
+    ref_loss, ref_grads = loss_fn(config, params)
+    for kw in (dict(scan_layers=True), dict(remat_policy="full"), dict(remat_policy="dots"),
+               dict(scan_layers=True, remat_policy="full")):
+        cfg = config.replace(**kw)
+        p = to_scanned(params, cfg) if cfg.scan_layers else params
+        loss, grads = loss_fn(cfg, p)
+        chex.assert_trees_all_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+        want = to_scanned(ref_grads, cfg) if cfg.scan_layers else ref_grads
+        chex.assert_trees_all_close(grads, want, atol=1e-6, rtol=1e-5)
+
+
+def test_scanned_params_have_a_layer_axis():
+    config = tiny("tiny3-moe", scan_layers=True)
+    params = cached_params(config)
+    assert params["layers"]["self_attn"]["q_proj"]["kernel"].shape[0] == config.num_hidden_layers
+    axes = logical_axes(config)
+    assert tuple(axes["layers"]["mlp"]["experts"]["gate_proj"]) == ("layers", "expert", "embed", "mlp")
+    assert tuple(axes["embed_tokens"]) == ("vocab", "embed")
+
+
+def test_dropout_only_in_training():
+    config = tiny("tiny2", dropout=0.2)
+    params = cached_params(config)
+    model = MiniMindLM(config)
+    ids = random_ids((2, 8))
+    eval_a = logits_fn(config)(params, ids)
+    eval_b = logits_fn(config)(params, ids)
+    chex.assert_trees_all_equal(eval_a, eval_b)
+    train_fn = jax.jit(lambda key: model.apply({"params": params}, ids, train=True, rngs={"dropout": key}).logits)
+    train = [train_fn(jax.random.key(s)) for s in (0, 0, 1)]
+    chex.assert_trees_all_equal(train[0], train[1])  # same key, same mask
+    assert np.abs(np.asarray(train[0] - train[2])).max() > 1e-4
+    assert np.abs(np.asarray(train[0] - eval_a)).max() > 1e-4
+
+
+def test_untied_head_has_its_own_param():
+    config = tiny("tiny2", tie_word_embeddings=False)
+    params = cached_params(config)
+    assert params["lm_head"].shape == (config.hidden_size, VOCAB)
+    out = logits_fn(config)(params, random_ids((1, 4)))
+    chex.assert_shape(out, (1, 4, VOCAB))
+
+
+def test_yarn_changes_only_long_range_frequencies():
+    from minimind_jax.model.layers import rope_inv_freq
+
+    base = ModelConfig.preset("minimind3")
+    plain, _ = rope_inv_freq(base)
+    yarn, factor = rope_inv_freq(base.replace(inference_rope_scaling=True))
+    assert factor == 1.0
+    np.testing.assert_array_equal(yarn[:4], plain[:4])  # high frequencies untouched
+    np.testing.assert_allclose(yarn[-1], plain[-1] / 16, rtol=1e-6)  # low ones divided by the factor
+    assert np.all(yarn <= plain)
+
+
+def test_bf16_vs_fp32_logits_on_minimind3_preset(capsys):
+    """The seeds' experiment: the same weights run under bf16 and fp32 give close logits."""
+    config = ModelConfig.preset("minimind3")
+    params = init_params(config, jax.random.key(0))
+    ids = random_ids((1, 32))
+    f32 = jax.jit(lambda p: MiniMindLM(config, "fp32").apply({"params": p}, ids).logits)(params)
+    b16 = jax.jit(lambda p: MiniMindLM(config, "bf16").apply({"params": p}, ids).logits)(params)
+    diff = np.abs(np.asarray(f32) - np.asarray(b16))
+    with capsys.disabled():
+        print(f"\nminimind3 bf16 vs fp32: mean |logit diff| {diff.mean():.2e}, max {diff.max():.2e}, "
+              f"mean |logit| {np.abs(np.asarray(f32)).mean():.2e}")
+    assert diff.mean() < 1e-2
