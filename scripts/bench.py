@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Benchmarks that print figures (never timed tests).
+
+  python scripts/bench.py forward [--preset minimind3] [--batch 4] [--seq 256] [--policy fp32] [--iters 5]
+      forward-pass latency, tokens/s and compile time of a preset under a policy
+  python scripts/bench.py moe [--preset minimind3-moe] [--tokens 1024] [--policy fp32]
+      the two exact MoE dispatch implementations (dense one-hot combine vs sorted grouped matmul),
+      forward and forward+backward, on one MoE layer of the preset
+
+Later issues add ``train`` and ``decode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def timeit(fn, *args, iters: int = 5):
+    """(compile + first run seconds, median seconds of ``iters`` further runs)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+def bench_forward(args) -> None:
+    from minimind_jax import MiniMindLM, ModelConfig, init_params, param_count
+
+    config = ModelConfig.preset(args.preset, scan_layers=args.scan)
+    params = init_params(config, jax.random.key(0), args.policy)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.seq)), jnp.int32)
+    fwd = jax.jit(lambda p, x: MiniMindLM(config, args.policy).apply({"params": p}, x).logits)
+    first, t = timeit(fwd, params, ids, iters=args.iters)
+    total, active = param_count(config)
+    tokens = args.batch * args.seq
+    flops = 2 * active * tokens  # matmul FLOPs of the weights (attention scores excluded)
+    print(f"forward {args.preset} ({total / 1e6:.1f}M params, {active / 1e6:.1f}M active), policy {args.policy}, "
+          f"batch {args.batch} x seq {args.seq}, scan={args.scan}, device {jax.devices()[0].platform}")
+    print(f"  compile+first run {first:.2f} s | median {t * 1e3:.1f} ms | {tokens / t:,.0f} tokens/s | "
+          f"{flops / t / 1e9:.1f} GFLOP/s (weights only)")
+
+
+def bench_moe(args) -> None:
+    import flax.linen as nn
+
+    from minimind_jax import ModelConfig
+    from minimind_jax.model.moe import MoE
+    from minimind_jax.precision import get_policy
+
+    base = ModelConfig.preset(args.preset)
+    if not base.use_moe:
+        raise SystemExit(f"preset {args.preset} is not a MoE model")
+    x = jax.random.normal(jax.random.key(0), (1, args.tokens, base.hidden_size), jnp.float32)
+    print(f"moe layer of {args.preset}: {base.num_experts} experts, top-{base.num_experts_per_tok}, "
+          f"{base.n_shared_experts} shared, hidden {base.hidden_size}, inter {base.moe_intermediate_size}, "
+          f"{args.tokens} tokens, policy {args.policy}, device {jax.devices()[0].platform}")
+    params = None
+    for impl in ("dense", "sorted"):
+        config = base.replace(moe_impl=impl)
+        layer = MoE(config, get_policy(args.policy), train=True)
+        if params is None:
+            params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), x)["params"])
+        fwd = jax.jit(lambda p, v, layer=layer: layer.apply({"params": p}, v)[0])
+
+        def loss(p, v, layer=layer):
+            y, aux = layer.apply({"params": p}, v)
+            return jnp.mean(y.astype(jnp.float32) ** 2) + aux
+
+        grad = jax.jit(jax.grad(loss))
+        f_first, f_t = timeit(fwd, params, x, iters=args.iters)
+        g_first, g_t = timeit(grad, params, x, iters=args.iters)
+        print(f"  {impl:6s}: forward {f_t * 1e3:7.1f} ms | forward+backward {g_t * 1e3:7.1f} ms | "
+              f"compile {f_first:.1f} + {g_first:.1f} s")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("forward", help="forward-pass latency of a preset")
+    p.add_argument("--preset", default="minimind3")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--policy", default="fp32")
+    p.add_argument("--scan", action="store_true", help="scan over layers")
+    p.add_argument("--iters", type=int, default=5)
+    p.set_defaults(fn=bench_forward)
+    p = sub.add_parser("moe", help="MoE dispatch implementations")
+    p.add_argument("--preset", default="minimind3-moe")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--policy", default="fp32")
+    p.add_argument("--iters", type=int, default=5)
+    p.set_defaults(fn=bench_moe)
+    args = parser.parse_args(argv)
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
