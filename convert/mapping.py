@@ -84,6 +84,59 @@ def expected_torch_shapes(config: ModelConfig, include_lm_head: bool = False) ->
     return out
 
 
+def expected_param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every leaf path of ``config``'s params pytree (the layout ``torch_to_params`` builds) and its shape."""
+    torch_shapes = expected_torch_shapes(config)
+    layer: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for suffix, path, transpose, e in layer_table(config):
+        shape = torch_shapes[f"model.layers.0.{suffix}"]
+        shape = shape[::-1] if transpose else shape
+        if e is not None:
+            shape = (config.num_experts if path[1] == "experts" else config.n_shared_experts,) + shape
+        layer[path] = shape
+    h, v, n = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    out = {("embed_tokens",): (v, h), ("norm", "weight"): (h,)}
+    if not config.tie_word_embeddings:
+        out[("lm_head",)] = (h, v)
+    for path, shape in layer.items():
+        if config.scan_layers:
+            out[("layers",) + path] = (n,) + shape
+        else:
+            out.update({(f"layers_{i}",) + path: shape for i in range(n)})
+    return out
+
+
+def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _check_params(params: Mapping, config: ModelConfig) -> None:
+    """Refuse params that are not exactly ``config``'s tree: exporting them would silently drop layers,
+    experts or an untied head (only the paths the config names are read) or write wrongly shaped tensors."""
+    expected = expected_param_shapes(config)
+    shapes = {path: tuple(np.shape(leaf)) for path, leaf in _leaves(params)}
+    missing = sorted("/".join(k) for k in set(expected) - set(shapes))
+    unexpected = sorted("/".join(k) for k in set(shapes) - set(expected))
+    bad_shapes = [f"{'/'.join(k)}: {shapes[k]} (expected {expected[k]})"
+                  for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
+    problems = []
+    if ("layers" in params) != config.scan_layers:
+        problems.append(f"the params are in the {'scanned' if 'layers' in params else 'per-layer'} layout but the "
+                        f"config has scan_layers={config.scan_layers}")
+    if missing:
+        problems.append(f"{len(missing)} missing param(s): {_short(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected param(s): {_short(unexpected)}")
+    if bad_shapes:
+        problems.append(f"{len(bad_shapes)} shape mismatch(es): {_short(bad_shapes)}")
+    if problems:
+        raise MappingError(f"params do not match the config ({_describe(config)}):\n  - " + "\n  - ".join(problems))
+
+
 def _check_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> None:
     expected = expected_torch_shapes(config, include_lm_head=True)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -177,8 +230,10 @@ def params_to_torch(params: Mapping, config: ModelConfig, include_lm_head: bool 
     """This project's params pytree -> a MiniMind / HF state dict (name -> numpy array, torch layout).
 
     ``include_lm_head`` writes ``lm_head.weight`` even when tied (MiniMind's ``.pth`` files carry it;
-    Hugging Face safetensors files drop tied copies). Arrays keep their dtype.
+    Hugging Face safetensors files drop tied copies). Arrays keep their dtype. Raises ``MappingError`` when
+    ``params`` is not exactly ``config``'s tree (missing / extra leaves, wrong shapes, the other layout).
     """
+    _check_params(params, config)
     p = {k: v for k, v in params.items()}
     out: dict[str, np.ndarray] = {
         "model.embed_tokens.weight": np.asarray(p["embed_tokens"]),
