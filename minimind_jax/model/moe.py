@@ -90,7 +90,8 @@ def aux_loss(scores: jax.Array, idx: jax.Array, config: ModelConfig, batch: int)
     """MiniMind's load-balancing loss for one layer (float32 scalar).
 
     * batch level (minimind-3): ``coef * E * sum_i load_i * mean_prob_i`` over all n tokens, with
-      ``load_i`` = (top-k picks of expert i) / n.
+      ``load_i`` = (top-k picks of expert i) / n. MiniMind2's batch-level branch (``seq_aux=False``,
+      not its default) divides the picks by the n * k choices instead; a minimind2 config follows that.
     * sequence level (minimind2, ``seq_aux``): ``coef * mean_b sum_i ce_bi * mean_t p_bti`` with
       ``ce_bi`` = (picks of expert i in sequence b) / (seq_len * k / E).
     """
@@ -102,6 +103,8 @@ def aux_loss(scores: jax.Array, idx: jax.Array, config: ModelConfig, batch: int)
         mean_p = scores.reshape(batch, seq, e).mean(axis=1)
         return config.router_aux_loss_coef * jnp.mean(jnp.sum(ce * mean_p, axis=-1))
     load = picks.mean(axis=0)
+    if config.generation == "minimind2":
+        load = load / k
     return config.router_aux_loss_coef * e * jnp.sum(load * scores.mean(axis=0))
 
 
