@@ -1,8 +1,15 @@
 """Checkpoint conversion between PyTorch (MiniMind / Hugging Face) and this project.
 
-The only package that knows PyTorch tensor names and layouts. ``convert.mapping`` holds the name table.
+The only package that knows PyTorch tensor names and layouts:
+
+* ``convert.mapping``: the name table (``torch_to_params`` / ``params_to_torch``);
+* ``convert.dtypes``: the one explicit dtype table and the recorded casts;
+* ``convert.io``: safetensors (single / sharded) and ``.pth`` readers, atomic writers;
+* ``convert.api``: ``load_torch`` and ``save_torch``; ``convert.cli``: ``python -m convert``.
 """
 
+from convert.api import Report, hf_config, load_torch, save_torch
 from convert.mapping import MappingError, expected_torch_shapes, params_to_torch, torch_to_params
 
-__all__ = ["MappingError", "expected_torch_shapes", "params_to_torch", "torch_to_params"]
+__all__ = ["MappingError", "Report", "expected_torch_shapes", "hf_config", "load_torch", "params_to_torch",
+           "save_torch", "torch_to_params"]

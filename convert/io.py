@@ -1,0 +1,209 @@
+"""Reading and writing PyTorch checkpoints as numpy: safetensors (single or sharded HF), MiniMind ``.pth``.
+
+Readers return ``(tensors, source_config)``: tensor name -> numpy array in the stored dtype (bf16 as
+``ml_dtypes.bfloat16``), and the parsed ``config.json`` found beside the weights (or None). safetensors
+are read with ``safetensors.safe_open(..., framework="numpy")``, no torch needed; ``.pth`` needs torch
+(``torch.load(weights_only=True)``), and bf16 tensors are moved through an int16 view, never through
+``Tensor.numpy()``. Writers are atomic: a temporary sibling directory, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from convert.dtypes import DTypeError, name_of
+
+
+class CheckpointReadError(ValueError):
+    """A source that cannot be read: missing, unsupported, truncated or corrupt, or holding non-float tensors."""
+
+
+def describe_source(src: str | os.PathLike) -> str:
+    """What kind of source ``src`` is: 'safetensors', 'sharded-safetensors', 'pth', or raise."""
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointReadError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "model.safetensors.index.json").is_file():
+            return "sharded-safetensors"
+        if (path / "model.safetensors").is_file():
+            return "safetensors"
+        pths = sorted(path.glob("*.pth"))
+        if len(pths) == 1:
+            return "pth"
+        raise CheckpointReadError(
+            f"{path}: no model.safetensors, model.safetensors.index.json or single .pth file in this directory")
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return "pth"
+    raise CheckpointReadError(f"{path}: unsupported file type {path.suffix!r} (expected .safetensors or .pth)")
+
+
+def _weights_file(path: Path, kind: str) -> Path:
+    if path.is_file():
+        return path
+    if kind == "safetensors":
+        return path / "model.safetensors"
+    if kind == "pth":
+        return sorted(path.glob("*.pth"))[0]
+    return path / "model.safetensors.index.json"
+
+
+def read_source_config(src: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    """The ``config.json`` beside the weights (in the directory, or next to the file), if any."""
+    path = Path(src)
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None, None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")), cfg
+    except json.JSONDecodeError as e:
+        raise CheckpointReadError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def read_tensors(src: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint as numpy, in its stored dtype."""
+    path = Path(src)
+    kind = describe_source(path)
+    weights = _weights_file(path, kind)
+    if kind == "safetensors":
+        tensors = _read_safetensors(weights)
+    elif kind == "sharded-safetensors":
+        tensors = _read_sharded(weights)
+    else:
+        tensors = _read_pth(weights)
+    for name, arr in tensors.items():
+        try:
+            name_of(arr)
+        except DTypeError as e:
+            raise CheckpointReadError(f"{weights}: tensor {name!r}: {e}") from None
+    return tensors
+
+
+def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(file), framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
+        raise CheckpointReadError(f"{file}: cannot read as safetensors (truncated or corrupt?): {e}") from None
+
+
+def _read_sharded(index_file: Path) -> dict[str, np.ndarray]:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointReadError(f"{index_file}: not a safetensors index (need a 'weight_map'): {e}") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_file.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointReadError(f"{index_file}: shard {shard} is missing")
+        tensors.update(_read_safetensors(shard_path))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointReadError(f"{index_file}: tensors listed in the index but absent from the shards: "
+                                  f"{', '.join(missing[:8])}")
+    return tensors
+
+
+def _read_pth(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointReadError(
+            f"{file}: reading MiniMind .pth files needs PyTorch: pip install -e '.[torch]' "
+            "(or convert it to safetensors elsewhere)") from None
+    try:
+        state = torch.load(os.fspath(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointReadError(f"{file}: cannot load with torch.load(weights_only=True) "
+                                  f"(truncated, corrupt, or not a plain state dict?): {e}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a resume checkpoint ({"model": ..., "optimizer": ...})
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"{file}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    out = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointReadError(f"{file}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        out[name] = torch_to_numpy(value)
+    return out
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy without changing a bit (bf16 via an int16 view)."""
+    import ml_dtypes
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+# ------------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out`` in one rename.
+
+    An existing ``out`` is refused unless ``force``; with ``force`` the old directory is moved aside and
+    deleted only after the new one is in place. On any exception the temporary directory is removed and
+    ``out`` is left as it was.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_safetensors(file: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(file),
+              metadata=dict(metadata or {"format": "pt"}))
+
+
+def write_pth(file: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("writing .pth files needs PyTorch: pip install -e '.[torch]'") from None
+    import ml_dtypes
+
+    state = {}
+    for name, arr in tensors.items():
+        if arr.dtype == ml_dtypes.bfloat16:
+            state[name] = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        else:
+            state[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    torch.save(state, os.fspath(file))
+
+
+def write_json(file: Path, data: Any) -> None:
+    file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
