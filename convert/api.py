@@ -16,6 +16,7 @@ from convert import dtypes as dt
 from convert.infer import infer_config
 from convert.io import atomic_directory, read_source_config, read_tensors, write_json, write_pth, write_safetensors
 from convert.mapping import params_to_torch, torch_to_params
+from minimind_jax.checkpoint import _unflatten, flatten_params
 from minimind_jax.config import ModelConfig
 
 
@@ -90,7 +91,7 @@ def load_torch(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     report.dtype, report.dtype_reason = dt.resolve(dtype, src_config, report.stored_dtypes)
     params = torch_to_params(tensors, cfg)  # checks names and shapes before anything is cast
     flat = _flatten(params)
-    params = _unflatten(dt.cast_all(flat, report.dtype, report.casts))
+    params = _unflatten(dt.cast_all(flat, report.dtype, report.casts).items())
     return cfg, params
 
 
@@ -185,24 +186,5 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-# ------------------------------------------------------------------------------------------- helpers
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+def _flatten(tree: Mapping) -> dict[str, Any]:
+    return dict(flatten_params(tree))

@@ -106,35 +106,18 @@ def expected_param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[in
     return out
 
 
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
-
-
 def _check_params(params: Mapping, config: ModelConfig) -> None:
     """Refuse params that are not exactly ``config``'s tree: exporting them would silently drop layers,
-    experts or an untied head (only the paths the config names are read) or write wrongly shaped tensors."""
-    expected = expected_param_shapes(config)
-    shapes = {path: tuple(np.shape(leaf)) for path, leaf in _leaves(params)}
-    missing = sorted("/".join(k) for k in set(expected) - set(shapes))
-    unexpected = sorted("/".join(k) for k in set(shapes) - set(expected))
-    bad_shapes = [f"{'/'.join(k)}: {shapes[k]} (expected {expected[k]})"
-                  for k in sorted(set(shapes) & set(expected)) if shapes[k] != expected[k]]
-    problems = []
-    if ("layers" in params) != config.scan_layers:
-        problems.append(f"the params are in the {'scanned' if 'layers' in params else 'per-layer'} layout but the "
-                        f"config has scan_layers={config.scan_layers}")
-    if missing:
-        problems.append(f"{len(missing)} missing param(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected param(s): {_short(unexpected)}")
-    if bad_shapes:
-        problems.append(f"{len(bad_shapes)} shape mismatch(es): {_short(bad_shapes)}")
-    if problems:
-        raise MappingError(f"params do not match the config ({_describe(config)}):\n  - " + "\n  - ".join(problems))
+    experts or an untied head (only the paths the config names are read) or write wrongly shaped tensors.
+    The check itself is the checkpoint module's (one definition of "params match a config")."""
+    from minimind_jax.checkpoint import CheckpointError, check_params, flatten_params
+
+    try:
+        flat = flatten_params(params)
+        check_params({p: tuple(np.shape(x)) for p, x in flat}, {p: np.asarray(x).dtype for p, x in flat},
+                     config, "params")
+    except CheckpointError as e:
+        raise MappingError(str(e)) from None
 
 
 def _check_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> None:
