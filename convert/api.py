@@ -89,7 +89,9 @@ def load_torch(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
         cfg = cfg.replace(scan_layers=scan_layers)
     report.stored_dtypes = dt.summary(tensors)
     report.dtype, report.dtype_reason = dt.resolve(dtype, src_config, report.stored_dtypes)
-    params = torch_to_params(tensors, cfg)  # checks names and shapes before anything is cast
+    # Checks names and shapes before anything is cast; consumes the expert tensors as it stacks them.
+    params = torch_to_params(tensors, cfg, consume=True)
+    del tensors
     flat = _flatten(params)
     params = _unflatten(dt.cast_all(flat, report.dtype, report.casts).items())
     return cfg, params
@@ -150,7 +152,7 @@ def save_torch(params: Mapping, config: ModelConfig, out_dir: str | os.PathLike,
     report.dtype, report.dtype_reason = dt.canonical(dtype), "requested"
     meta = hf_config(config, report.dtype) if format == "hf" else None  # fail before writing anything
     host = jax.tree.map(np.asarray, params)
-    tensors = params_to_torch(host, config)
+    tensors = params_to_torch(host, config, contiguous=False)  # views: the writer copies one at a time
     report.stored_dtypes = dt.summary(tensors)
     tensors = dt.cast_all(tensors, report.dtype, report.casts, clip_fp16=clip_fp16)
     with atomic_directory(out_dir, force=force) as tmp:

@@ -36,7 +36,7 @@ def _load_any(path: str, config=None, dtype=None, report=None):
     if _is_project_checkpoint(path):
         from minimind_jax.checkpoint import load_checkpoint
 
-        cfg, params = load_checkpoint(path, dtype=None if dtype in (None, "auto") else dtype)
+        cfg, params = load_checkpoint(path, dtype=None if dtype in (None, "auto") else dtype, as_numpy=True)
         if report is not None:
             report.source, report.config_source = path, f"{path}/config.json (minimind-jax checkpoint)"
         return cfg, params
@@ -86,7 +86,7 @@ def _tensors_for_inspect(path: str):
         from convert.api import _flatten
         from minimind_jax.checkpoint import load_checkpoint
 
-        cfg, params = load_checkpoint(path)
+        cfg, params = load_checkpoint(path, as_numpy=True)
         return {k: np.asarray(v) for k, v in _flatten(params).items()}, cfg, "minimind-jax checkpoint"
     tensors = read_tensors(path)
     raw, _ = read_source_config(path)

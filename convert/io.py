@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from convert.dtypes import DTypeError, name_of
+from convert.dtypes import TABLE, DTypeError, name_of
 
 
 class CheckpointReadError(ValueError):
@@ -183,10 +183,32 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
 
 
 def write_safetensors(file: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    from safetensors.numpy import save_file
+    """Write a safetensors file tensor by tensor.
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(file),
-              metadata=dict(metadata or {"format": "pt"}))
+    ``safetensors.numpy.save_file`` first turns every tensor into a Python ``bytes`` object (a second
+    copy of the whole checkpoint in memory); streaming keeps the extra memory to one tensor. The format
+    is the library's: little-endian u64 header length, a JSON header (dtype, shape, data_offsets; padded
+    with spaces to 8 bytes), then the raw little-endian data. The library reads the result back in tests.
+    """
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        arr = tensors[name]
+        nbytes = arr.size * arr.dtype.itemsize
+        header[name] = {"dtype": TABLE[name_of(arr)].safetensors, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            arr = np.ascontiguousarray(tensors[name])
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            f.write(arr.reshape(-1).view(np.uint8).data)
 
 
 def write_pth(file: Path, tensors: Mapping[str, np.ndarray]) -> None:

@@ -169,11 +169,12 @@ def _get(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
-def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
+def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *, consume: bool = False) -> dict:
     """A MiniMind / HF state dict (name -> numpy array) -> this project's params pytree (numpy).
 
     ``lm_head.weight`` may be absent when embeddings are tied; when present it must equal the embedding.
-    Raises ``MappingError`` listing every missing / unexpected key and shape mismatch.
+    Raises ``MappingError`` listing every missing / unexpected key and shape mismatch. ``consume=True``
+    removes the expert tensors from ``state_dict`` (a mutable dict) as they are stacked.
     """
     _check_keys(state_dict, config)
     embed = np.asarray(state_dict["model.embed_tokens.weight"])
@@ -190,7 +191,10 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -
         layer: dict = {}
         stacks: dict[tuple[str, ...], list] = {}
         for suffix, path, transpose, e in layer_table(config):
-            arr = np.asarray(state_dict[f"model.layers.{i}.{suffix}"])
+            name = f"model.layers.{i}.{suffix}"
+            # consume: drop the source tensor once copied (stacking experts copies them), so converting
+            # a large checkpoint never holds two full copies.
+            arr = np.asarray(state_dict.pop(name) if consume and e is not None else state_dict[name])
             arr = arr.T if transpose else arr
             if e is None:
                 _set(layer, path, arr)
@@ -209,11 +213,14 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -
     return params
 
 
-def params_to_torch(params: Mapping, config: ModelConfig, include_lm_head: bool = False) -> dict[str, np.ndarray]:
+def params_to_torch(params: Mapping, config: ModelConfig, include_lm_head: bool = False,
+                    contiguous: bool = True) -> dict[str, np.ndarray]:
     """This project's params pytree -> a MiniMind / HF state dict (name -> numpy array, torch layout).
 
     ``include_lm_head`` writes ``lm_head.weight`` even when tied (MiniMind's ``.pth`` files carry it;
-    Hugging Face safetensors files drop tied copies). Arrays keep their dtype. Raises ``MappingError`` when
+    Hugging Face safetensors files drop tied copies). Arrays keep their dtype. ``contiguous=False`` returns
+    transposed views instead of copies (a writer that copies one tensor at a time then needs no second
+    copy of the checkpoint). Raises ``MappingError`` when
     ``params`` is not exactly ``config``'s tree (missing / extra leaves, wrong shapes, the other layout).
     """
     _check_params(params, config)
@@ -230,9 +237,11 @@ def params_to_torch(params: Mapping, config: ModelConfig, include_lm_head: bool 
                 arr = np.asarray(_get(p[f"layers_{i}"], path))
             if e is not None:
                 arr = arr[e]
-            out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(arr.T if transpose else arr)
+            arr = arr.T if transpose else arr
+            out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(arr) if contiguous else arr
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(p["lm_head"]).T)
+        head = np.asarray(p["lm_head"]).T
+        out["lm_head.weight"] = np.ascontiguousarray(head) if contiguous else head
     elif include_lm_head:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

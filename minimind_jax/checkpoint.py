@@ -436,10 +436,12 @@ def _resolve_dtype(dtype) -> np.dtype:
     return resolved
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype=None, verify: bool = True) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path: str | os.PathLike, *, dtype=None, verify: bool = True,
+                    as_numpy: bool = False) -> tuple[ModelConfig, dict]:
     """Read a checkpoint written by ``save_checkpoint``: ``(config, params)``.
 
-    Params come back as ``jax.Array`` on the default device, in the stored dtypes unless ``dtype``
+    Params come back as ``jax.Array`` on the default device (numpy arrays with ``as_numpy=True``, e.g. for
+    the converter, which then never holds a second copy), in the stored dtypes unless ``dtype``
     (``"float32"`` / ``"bfloat16"`` / ``"float16"`` or a numpy / jnp dtype) asks for an explicit cast of
     every floating leaf. ``verify`` recomputes the manifest's checksum (catches silent corruption that
     orbax's storage layer does not). Every failure is a ``CheckpointError`` naming the directory.
@@ -481,7 +483,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None, verify: bool = True)
             log.info("%s: cast %s to %s on load", path,
                      ", ".join(f"{n} {name} tensor(s)" for name, n in sorted(casts.items())), target.name)
         params = _unflatten(flat)
-    return config, jax.device_put(params)
+    return config, (params if as_numpy else jax.device_put(params))
 
 
 def _restore_params(params_dir: Path, config: ModelConfig) -> list[tuple[str, np.ndarray]]:

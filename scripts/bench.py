@@ -7,6 +7,10 @@
       the two exact MoE dispatch implementations (dense one-hot combine vs sorted grouped matmul),
       forward and forward+backward, on one MoE layer of the preset
 
+  python scripts/bench.py convert [--preset minimind3-moe] [--dtype float32]
+      the converter both ways on a full-size checkpoint with random weights (each direction in a fresh
+      process): seconds and peak memory above the process's baseline (after imports)
+
 Later issues add ``train`` and ``decode``.
 """
 
@@ -87,6 +91,50 @@ def bench_moe(args) -> None:
               f"compile {f_first:.1f} + {g_first:.1f} s")
 
 
+_CONVERT_CHILD = r"""
+import json, sys, time
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import convert.cli, convert.api, minimind_jax.checkpoint  # imports are not the conversion's cost
+base = rss("VmRSS")
+t0 = time.perf_counter()
+rc = convert.cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "base": base, "peak": rss("VmHWM")}))
+"""
+
+
+def bench_convert(args) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    from convert.api import save_torch
+    from minimind_jax import ModelConfig, init_params
+
+    config = ModelConfig.preset(args.preset)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        src, jx, back = f"{tmp}/hf", f"{tmp}/jax", f"{tmp}/back"
+        fmt = "hf" if not (config.generation == "minimind2" and config.use_moe) else "minimind"
+        save_torch(params, config, src, format=fmt, dtype=args.dtype)
+        del params
+        size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+        print(f"convert {args.preset}: source {fmt} directory, {args.dtype}, {size / 2**20:.0f} MiB of tensors")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for label, cmd in (("to-jax  ", ["to-jax", src, jx, "--dtype", "auto"]),
+                           ("to-torch", ["to-torch", jx, back, "--format", fmt, "--dtype", args.dtype])):
+            proc = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, *cmd], capture_output=True, text=True,
+                                  cwd=root)
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            extra = result["peak"] - result["base"]
+            print(f"  {label}: {result['seconds']:5.1f} s | peak extra memory {extra / 2**20:6.0f} MiB "
+                  f"({extra / size:.2f}x the checkpoint) | rc {result['rc']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="fp32")
     p.add_argument("--iters", type=int, default=5)
     p.set_defaults(fn=bench_moe)
+    p = sub.add_parser("convert", help="checkpoint conversion both ways")
+    p.add_argument("--preset", default="minimind3-moe")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints")
+    p.set_defaults(fn=bench_convert)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0
