@@ -15,8 +15,8 @@ import numpy as np
 from convert import dtypes as dt
 from convert.infer import infer_config
 from convert.io import atomic_directory, read_source_config, read_tensors, write_json, write_pth, write_safetensors
-from convert.mapping import params_to_torch, torch_to_params
-from minimind_jax.checkpoint import _unflatten, flatten_params
+from convert.mapping import _check_keys, params_to_torch, torch_to_params
+from minimind_jax.checkpoint import flatten_params
 from minimind_jax.config import ModelConfig
 
 
@@ -89,11 +89,14 @@ def load_torch(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
         cfg = cfg.replace(scan_layers=scan_layers)
     report.stored_dtypes = dt.summary(tensors)
     report.dtype, report.dtype_reason = dt.resolve(dtype, src_config, report.stored_dtypes)
-    # Checks names and shapes before anything is cast; consumes the expert tensors as it stacks them.
+    _check_keys(tensors, cfg)  # names and shapes, before anything is cast
+    # Cast each stored tensor before experts / layers are stacked: the report names the tensors as stored
+    # (e.g. every float32 expert of a bfloat16 checkpoint), and a stack never mixes dtypes (numpy would
+    # promote bfloat16 + float32 silently and refuse float16 + bfloat16 with a TypeError).
+    tensors = dt.cast_all(tensors, report.dtype, report.casts)
+    # Consumes the expert tensors as it stacks them.
     params = torch_to_params(tensors, cfg, consume=True)
     del tensors
-    flat = _flatten(params)
-    params = _unflatten(dt.cast_all(flat, report.dtype, report.casts).items())
     return cfg, params
 
 

@@ -87,7 +87,11 @@ class CastLog:
         self.casts.setdefault((src, dst), []).append(name)
 
     def lines(self) -> list[str]:
-        out = [f"cast {len(names)} tensor(s) {src} -> {dst}" for (src, dst), names in sorted(self.casts.items())]
+        # Name the tensors (not only a count): a reader must see *which* ones were cast, e.g. float32
+        # expert weights in a bfloat16 checkpoint.
+        out = [f"cast {len(names)} tensor(s) {src} -> {dst}: {', '.join(names[:8])}"
+               + (f" ... ({len(names) - 8} more)" if len(names) > 8 else "")
+               for (src, dst), names in sorted(self.casts.items())]
         if self.clipped:
             out.append(f"clipped {len(self.clipped)} tensor(s) to the float16 range: {', '.join(self.clipped[:8])}"
                        + (" ..." if len(self.clipped) > 8 else ""))

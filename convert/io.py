@@ -168,18 +168,27 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None  # a hidden sibling holding the previous OUT while it is replaced
     try:
         yield tmp
-        old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                # The previous OUT was moved aside: put it back before reporting the failure (if even that
+                # fails, it stays in ``old``, which is then kept).
+                os.replace(old / "previous", out)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not (old / "previous").exists():
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(file: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

@@ -94,11 +94,16 @@ def _unflatten(flat: Iterator[tuple[str, Any]]) -> dict:
     return tree
 
 
-def _to_host(path: str, leaf) -> np.ndarray:
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        raise CheckpointError(
-            f"param {path} is sharded across processes; a params-only checkpoint is written from one "
-            "process (gather the params first, or save the full state with the training CheckpointManager)")
+def _to_host(path: str, leaf):
+    """Numpy for anything array-like; a (fully addressable) ``jax.Array`` is passed to orbax as it is:
+    orbax buffers about twice as much memory for numpy leaves as for jax ones (measured on a 757 MiB
+    tree: +1.8x vs +1.0x), which decides whether converting a large checkpoint fits in memory."""
+    if isinstance(leaf, jax.Array):
+        if not leaf.is_fully_addressable:
+            raise CheckpointError(
+                f"param {path} is sharded across processes; a params-only checkpoint is written from one "
+                "process (gather the params first, or save the full state with the training CheckpointManager)")
+        return leaf
     return np.asarray(leaf)
 
 
@@ -384,7 +389,7 @@ def save_checkpoint(out_dir: str | os.PathLike, params: Mapping, config: ModelCo
 
     flat = [(path, _to_host(path, leaf)) for path, leaf in flatten_params(params)]
     check_params({p: x.shape for p, x in flat}, {p: x.dtype for p, x in flat}, config, where=str(out))
-    host = _unflatten(flat)  # plain nested dicts of numpy arrays: no device / sharding recorded
+    host = _unflatten(flat)  # plain nested dicts of arrays (restore always reads them back as numpy)
     manifest = build_manifest(host, config, source=source, extra=extra)
 
     out.parent.mkdir(parents=True, exist_ok=True)
