@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -228,11 +229,13 @@ def write_pth(file: Path, tensors: Mapping[str, np.ndarray]) -> None:
     import ml_dtypes
 
     state = {}
-    for name, arr in tensors.items():
-        if arr.dtype == ml_dtypes.bfloat16:
-            state[name] = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
-        else:
-            state[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    with warnings.catch_warnings():  # read-only numpy buffers are fine: torch.save only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, arr in tensors.items():
+            if arr.dtype == ml_dtypes.bfloat16:
+                state[name] = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+            else:
+                state[name] = torch.from_numpy(np.ascontiguousarray(arr))
     torch.save(state, os.fspath(file))
 
 

@@ -9,7 +9,8 @@
 
   python scripts/bench.py convert [--preset minimind3-moe] [--dtype float32]
       the converter both ways on a full-size checkpoint with random weights (each direction in a fresh
-      process): seconds and peak memory above the process's baseline (after imports)
+      process): seconds and peak memory above the process's baseline (after imports and starting the
+      XLA runtime)
 
 Later issues add ``train`` and ``decode``.
 """
@@ -98,6 +99,8 @@ def rss(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 import convert.cli, convert.api, minimind_jax.checkpoint  # imports are not the conversion's cost
+import jax
+jax.devices()  # nor is starting the XLA runtime (thread pools, allocator): a fixed cost, not per-checkpoint
 base = rss("VmRSS")
 t0 = time.perf_counter()
 rc = convert.cli.main(sys.argv[1:])
