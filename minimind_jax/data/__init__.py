@@ -1,0 +1,31 @@
+"""MiniMind's data formats as grain input pipelines.
+
+* :mod:`~minimind_jax.data.jsonl`: reading and validating jsonl files (``JsonlSource``, ``DataError`` with
+  ``file:line``, ``skip_bad_lines`` counted in ``ReadStats``).
+* :mod:`~minimind_jax.data.samples`: pure per-example transforms (pretrain / SFT / DPO -> int32 arrays, labels
+  -100 where not trained), MiniMind's assistant-mask rule and augmentations.
+* :mod:`~minimind_jax.data.pipeline`: ``make_dataset`` (grain ``MapDataset``: shard, shuffle, repeat,
+  transform, batch) with checkpointable iterators.
+"""
+
+from minimind_jax.data.jsonl import ROLES, STAGES, DataError, JsonlSource, ReadStats, validate_record
+from minimind_jax.data.pipeline import DataPipeline, make_dataset, make_transform
+from minimind_jax.data.samples import (
+    EMPTY_THINK,
+    IGNORE_INDEX,
+    SYSTEM_PROMPTS,
+    ChatMarkers,
+    Encoded,
+    assistant_labels,
+    conversation_tools,
+    encode_dpo,
+    encode_pretrain,
+    encode_sft,
+    render_conversation,
+)
+
+__all__ = [
+    "ROLES", "STAGES", "DataError", "JsonlSource", "ReadStats", "validate_record", "DataPipeline", "make_dataset",
+    "make_transform", "EMPTY_THINK", "IGNORE_INDEX", "SYSTEM_PROMPTS", "ChatMarkers", "Encoded", "assistant_labels",
+    "conversation_tools", "encode_dpo", "encode_pretrain", "encode_sft", "render_conversation",
+]

@@ -1,0 +1,236 @@
+"""Reading MiniMind's jsonl files: a random-access source with per-line validation.
+
+:class:`JsonlSource` scans its files once, parsing and validating every line for the given stage, and keeps the
+byte offsets of the good lines; ``source[i]`` then re-reads and parses line ``i`` on demand (so multi-GB files
+are not held in memory). It implements grain's ``RandomAccessDataSource`` protocol (``__len__`` /
+``__getitem__``) and can be pickled (open file handles are dropped and re-opened).
+
+A bad line (malformed JSON, not an object, a missing field, a field of the wrong type, an unknown role, an empty
+conversation) raises :class:`DataError` naming ``file:line``; with ``skip_bad_lines=True`` it is skipped and
+counted in :class:`ReadStats` instead (nothing is dropped silently). Blank lines are ignored (and counted as
+``blank_lines``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DataError", "ReadStats", "JsonlSource", "STAGES", "ROLES", "canonical_stage", "validate_record",
+    "validate_conversation",
+]
+
+STAGES = ("pretrain", "sft", "dpo")
+# other MiniMind data kinds that share the SFT format
+_STAGE_ALIASES = {"reason": "sft", "reasoning": "sft", "lora": "sft", "lora_identity": "sft"}
+ROLES = ("system", "user", "assistant", "tool")
+MAX_REPORTED_BAD_LINES = 100
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message starts with ``file:line:`` when known."""
+
+
+def canonical_stage(stage: str) -> str:
+    stage = _STAGE_ALIASES.get(stage, stage)
+    if stage not in STAGES:
+        raise ValueError(f"unknown data stage {stage!r}; expected one of {STAGES + tuple(_STAGE_ALIASES)}")
+    return stage
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What reading (and, in this process, transforming) the data found.
+
+    ``bad_lines`` counts skipped lines (only with ``skip_bad_lines=True``); ``bad`` lists the first
+    :data:`MAX_REPORTED_BAD_LINES` of them as ``"file:line: reason"``. ``truncated`` counts samples cut to
+    ``max_seq_len`` by the transforms that ran in this process (see ``pipeline.py``).
+    """
+
+    files: int = 0
+    lines: int = 0
+    records: int = 0
+    blank_lines: int = 0
+    bad_lines: int = 0
+    bad: list[str] = dataclasses.field(default_factory=list)
+    truncated: int = 0
+    transformed: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_sample(self, truncated: bool) -> None:
+        with self._lock:
+            self.transformed += 1
+            self.truncated += int(bool(truncated))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def validate_conversation(messages: Any, field: str) -> None:
+    """Raise DataError (without location) unless ``messages`` is a non-empty list of valid chat messages."""
+    if not isinstance(messages, list):
+        raise DataError(f"field {field!r} must be a list of messages, got {_type_name(messages)}")
+    if not messages:
+        raise DataError(f"field {field!r} is an empty conversation")
+    for i, m in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where} must be an object, got {_type_name(m)}")
+        if "role" not in m:
+            raise DataError(f"{where} is missing the field 'role'")
+        role = m["role"]
+        if role not in ROLES:
+            raise DataError(f"{where} has an unknown role {role!r}; expected one of {ROLES}")
+        content = m.get("content")
+        if "content" not in m and not (role == "assistant" and m.get("tool_calls")):
+            raise DataError(f"{where} is missing the field 'content'")
+        if content is not None and not isinstance(content, str):
+            raise DataError(f"{where}.content must be a string, got {_type_name(content)}")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f"{where}.reasoning_content must be a string, got {_type_name(reasoning)}")
+        for key in ("tools", "functions", "tool_calls"):
+            if m.get(key) is not None and not isinstance(m[key], list):
+                raise DataError(f"{where}.{key} must be a list, got {_type_name(m[key])}")
+
+
+def validate_record(record: Any, stage: str) -> None:
+    """Raise DataError (without location) unless ``record`` is a valid example for ``stage``."""
+    stage = canonical_stage(stage)
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {_type_name(record)}")
+    if stage == "pretrain":
+        if "text" not in record:
+            raise DataError("missing the field 'text'")
+        if not isinstance(record["text"], str):
+            raise DataError(f"field 'text' must be a string, got {_type_name(record['text'])}")
+    elif stage == "sft":
+        if "conversations" not in record:
+            raise DataError("missing the field 'conversations'")
+        validate_conversation(record["conversations"], "conversations")
+    else:
+        for field in ("chosen", "rejected"):
+            if field not in record:
+                raise DataError(f"missing the field {field!r}")
+            validate_conversation(record[field], field)
+
+
+class JsonlSource:
+    """Validated records of one or more jsonl files, in file order, by random access (see module docstring)."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], stage: str, *,
+                 skip_bad_lines: bool = False):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("no data files given")
+        self.stage = canonical_stage(stage)
+        self.skip_bad_lines = skip_bad_lines
+        self.stats = ReadStats(files=len(self.paths))
+        file_ids, offsets, line_numbers = [], [], []
+        for file_id, path in enumerate(self.paths):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data file not found: {path}")
+            with open(path, "rb") as f:
+                offset = 0
+                for line_no, raw in enumerate(f, start=1):
+                    start, offset = offset, offset + len(raw)
+                    self.stats.lines += 1
+                    if not raw.strip():
+                        self.stats.blank_lines += 1
+                        continue
+                    try:
+                        validate_record(_parse(raw), self.stage)
+                    except DataError as e:
+                        self._bad(f"{path}:{line_no}: {e}")
+                        continue
+                    file_ids.append(file_id)
+                    offsets.append(start)
+                    line_numbers.append(line_no)
+        self._file_ids = np.asarray(file_ids, np.int32)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._line_numbers = np.asarray(line_numbers, np.int64)
+        self.stats.records = len(offsets)
+        self._handles: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def _bad(self, message: str) -> None:
+        if not self.skip_bad_lines:
+            raise DataError(message + " (pass skip_bad_lines=True to skip and count such lines)")
+        self.stats.bad_lines += 1
+        if len(self.stats.bad) < MAX_REPORTED_BAD_LINES:
+            self.stats.bad.append(message)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def location(self, index: int) -> str:
+        """``file:line`` of record ``index``."""
+        return f"{self.paths[self._file_ids[index]]}:{self._line_numbers[index]}"
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        index %= len(self)
+        file_id = int(self._file_ids[index])
+        with self._lock:
+            handle = self._handles.get(file_id)
+            if handle is None:
+                handle = self._handles[file_id] = open(self.paths[file_id], "rb")
+            handle.seek(int(self._offsets[index]))
+            raw = handle.readline()
+        try:
+            return _parse(raw)
+        except DataError as e:  # the file changed after the scan
+            raise DataError(f"{self.location(index)}: {e} (was the file modified while in use?)") from e
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        for handle in getattr(self, "_handles", {}).values():
+            try:
+                handle.close()
+            except Exception:  # pragma: no cover
+                pass
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({self.paths!r}, stage={self.stage!r}, records={len(self)})"
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e})") from e
+

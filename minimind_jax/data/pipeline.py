@@ -1,0 +1,163 @@
+"""grain input pipelines for the three stages: jsonl -> shard -> shuffle -> repeat -> transform -> batch.
+
+:func:`make_dataset` builds a ``grain.MapDataset`` chain::
+
+    MapDataset.source(JsonlSource)            validated records, file order
+      .map_with_index(-> (record_index, record))
+      [shard_index::shard_count]              this process's disjoint slice (every shard_count-th record)
+      .shuffle(seed)                          deterministic by seed (a full-dataset permutation per shard)
+      .repeat(epochs)                         reshuffled each epoch (grain's reseed_each_epoch)
+      .map_with_index(transform)              samples.encode_*; the augmentation rng is derived from
+                                              (seed, epoch, record_index) only, so results do not depend on the
+                                              number of workers, the prefetching or the sharding
+      .batch(batch_size, drop_remainder=True) dict of int32 numpy arrays, each (batch_size, max_seq_len)
+
+and wraps it in a :class:`DataPipeline`. ``iter(pipeline)`` (or ``pipeline.iterator()``) gives a grain
+``DatasetIterator`` (``MapDataset.to_iter_dataset``) whose ``get_state()`` / ``set_state()`` save and restore the
+position: an iterator restored from a state continues with exactly the batch that followed it. The state is a
+small dict (``{"next_index": n}``); ``pipeline.iterator(state)`` restores directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
+from minimind_jax.data.samples import ChatMarkers, encode_dpo, encode_pretrain, encode_sft
+
+__all__ = ["DataPipeline", "make_dataset", "make_transform"]
+
+
+def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt_prob: float = 0.0,
+                   drop_empty_think_prob: float = 0.0):
+    """``fn(record, rng) -> samples.Encoded`` for ``stage`` (``rng`` may be None when no augmentation is on)."""
+    stage = canonical_stage(stage)
+    probs = {"add_system_prompt_prob": add_system_prompt_prob, "drop_empty_think_prob": drop_empty_think_prob}
+    for name, p in probs.items():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    if stage == "pretrain":
+        if add_system_prompt_prob or drop_empty_think_prob:
+            raise ValueError("chat augmentations do not apply to pretrain data")
+        return lambda record, rng: encode_pretrain(record, tokenizer, max_seq_len)
+    markers = ChatMarkers.from_tokenizer(tokenizer)
+    if stage == "sft":
+        return lambda record, rng: encode_sft(
+            record, tokenizer, max_seq_len, markers=markers, rng=rng, add_system_prompt_prob=add_system_prompt_prob,
+            drop_empty_think_prob=drop_empty_think_prob)
+    if add_system_prompt_prob:
+        raise ValueError("add_system_prompt_prob does not apply to DPO data (MiniMind adds none there)")
+    return lambda record, rng: encode_dpo(record, tokenizer, max_seq_len, markers=markers, rng=rng,
+                                          drop_empty_think_prob=drop_empty_think_prob)
+
+
+@dataclasses.dataclass
+class DataPipeline:
+    """A batched grain dataset plus what it was built from.
+
+    ``dataset`` is the ``grain.MapDataset`` of batches (``len`` = batches per process; None-length when
+    ``epochs`` is None, i.e. endless); ``source`` the :class:`JsonlSource`; ``stats`` its :class:`ReadStats`
+    (``truncated`` / ``transformed`` count the samples transformed in this process so far, prefetching included;
+    transforms run in ``mp_prefetch`` worker processes are not counted here).
+
+    The batches do not depend on the number of prefetch threads or worker processes: ``dataset.to_iter_dataset()
+    .mp_prefetch(grain.MultiprocessingOptions(num_workers=n))`` yields the same batches as ``iter(self)``.
+    """
+
+    dataset: grain.MapDataset
+    source: JsonlSource
+    stats: ReadStats
+    stage: str
+    batch_size: int
+    max_seq_len: int
+    examples_per_epoch: int
+    read_options: Any = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iterator(self, state: dict | None = None) -> grain.DatasetIterator:
+        """A fresh checkpointable iterator over the batches, restored to ``state`` when given."""
+        it = iter(self.dataset.to_iter_dataset(self.read_options))
+        if state is not None:
+            it.set_state(state)
+        return it
+
+    def __iter__(self):
+        return self.iterator()
+
+
+def make_dataset(
+    stage: str,
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer,
+    max_seq_len: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    epochs: int | None = 1,
+    shuffle: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    skip_bad_lines: bool = False,
+    add_system_prompt_prob: float = 0.0,
+    drop_empty_think_prob: float = 0.0,
+    read_options: grain.ReadOptions | None = None,
+    source: JsonlSource | None = None,
+) -> DataPipeline:
+    """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo"); see module docstring.
+
+    ``shard_index`` / ``shard_count`` (e.g. ``jax.process_index()`` / ``jax.process_count()``) give each process
+    the records ``shard_index, shard_index + shard_count, ...``: disjoint, together all of them (shards may differ
+    by one record, so by one batch: bound training by steps). ``epochs=None`` repeats forever.
+    ``read_options`` (``grain.ReadOptions``) sets the iterator's prefetch threads. ``source`` reuses an already
+    scanned :class:`JsonlSource` (``paths`` is then ignored).
+    """
+    stage = canonical_stage(stage)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be positive or None, got {epochs}")
+    transform = make_transform(stage, tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
+                               drop_empty_think_prob=drop_empty_think_prob)
+    augment = bool(add_system_prompt_prob or drop_empty_think_prob)
+    if source is None:
+        source = JsonlSource(paths, stage, skip_bad_lines=skip_bad_lines)
+    elif source.stage != stage:
+        raise ValueError(f"source holds {source.stage} data, not {stage}")
+    stats = source.stats
+
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
+    ds = ds[shard_index::shard_count]
+    per_epoch = len(ds)
+    if per_epoch < batch_size:
+        raise ValueError(f"shard {shard_index}/{shard_count} holds {per_epoch} records, fewer than one batch of "
+                         f"{batch_size} ({source!r})")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if epochs != 1:
+        ds = ds.repeat(epochs)
+
+    def apply(position: int, item: tuple[int, dict]) -> dict[str, np.ndarray]:
+        record_index, record = item
+        rng = None
+        if augment:
+            rng = np.random.default_rng([seed % 2**64, position // per_epoch, record_index])
+        try:
+            encoded = transform(record, rng)
+        except Exception as e:
+            raise DataError(f"{source.location(record_index)}: cannot transform the record: "
+                            f"{type(e).__name__}: {e}") from e
+        stats.count_sample(encoded.truncated)
+        return encoded.arrays
+
+    ds = ds.map_with_index(apply).batch(batch_size, drop_remainder=True)
+    return DataPipeline(ds, source, stats, stage, batch_size, max_seq_len, per_epoch, read_options)
