@@ -80,13 +80,26 @@ def cmd_to_torch(args) -> int:
 
     t0 = time.perf_counter()
     load_report = Report()
-    cfg, params = _load_any(args.src, dtype=None, report=load_report)
+    # Our checkpoint loads in its stored dtypes and the export casts (and reports) once; a PyTorch source
+    # is cast straight to the target on load, so its report names the stored tensors' casts.
+    # (--clip-fp16 is the export's business: such a source loads in float32 first.)
+    load_dtype = None if _is_project_checkpoint(args.src) or args.clip_fp16 else args.dtype
+    cfg, params = _load_any(args.src, dtype=load_dtype, report=load_report)
     report = Report()
     save_torch(params, cfg, args.out, format=args.format, dtype=args.dtype, pth=args.pth or False,
                tokenizer=args.tokenizer, force=args.force, clip_fp16=args.clip_fp16, report=report)
     print(f"source: {args.src} ({load_report.config_source})")
+    if load_dtype is not None:
+        print(f"stored dtypes: {', '.join(f'{k} x{v}' for k, v in sorted(load_report.stored_dtypes.items()))}")
+        for line in load_report.casts.lines():
+            if not line.startswith("no casts"):
+                print(line)
+        for note in load_report.notes:
+            print(f"note: {note}")
+        report.notes.append("cast on load from the stored dtypes (listed above)")
     for line in report.lines()[2:]:
-        print(line)
+        if load_dtype is None or not line.startswith(("stored dtypes", "no casts")):
+            print(line)
     print(f"wrote {args.out} (format {args.format}, {report.dtype}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
