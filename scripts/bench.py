@@ -12,6 +12,10 @@
       process): seconds and peak memory above the process's baseline (after imports and starting the
       XLA runtime)
 
+  python scripts/bench.py data [--bench-mb 20] [--workers 2] [--batch 32] [--seq 512]
+      pretrain data preparation (scripts/prepare_data.py) tokens/s next to raw tokenizers encode_batch, and
+      pipeline batches/s reading the prepared format
+
 Later issues add ``train`` and ``decode``.
 """
 
@@ -138,6 +142,17 @@ def bench_convert(args) -> None:
                   f"({extra / size:.2f}x the checkpoint) | rc {result['rc']}")
 
 
+def bench_data(args) -> None:
+    """scripts/prepare_data.py's benchmark (see ``python scripts/prepare_data.py --help``)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_data.py")
+    spec = importlib.util.spec_from_file_location("prepare_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.bench_data(args.bench_mb, args.workers, batch=args.batch, seq=args.seq)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +175,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints")
     p.set_defaults(fn=bench_convert)
+    p = sub.add_parser("data", help="pretrain data preparation and prepared-pipeline throughput")
+    p.add_argument("--bench-mb", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=512)
+    p.set_defaults(fn=bench_data)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
+from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
 from minimind_jax.data.samples import ChatMarkers, encode_dpo, encode_pretrain, encode_sft
 
 __all__ = ["DataPipeline", "make_dataset", "make_transform"]
@@ -109,7 +110,7 @@ def make_dataset(
     add_system_prompt_prob: float = 0.0,
     drop_empty_think_prob: float = 0.0,
     read_options: grain.ReadOptions | None = None,
-    source: JsonlSource | None = None,
+    source: JsonlSource | PreparedSource | None = None,
 ) -> DataPipeline:
     """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo"); see module docstring.
 
@@ -118,6 +119,10 @@ def make_dataset(
     by one record, so by one batch: bound training by steps). ``epochs=None`` repeats forever.
     ``read_options`` (``grain.ReadOptions``) sets the iterator's prefetch threads. ``source`` reuses an already
     scanned :class:`JsonlSource` (``paths`` is then ignored).
+
+    Pretrain data prepared by ``scripts/prepare_data.py`` (a directory holding ``meta.json``, given as the only
+    path, or a :class:`~minimind_jax.data.prepared.PreparedSource` as ``source``) is read without re-tokenising
+    and gives the same batches as its jsonl files (packed rows when the source packs; see ``prepared.py``).
     """
     stage = canonical_stage(stage)
     if batch_size < 1:
@@ -130,10 +135,18 @@ def make_dataset(
                                drop_empty_think_prob=drop_empty_think_prob)
     augment = bool(add_system_prompt_prob or drop_empty_think_prob)
     if source is None:
-        source = JsonlSource(paths, stage, skip_bad_lines=skip_bad_lines)
+        path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if len(path_list) == 1 and is_prepared_dir(path_list[0]):
+            source = PreparedSource(path_list[0])
+        elif any(is_prepared_dir(p) for p in path_list):
+            raise ValueError("give one prepared data directory at a time (or prepare the files together)")
+        else:
+            source = JsonlSource(paths, stage, skip_bad_lines=skip_bad_lines)
     elif source.stage != stage:
         raise ValueError(f"source holds {source.stage} data, not {stage}")
     stats = source.stats
+    if isinstance(source, PreparedSource):
+        transform = source.transform(tokenizer, max_seq_len)
 
     ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
     ds = ds[shard_index::shard_count]

@@ -148,10 +148,37 @@ class MiniMindLM(nn.Module):
 
 
 def init_params(config: ModelConfig, rng: jax.Array, policy: Policy | str = "fp32", seq_len: int = 8):
-    """Freshly initialised params (plain arrays, in the policy's param dtype)."""
-    model = MiniMindLM(config, policy)
-    variables = jax.jit(model.init)(rng, jnp.zeros((1, seq_len), jnp.int32))
-    return nn.unbox(variables["params"])
+    """Freshly initialised params (jax arrays, in the policy's param dtype): MiniMind's init, RMSNorm
+    weights 1 and every other weight ~ N(0, initializer_range).
+
+    The tree comes from ``jax.eval_shape`` of the module's own ``init`` (nothing compiled); the values
+    are drawn on the host with numpy, one generator per leaf seeded by (``rng``, the leaf's path), so
+    they do not depend on the layout of the rest of the tree. Compiling ``model.init`` instead spends
+    5-15 s in XLA generating one threefry kernel per parameter; this takes well under a second.
+    """
+    import zlib
+
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    import numpy as np
+
+    pol = get_policy(policy)
+    model = MiniMindLM(config, pol)
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    if isinstance(rng, jax.core.Tracer):  # traced (jax.eval_shape, jit): the module's own init traces fine
+        return nn.unbox(model.init(rng, dummy)["params"])
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), dummy)["params"])
+    key_words = [int(w) for w in np.asarray(jax.random.key_data(rng)).ravel()]
+
+    def draw(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("weight") and "norm" in name:  # RMSNorm scales (input/post/final, q/k norms)
+            values = np.ones(leaf.shape, np.float32)
+        else:
+            gen = np.random.default_rng(key_words + [zlib.crc32(name.encode())])
+            values = gen.standard_normal(leaf.shape, dtype=np.float32) * np.float32(config.initializer_range)
+        return jnp.asarray(values.astype(leaf.dtype))
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def logical_axes(config: ModelConfig, policy: Policy | str = "fp32"):

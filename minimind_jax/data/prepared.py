@@ -1,0 +1,508 @@
+"""Pre-tokenised pretrain data: prepare once (:func:`prepare`), then read with :class:`PreparedSource`.
+
+On-disk format (a directory)::
+
+    tokens.bin    every document's token ids, concatenated, raw (no bos / eos); a flat little-endian array
+                  of ``meta["dtype"]``: uint16 when the vocabulary fits (<= 65536 ids), else uint32
+    offsets.npy   int64, len = documents + 1: document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``
+    meta.json     format version, dtype, tokenizer (path, sha256 of its serialization, vocab size, bos / eos /
+                  pad ids), source files (path, size, mtime, lines, documents, bad / blank lines), totals
+                  (documents, tokens, bad_lines, blank_lines, the first bad lines as ``file:line: reason``),
+                  and an optional default packing (``pack_max_seq_len``)
+
+``meta.json`` is written last: a directory holding it is complete. While preparing, ``progress.json`` (written
+atomically after each chunk) records how far the inputs were committed (file, byte offset, line number,
+documents, tokens) and ``offsets.part`` the committed documents' lengths; a rerun after a kill truncates
+``tokens.bin`` / ``offsets.part`` to the committed sizes and goes on from there, so the result equals an
+uninterrupted run (the chunking does not affect the output).
+
+Reading:
+
+* unpacked (default): record ``i`` is document ``i``; :func:`encode_prepared_pretrain` turns it into exactly
+  what :func:`~minimind_jax.data.samples.encode_pretrain` gives for the original text (bos +
+  ids[:max_seq_len-2] + eos, padded with pad, labels -100 on pad).
+* packed (``pack=True``): the token stream ``doc_0 eos doc_1 eos ... doc_n eos`` (an eos after every document)
+  is cut into rows of exactly ``max_seq_len`` tokens, no padding; labels = input_ids (every token is trained).
+  The final partial row (fewer than ``max_seq_len`` tokens) is DROPPED. Attention is NOT restricted to a
+  document: the model's mask is causal over the whole row, so a document sees the end of the previous one
+  (as most pretraining code does; the eos separator marks the boundary).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from minimind_jax.data.jsonl import MAX_REPORTED_BAD_LINES, DataError, ReadStats, _parse, validate_record
+from minimind_jax.data.samples import IGNORE_INDEX, Encoded
+
+__all__ = [
+    "FORMAT_VERSION", "PreparedSource", "prepare", "is_prepared_dir", "encode_prepared_pretrain",
+    "tokenizer_fingerprint",
+]
+
+FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "offsets.npy"
+META_FILE = "meta.json"
+STATE_FILE = "progress.json"
+PART_FILE = "offsets.part"
+
+
+def is_prepared_dir(path: Any) -> bool:
+    """Whether ``path`` is a directory holding a (complete) prepared dataset."""
+    try:
+        return os.path.isdir(path) and os.path.isfile(os.path.join(path, META_FILE))
+    except TypeError:
+        return False
+
+
+def _backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a project :class:`~minimind_jax.tokenizer.Tokenizer` (or itself)."""
+    return getattr(tokenizer, "_tok", tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's serialization (``tokenizers.Tokenizer.to_str()``)."""
+    return hashlib.sha256(_backend(tokenizer).to_str().encode("utf-8")).hexdigest()
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preparation
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(serialized: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    import tokenizers
+
+    _WORKER_TOKENIZER = tokenizers.Tokenizer.from_str(serialized)
+
+
+def _encode_chunk(task, tokenizer=None, parallel: bool = False):
+    """(path, first line number, raw lines) -> (token array, doc lengths, bad [(line, reason)], blank count)."""
+    path, first_line, lines, dtype = task
+    tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
+    texts, bad, blank = [], [], 0
+    for k, raw in enumerate(lines):
+        if not raw.strip():
+            blank += 1
+            continue
+        try:
+            record = _parse(raw)
+            validate_record(record, "pretrain")
+        except DataError as e:
+            bad.append((first_line + k, str(e)))
+            continue
+        texts.append(record["text"])
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    tokens = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype, int(lengths.sum()))
+    return tokens, lengths, bad, blank
+
+
+def _wait(pending, processes):
+    """The result of ``pending``; an error (instead of waiting forever) when a worker process died, e.g. killed
+    for memory (multiprocessing.Pool replaces it but the task is lost)."""
+    while True:
+        try:
+            return pending.get(timeout=1.0)
+        except multiprocessing.TimeoutError:
+            dead = [p for p in processes if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(f"a preparation worker process died (exit code {dead[0].exitcode}; out of "
+                                   "memory?); rerun to resume from the last committed chunk") from None
+
+
+def _source_info(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype):
+    """Yield (file index, byte offset after the chunk, next line number, task) from the committed position on."""
+    for file_index in range(start_file, len(paths)):
+        path = paths[file_index]
+        offset = start_offset if file_index == start_file else 0
+        line_no = start_line if file_index == start_file else 1
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while True:
+                lines = []
+                for raw in f:
+                    lines.append(raw)
+                    offset += len(raw)
+                    if len(lines) >= chunk_lines:
+                        break
+                if not lines:
+                    break
+                yield file_index, offset, line_no + len(lines), (path, line_no, lines, dtype)
+                line_no += len(lines)
+        yield file_index + 1, 0, 1, None  # file done: move the committed position to the next file
+
+
+def prepare(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    tokenizer,
+    *,
+    tokenizer_path: str | None = None,
+    stage: str = "pretrain",
+    workers: int = 2,
+    chunk_lines: int = 4096,
+    skip_bad_lines: bool = False,
+    pack_max_seq_len: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_chunks: int | None = None,
+) -> dict | None:
+    """Tokenise pretrain jsonl ``paths`` into ``out_dir`` (see module docstring); returns the meta dict.
+
+    ``workers`` > 0: a pool of that many processes (fork), each parsing, validating and encoding whole chunks of
+    ``chunk_lines`` lines (faster on 2 cores than the tokenizers library's own threads, see
+    ``scripts/prepare_data.py --bench``); 0: in this process with ``encode_batch`` (Rust threads).
+    Resumable: rerunning with the same inputs and tokenizer continues after the last committed chunk.
+    ``max_chunks`` (testing) stops after committing that many chunks this call and returns None.
+    A bad line raises :class:`DataError` with ``file:line`` (chunks before it stay committed), or with
+    ``skip_bad_lines`` is skipped and counted.
+    """
+    if stage != "pretrain":
+        raise ValueError(f"only pretrain data ({{'text': ...}}) can be prepared, not {stage!r}")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    if not paths:
+        raise ValueError("no data files given")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"data file not found: {p}")
+    if chunk_lines < 1:
+        raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    backend = _backend(tokenizer)
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+    sources = [_source_info(p) for p in paths]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer_sha256": fingerprint,
+                "dtype": dtype.name}
+
+    meta_path = os.path.join(out_dir, META_FILE)
+    state_path = os.path.join(out_dir, STATE_FILE)
+    tokens_path = os.path.join(out_dir, TOKENS_FILE)
+    part_path = os.path.join(out_dir, PART_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        same = (meta.get("sources_identity") == sources and meta.get("tokenizer", {}).get("sha256") == fingerprint
+                and meta.get("skip_bad_lines") == skip_bad_lines)
+        if same and not overwrite:  # already done (only the recorded default packing may change)
+            if meta.get("pack_max_seq_len") != pack_max_seq_len:
+                meta["pack_max_seq_len"] = pack_max_seq_len
+                _atomic_write_json(meta_path, meta)
+            return meta
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds prepared data from other inputs / tokenizer "
+                                  "(pass overwrite=True / --overwrite)")
+    state = None
+    if os.path.exists(state_path) and not overwrite:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("identity") != identity or state.get("skip_bad_lines") != skip_bad_lines:
+            raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs / tokenizer / "
+                                  "settings (pass overwrite=True / --overwrite to start over)")
+    if state is None:
+        for name in (META_FILE, OFFSETS_FILE, STATE_FILE, TOKENS_FILE, PART_FILE):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        state = {"identity": identity, "skip_bad_lines": skip_bad_lines, "file_index": 0, "byte_offset": 0,
+                 "line_no": 1, "documents": 0, "tokens": 0, "bad_lines": 0, "blank_lines": 0, "bad": [],
+                 "per_file": [{"lines": 0, "documents": 0, "bad_lines": 0, "blank_lines": 0} for _ in paths]}
+        open(tokens_path, "wb").close()
+        open(part_path, "wb").close()
+        _atomic_write_json(state_path, state)
+    # drop whatever a killed run wrote after its last commit
+    for path, size in ((tokens_path, state["tokens"] * dtype.itemsize), (part_path, state["documents"] * 8)):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+    total_bytes = sum(s["size"] for s in sources)
+    done_bytes = sum(s["size"] for s in sources[: state["file_index"]]) + state["byte_offset"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="prepare",
+                   dynamic_ncols=True)
+    t_start, tokens_start = time.perf_counter(), state["tokens"]
+
+    pool, workers_started = None, []
+    if workers > 0:
+        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(),))
+        workers_started = list(getattr(pool, "_pool", []))
+    chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype)
+    window: collections.deque = collections.deque()
+    committed_chunks = 0
+    finished = False
+    try:
+        with open(tokens_path, "ab") as ftok, open(part_path, "ab") as fpart:
+            def commit(file_index, offset, next_line, result):
+                nonlocal committed_chunks
+                if result is not None:
+                    tokens, lengths, bad, blank = result
+                    task_file = state["file_index"]
+                    if bad:
+                        path = paths[task_file]
+                        messages = [f"{path}:{line}: {reason}" for line, reason in bad]
+                        if not skip_bad_lines:
+                            raise DataError(messages[0] + " (pass --skip-bad-lines / skip_bad_lines=True to "
+                                            "skip and count such lines)")
+                        room = MAX_REPORTED_BAD_LINES - len(state["bad"])
+                        state["bad"].extend(messages[: max(room, 0)])
+                    ftok.write(tokens.tobytes())
+                    fpart.write(lengths.astype("<i8").tobytes())
+                    ftok.flush()
+                    fpart.flush()
+                    pf = state["per_file"][task_file]
+                    pf["lines"] += next_line - state["line_no"]
+                    pf["documents"] += len(lengths)
+                    pf["bad_lines"] += len(bad)
+                    pf["blank_lines"] += blank
+                    state["documents"] += len(lengths)
+                    state["tokens"] += len(tokens)
+                    state["bad_lines"] += len(bad)
+                    state["blank_lines"] += blank
+                    committed_chunks += 1
+                state["file_index"], state["byte_offset"], state["line_no"] = file_index, offset, next_line
+                _atomic_write_json(state_path, state)
+                if bar is not None:
+                    done = sum(s["size"] for s in sources[: state["file_index"]]) + state["byte_offset"]
+                    bar.update(done - bar.n)
+                    rate = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s, {state['tokens']:,} tokens", refresh=False)
+
+            def drain_one():
+                file_index, offset, next_line, pending = window.popleft()
+                result = None
+                if pending is not None:
+                    result = _wait(pending, workers_started) if pool is not None else pending
+                commit(file_index, offset, next_line, result)
+
+            for file_index, offset, next_line, task in chunks:
+                if max_chunks is not None and committed_chunks + sum(w[3] is not None for w in window) >= max_chunks:
+                    break
+                if task is None:
+                    pending = None
+                elif pool is not None:
+                    pending = pool.apply_async(_encode_chunk, (task,))
+                else:
+                    pending = _encode_chunk(task, backend)
+                window.append((file_index, offset, next_line, pending))
+                while len(window) > max(2 * workers, 1):
+                    drain_one()
+            else:
+                finished = True
+            while window:
+                drain_one()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    if not finished:
+        return None
+
+    lengths = np.fromfile(part_path, dtype="<i8")
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    assert offsets[-1] == state["tokens"] == os.path.getsize(tokens_path) // dtype.itemsize
+    tmp = os.path.join(out_dir, "offsets.tmp.npy")
+    np.save(tmp, offsets)
+    os.replace(tmp, os.path.join(out_dir, OFFSETS_FILE))
+    elapsed = time.perf_counter() - t_start
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "stage": "pretrain",
+        "dtype": dtype.name,
+        "tokenizer": {
+            "path": tokenizer_path, "sha256": fingerprint, "vocab_size": vocab,
+            "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+            "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+        },
+        "sources": [{**s, **pf} for s, pf in zip(sources, state["per_file"])],
+        "sources_identity": sources,
+        "documents": state["documents"],
+        "tokens": state["tokens"],
+        "bad_lines": state["bad_lines"],
+        "blank_lines": state["blank_lines"],
+        "bad": state["bad"],
+        "skip_bad_lines": skip_bad_lines,
+        "pack_max_seq_len": pack_max_seq_len,
+        "last_run_seconds": round(elapsed, 3),
+    }
+    _atomic_write_json(meta_path, meta)
+    os.remove(state_path)
+    os.remove(part_path)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def encode_prepared_pretrain(record: Mapping[str, Any], max_seq_len: int, *, bos_id: int, eos_id: int,
+                             pad_id: int = 0) -> Encoded:
+    """A prepared record -> the arrays of :func:`~minimind_jax.data.samples.encode_pretrain` for its text.
+
+    Unpacked records (``{"ids"}``): bos + ids[:max_seq_len-2] + eos, padded with ``pad_id``, labels -100 on pad.
+    Packed records (``{"input_ids", "labels"}``, already ``max_seq_len`` long) pass through.
+    """
+    if "input_ids" in record:
+        if len(record["input_ids"]) != max_seq_len:
+            raise ValueError(f"packed rows hold {len(record['input_ids'])} tokens, the pipeline wants "
+                             f"max_seq_len={max_seq_len}")
+        return Encoded({"input_ids": record["input_ids"], "labels": record["labels"]}, False)
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    ids = record["ids"]
+    n = min(len(ids), max_seq_len - 2)
+    input_ids = np.full((max_seq_len,), pad_id, np.int32)
+    input_ids[0] = bos_id
+    input_ids[1: n + 1] = ids[:n]
+    input_ids[n + 1] = eos_id
+    labels = np.where(input_ids == pad_id, IGNORE_INDEX, input_ids).astype(np.int32)
+    return Encoded({"input_ids": input_ids, "labels": labels}, len(ids) > max_seq_len - 2)
+
+
+class PreparedSource:
+    """A prepared directory as a grain random-access source (``__len__`` / ``__getitem__``, picklable).
+
+    Unpacked: ``source[i]`` = ``{"ids": int32 array}`` (document ``i``'s raw tokens). Packed (``pack=True``, or
+    the ``pack_max_seq_len`` recorded at preparation when ``pack`` is None): ``source[i]`` = ``{"input_ids",
+    "labels"}`` (int32, ``max_seq_len`` each, labels = input_ids), row ``i`` of the eos-separated token stream;
+    the final partial row is dropped, attention is not restricted within documents (see module docstring).
+    """
+
+    stage = "pretrain"
+
+    def __init__(self, directory: str | os.PathLike, *, pack: bool | None = None, max_seq_len: int | None = None):
+        self.directory = os.fspath(directory)
+        if not is_prepared_dir(self.directory):
+            raise DataError(f"{self.directory} is not a prepared data directory (no {META_FILE}; an unfinished "
+                            "preparation is resumed by rerunning scripts/prepare_data.py)")
+        with open(os.path.join(self.directory, META_FILE), encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{self.directory}: format version {self.meta.get('format_version')}, this code reads "
+                            f"{FORMAT_VERSION}")
+        if pack is None:
+            pack = self.meta.get("pack_max_seq_len") is not None
+            if pack and max_seq_len is None:
+                max_seq_len = self.meta["pack_max_seq_len"]
+        self.pack = bool(pack)
+        self.max_seq_len = max_seq_len
+        if self.pack and (max_seq_len is None or max_seq_len < 1):
+            raise ValueError("pack=True needs a positive max_seq_len")
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.offsets = np.load(os.path.join(self.directory, OFFSETS_FILE))
+        self.num_tokens = int(self.offsets[-1])
+        self.eos_id = self.meta["tokenizer"]["eos_token_id"]
+        self.stats = ReadStats(files=len(self.meta["sources"]), lines=sum(s["lines"] for s in self.meta["sources"]),
+                               records=len(self), blank_lines=self.meta["blank_lines"],
+                               bad_lines=self.meta["bad_lines"], bad=list(self.meta["bad"]))
+        if self.pack:
+            # stream end (exclusive) of document d, its eos included: offsets[d+1] + d + 1
+            self._stream_end = self.offsets[1:] + np.arange(1, len(self.offsets), dtype=np.int64)
+        self._tokens = None
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def tokens(self) -> np.ndarray:
+        if self._tokens is None:
+            path = os.path.join(self.directory, TOKENS_FILE)
+            if self.num_tokens == 0:
+                self._tokens = np.zeros((0,), self.dtype)
+            else:
+                self._tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        return self._tokens
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise DataError unless ``tokenizer`` is the one the data was prepared with."""
+        want = self.meta["tokenizer"]["sha256"]
+        if tokenizer_fingerprint(tokenizer) != want:
+            raise DataError(f"{self.directory} was prepared with another tokenizer ({self.meta['tokenizer']['path']}, "
+                            f"sha256 {want[:12]}...)")
+
+    def __len__(self) -> int:
+        if self.pack:
+            return (self.num_tokens + self.documents) // self.max_seq_len
+        return self.documents
+
+    def location(self, index: int) -> str:
+        kind = "packed row" if self.pack else "document"
+        return f"{self.directory} ({kind} {index})"
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"record {index} out of range for {n} records")
+        index %= n
+        if not self.pack:
+            start, end = self.offsets[index], self.offsets[index + 1]
+            return {"ids": np.asarray(self.tokens[start:end], np.int32)}
+        s = np.arange(index * self.max_seq_len, (index + 1) * self.max_seq_len, dtype=np.int64)
+        first = int(np.searchsorted(self._stream_end, s[0], side="right"))
+        last = int(np.searchsorted(self._stream_end, s[-1], side="right"))
+        d = first + np.searchsorted(self._stream_end[first: last + 1], s, side="right")
+        is_eos = s == self._stream_end[d] - 1
+        pos = np.minimum(s - d, max(self.num_tokens - 1, 0))
+        ids = np.where(is_eos, self.eos_id, self.tokens[pos] if self.num_tokens else 0).astype(np.int32)
+        return {"input_ids": ids, "labels": ids.copy()}
+
+    def transform(self, tokenizer, max_seq_len: int):
+        """``fn(record, rng) -> Encoded`` for the pipeline (checks the tokenizer first)."""
+        self.check_tokenizer(tokenizer)
+        if self.pack and max_seq_len != self.max_seq_len:
+            raise ValueError(f"packed rows of {self.max_seq_len} tokens, but the pipeline wants "
+                             f"max_seq_len={max_seq_len}")
+        pad = tokenizer.pad_token_id
+        bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, 0 if pad is None else int(pad)
+        return lambda record, rng: encode_prepared_pretrain(record, max_seq_len, bos_id=bos, eos_id=eos, pad_id=pad)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokens"] = None
+        return state
+
+    def __repr__(self) -> str:
+        extra = f", pack max_seq_len={self.max_seq_len}" if self.pack else ""
+        return f"PreparedSource({self.directory!r}, documents={self.documents}, tokens={self.num_tokens}{extra})"
