@@ -92,6 +92,19 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 _WORKER_TOKENIZER = None
 
 
+def _start_method() -> str:
+    """fork (workers start at once) unless JAX has started its runtime threads in this process (a training
+    or test process): a forked child can then deadlock on a lock one of them holds, so spawn (~3 s)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    try:
+        from jax._src import xla_bridge  # private, hence the fallback to the safe choice
+
+        return "spawn" if xla_bridge.backends_are_initialized() else "fork"
+    except Exception:
+        return "spawn"
+
+
 def _worker_init(serialized: str) -> None:
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
@@ -179,7 +192,7 @@ def prepare(
 ) -> dict | None:
     """Tokenise pretrain jsonl ``paths`` into ``out_dir`` (see module docstring); returns the meta dict.
 
-    ``workers`` > 0: a pool of that many processes (fork), each parsing, validating and encoding whole chunks of
+    ``workers`` > 0: a pool of that many processes (see ``_start_method``), each parsing, validating and encoding whole chunks of
     ``chunk_lines`` lines (faster on 2 cores than the tokenizers library's own threads, see
     ``scripts/prepare_data.py --bench``); 0: in this process with ``encode_batch`` (Rust threads).
     Resumable: rerunning with the same inputs and tokenizer continues after the last committed chunk.
@@ -260,7 +273,7 @@ def prepare(
 
     pool, workers_started = None, []
     if workers > 0:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+        ctx = multiprocessing.get_context(_start_method())
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(),))
         workers_started = list(getattr(pool, "_pool", []))
     chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype)
