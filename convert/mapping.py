@@ -122,10 +122,12 @@ def _check_params(params: Mapping, config: ModelConfig) -> None:
 
 def _check_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> None:
     expected = expected_torch_shapes(config, include_lm_head=True)
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    from minimind_jax.checkpoint import shape_problems
+
+    optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
     names = set(state_dict)
-    missing = sorted(set(expected) - names - optional)
-    unexpected = sorted(names - set(expected))
+    missing = set(expected) - names - optional
+    unexpected = names - set(expected)
     problems = []
     if any(".q_norm." in k for k in unexpected) and not config.qk_norm:
         problems.append("the checkpoint has q_norm/k_norm tensors (a minimind-3 / Qwen3 model) but the "
@@ -133,22 +135,11 @@ def _check_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> No
     if any(".q_norm." in k for k in missing) and config.qk_norm:
         problems.append("the config has qk_norm=True (minimind-3) but the checkpoint has no q_norm/k_norm "
                         "tensors (a minimind2 / Llama model)")
-    bad_shapes = [f"{k}: {tuple(state_dict[k].shape)} (expected {expected[k]})"
-                  for k in sorted(names & set(expected)) if tuple(state_dict[k].shape) != expected[k]]
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_short(unexpected)}")
-    if bad_shapes:
-        problems.append(f"{len(bad_shapes)} shape mismatch(es): {_short(bad_shapes)}")
+    problems += shape_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, "tensor",
+                               optional=optional, limit=12)
     if problems:
         raise MappingError(f"state dict does not match the config ({_describe(config)}):\n  - "
                            + "\n  - ".join(problems))
-
-
-def _short(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _describe(config: ModelConfig) -> str:

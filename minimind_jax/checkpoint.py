@@ -127,16 +127,29 @@ def _short(items: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def shape_problems(expected: Mapping[str, tuple[int, ...]], actual: Mapping[str, tuple[int, ...]], noun: str,
+                   *, optional: frozenset[str] = frozenset(), limit: int = 10) -> list[str]:
+    """The missing / unexpected / wrongly shaped entries of ``actual`` against ``expected`` (name -> shape),
+    one message line each (empty when they match). Shared by the checkpoint and the converter's checks."""
+    missing = sorted(set(expected) - set(actual) - set(optional))
+    unexpected = sorted(set(actual) - set(expected))
+    bad = [f"{k}: {tuple(actual[k])} (expected {tuple(expected[k])})"
+           for k in sorted(set(actual) & set(expected)) if tuple(actual[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing {noun}(s): {_short(missing, limit)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected {noun}(s): {_short(unexpected, limit)}")
+    if bad:
+        problems.append(f"{len(bad)} shape mismatch(es): {_short(bad, limit)}")
+    return problems
+
+
 def check_params(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, Any], config: ModelConfig,
                  where: str) -> None:
     """Refuse a tree (``path -> shape``, ``path -> dtype``) that is not exactly ``config``'s params tree.
 
     ``where`` (e.g. the checkpoint directory) opens the message; every problem names its paths."""
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    bad_shapes = [f"{p}: {tuple(shapes[p])} (expected {expected[p]})"
-                  for p in sorted(set(shapes) & set(expected)) if tuple(shapes[p]) != expected[p]]
     bad_dtypes = [f"{p}: {np.dtype(d).name}" for p, d in sorted(dtypes.items())
                   if not jnp.issubdtype(np.dtype(d), jnp.floating)]
     problems = []
@@ -146,12 +159,7 @@ def check_params(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, Any
         stored = "scanned" if scanned else "per-layer"
         problems.append(f"param layout mismatch: the params are in the {stored} layout but the config has "
                         f"scan_layers={config.scan_layers} ({param_layout(config)} layout)")
-    if missing:
-        problems.append(f"{len(missing)} missing param(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected param(s): {_short(unexpected)}")
-    if bad_shapes:
-        problems.append(f"{len(bad_shapes)} shape mismatch(es): {_short(bad_shapes)}")
+    problems += shape_problems(expected_shapes(config), shapes, "param")
     if bad_dtypes:
         problems.append(f"{len(bad_dtypes)} non-floating param(s): {_short(bad_dtypes)}")
     if problems:
