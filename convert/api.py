@@ -16,7 +16,6 @@ from convert import dtypes as dt
 from convert.infer import infer_config
 from convert.io import atomic_directory, read_source_config, read_tensors, write_json, write_pth, write_safetensors
 from convert.mapping import _check_keys, params_to_torch, torch_to_params
-from minimind_jax.checkpoint import flatten_params
 from minimind_jax.config import ModelConfig
 
 
@@ -189,7 +188,3 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
     for name in names:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _flatten(tree: Mapping) -> dict[str, Any]:
-    return dict(flatten_params(tree))

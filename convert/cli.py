@@ -109,11 +109,10 @@ def _tensors_for_inspect(path: str):
     from convert.io import read_source_config, read_tensors
 
     if _is_project_checkpoint(path):
-        from convert.api import _flatten
-        from minimind_jax.checkpoint import load_checkpoint
+        from minimind_jax.checkpoint import flatten_params, load_checkpoint
 
         cfg, params = load_checkpoint(path, as_numpy=True)
-        return {k: np.asarray(v) for k, v in _flatten(params).items()}, cfg, "minimind-jax checkpoint"
+        return {k: np.asarray(v) for k, v in flatten_params(params)}, cfg, "minimind-jax checkpoint"
     tensors = read_tensors(path)
     raw, _ = read_source_config(path)
     return tensors, raw, "PyTorch checkpoint"
