@@ -155,8 +155,13 @@ def _config_chat_templates(config: Mapping[str, Any], config_path: str) -> str |
     raise TokenizerError(f"{config_path}: chat_template must be a string or a list of named templates")
 
 
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load a Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``).
+# the MiniMind tokenizer shipped with the package (vocab 6400)
+DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
+
+
+def load_tokenizer(directory: str | os.PathLike = DEFAULT_TOKENIZER_DIR) -> Tokenizer:
+    """Load a Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``); by default the
+    shipped MiniMind tokenizer.
 
     Raises FileNotFoundError for a missing directory or file and :class:`TokenizerError` for invalid contents,
     both naming the path.

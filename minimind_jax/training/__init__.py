@@ -1,0 +1,1 @@
+"""Training: the config, the stages, the one train step and the loop that runs every stage."""

@@ -1,0 +1,339 @@
+"""Training configuration: one typed ``TrainConfig`` filled from YAML files and the command line.
+
+Resolution order (later wins)::
+
+    TrainConfig defaults  ->  configs/<stage>.yaml  ->  --config FILE(s)  ->  flags  ->  key=value overrides
+
+The stage comes from ``--stage`` or from the first config file that names one. With no arguments at all
+``scripts/train.py`` uses ``configs/quickstart.yaml`` (a small model on the bundled sample data).
+
+MiniMind's flags keep their names and meaning (``--epochs --batch_size --learning_rate --accumulation_steps
+--grad_clip --max_seq_len --hidden_size --num_hidden_layers --use_moe --data_path --from_weight --from_resume
+--save_interval --log_interval --dtype``); the model's fields can also be set as ``model.<field>=value``.
+Everything is validated before anything compiles: an unknown key or a bad value is a ``TrainConfigError``
+naming the file or flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from minimind_jax.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+STAGES = ("pretrain", "sft")
+DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("fp32", "bf16", "fp16", "bf16-params")
+LOSS_SCALES = ("auto", "none", "static", "dynamic")
+SCHEDULES = ("minimind", "constant")
+
+
+class TrainConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training setting, documented next to its default (MiniMind's where it has one)."""
+
+    # --- what to train
+    stage: str = "pretrain"  # pretrain | sft
+    data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
+    preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_config: str | None = None  # a config.json / YAML with the model's fields (instead of preset)
+    init: str | None = None  # start from weights: this project's checkpoint or anything the converter reads
+    from_weight: str = "none"  # MiniMind's flag: a previous stage's name (e.g. pretrain) or a path
+    from_resume: int = 0  # 1: continue the run in out_dir from its latest checkpoint (full state)
+    # --- where
+    out_dir: str = "out"
+    run_name: str | None = None  # default: {stage}_{hidden_size}[_moe], MiniMind's file naming
+    overwrite: bool = False  # replace a finished or stopped run in the same directory (else: an error)
+    tokenizer: str | None = None  # default: the shipped MiniMind tokenizer
+    # --- how long
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops earlier than `epochs` when set
+    # --- optimisation (MiniMind: AdamW, lr * (0.1 + 0.45 * (1 + cos(pi * step / total))))
+    batch_size: int = 32  # per optimizer micro-batch, global (all devices)
+    accumulation_steps: int = 8
+    learning_rate: float = 5e-4
+    lr_schedule: str = "minimind"  # minimind | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.01  # torch AdamW's default, which MiniMind uses
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: no clipping
+    max_seq_len: int = 340
+    # --- precision and parallelism
+    dtype: str = "bfloat16"  # MiniMind's flag: float32 | bfloat16 | float16 -> policy fp32 | bf16 | fp16
+    policy: str | None = None  # fp32 | bf16 | fp16 | bf16-params (wins over dtype)
+    loss_scale: str = "auto"  # auto (dynamic for fp16, none otherwise) | none | static | dynamic
+    mesh: str | None = None  # e.g. data=4,fsdp=2 ; default: every device on `data`
+    coordinator: str | None = None  # multi-host: host:port of process 0 (else auto-detected launchers)
+    num_processes: int | None = None
+    process_id: int | None = None
+    # --- data
+    seed: int = 42
+    shuffle: bool = True
+    skip_bad_lines: bool = False
+    add_system_prompt_prob: float = 0.0
+    drop_empty_think_prob: float = 0.0
+    # --- checkpoints and logging
+    save_interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    log_interval: int = 100
+    progress: bool = True  # the progress bar (off: one log line every log_interval)
+    tensorboard: bool = True
+    plot: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; default: known GPUs, measured on CPU
+    sample_prompt: str | None = None  # greedy sample printed at the end ("" to skip)
+    sample_tokens: int = 40
+
+    # ------------------------------------------------------------------------------------------------ derived
+    @property
+    def policy_name(self) -> str:
+        if self.policy:
+            return self.policy
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
+
+    def validate(self, where: str = "the training config") -> None:
+        def bad(key, msg):
+            raise TrainConfigError(f"{where}: {key}: {msg}")
+
+        if self.stage not in STAGES:
+            bad("stage", f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.policy is not None and self.policy not in POLICIES:
+            bad("policy", f"{self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.policy_name == "bf16-params":
+            bad("policy", "bf16-params stores params in bfloat16, which is for inference; train with bf16")
+        if self.loss_scale not in LOSS_SCALES:
+            bad("loss_scale", f"{self.loss_scale!r} is not one of {', '.join(LOSS_SCALES)}")
+        if self.lr_schedule not in SCHEDULES:
+            bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        for key in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "save_interval", "log_interval",
+                    "keep_checkpoints"):
+            if int(getattr(self, key)) < 1:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", f"must be positive, got {self.max_steps}")
+        if self.from_resume not in (0, 1):
+            bad("from_resume", f"must be 0 or 1, got {self.from_resume}")
+        if self.learning_rate <= 0:
+            bad("learning_rate", f"must be positive, got {self.learning_rate}")
+        if self.grad_clip < 0:
+            bad("grad_clip", f"must be >= 0, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not self.data_path:
+            bad("data_path", "no data file given")
+        if self.init and self.from_weight not in ("none", "", None):
+            bad("init", "give either --init or --from_weight, not both")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in self.model:
+            if key not in model_fields:
+                bad(f"model.{key}", f"not a model field; the fields are {', '.join(sorted(model_fields))}")
+        from minimind_jax.config import PRESETS
+
+        if self.preset not in PRESETS:
+            bad("preset", f"unknown preset {self.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """A YAML / CLI value -> the type of ``TrainConfig.key`` (strings from the CLI are parsed as YAML)."""
+    field = _FIELDS[key]
+    typ = str(field.type)
+    if isinstance(value, str) and not typ.startswith("str"):
+        value = yaml.safe_load(value) if value != "" else None
+    if key == "data_path":
+        if isinstance(value, str):
+            value = [p for p in value.split(",") if p]
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise TrainConfigError(f"{where}: data_path: expected a path or a list of paths, got {value!r}")
+        return value
+    if key == "model":
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{where}: model: expected a mapping of model fields, got {value!r}")
+        return dict(value)
+    if value is None:
+        if "None" in typ:
+            return None
+        raise TrainConfigError(f"{where}: {key}: a value is required")
+    base = typ.split("|")[0].strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if value in (0, 1):
+                return bool(value)
+            raise TypeError
+        if base == "int":
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise TypeError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"{where}: {key}: expected {base}, got {value!r}") from None
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TrainConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{path}: expected a mapping of settings at the top level")
+    return raw
+
+
+def _apply(values: dict[str, Any], raw: Mapping[str, Any], where: str) -> None:
+    for key, value in raw.items():
+        if key.startswith("model."):
+            values.setdefault("model", {})
+            values["model"] = {**values["model"], key[6:]: _model_value(value)}
+            continue
+        if key not in _FIELDS:
+            close = [k for k in _FIELDS if k.startswith(key[:4])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TrainConfigError(f"{where}: unknown setting {key!r}{hint}")
+        value = _coerce(key, value, where)
+        if key == "model":
+            value = {**values.get("model", {}), **value}
+        values[key] = value
+
+
+def _model_value(value):
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+# MiniMind's model flags map onto model fields
+MODEL_FLAGS = {"hidden_size": int, "num_hidden_layers": int, "use_moe": int}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train a MiniMind model (any stage) with JAX.",
+        epilog="Extra settings: key=value (any TrainConfig key, or model.<field>=value). "
+               "With no arguments: configs/quickstart.yaml.")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file(s), applied in order over configs/<stage>.yaml")
+    for name, field in _FIELDS.items():
+        if name in ("model",):
+            continue
+        flag = f"--{name}"
+        p.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                       help=f"(default {field.default if field.default is not dataclasses.MISSING else '...'})")
+    for name in MODEL_FLAGS:
+        p.add_argument(f"--{name}", dest=f"model.{name}", default=None, metavar=name.upper(),
+                       help="model override (MiniMind flag)")
+    p.add_argument("--aux_loss_coef", dest="model.router_aux_loss_coef", default=None, help="MoE aux loss weight")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse the command line (``argv``) into a validated ``TrainConfig``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "overrides")}
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise TrainConfigError(f"command line: {item!r} is not a key=value setting")
+        overrides[key.strip()] = value
+    config_files = [Path(c) for c in args.config]
+    if not argv:
+        config_files = [QUICKSTART]
+    file_layers = [(str(f), _read_yaml(f)) for f in config_files]
+
+    stage = flags.get("stage") or overrides.get("stage")
+    if stage is None:
+        for _, raw in file_layers:
+            if "stage" in raw:
+                stage = raw["stage"]
+        stage = stage or "pretrain"
+    if stage not in STAGES:
+        raise TrainConfigError(f"command line: stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+
+    values: dict[str, Any] = {}
+    stage_file = CONFIG_DIR / f"{stage}.yaml"
+    if stage_file.is_file():
+        _apply(values, _read_yaml(stage_file), str(stage_file))
+    for where, raw in file_layers:
+        _apply(values, raw, where)
+    _apply(values, flags, "command line")
+    _apply(values, overrides, "command line")
+    values["stage"] = stage
+    cfg = TrainConfig(**values)
+    cfg.validate("command line / config files")
+    return cfg
+
+
+def from_dict(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
+    """A validated ``TrainConfig`` from a mapping (e.g. a test's settings) over the dataclass defaults."""
+    values: dict[str, Any] = {}
+    _apply(values, raw, where)
+    cfg = TrainConfig(**values)
+    cfg.validate(where)
+    return cfg
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model to build when not starting from a checkpoint (preset or file, then overrides)."""
+    from minimind_jax.config import ConfigError
+
+    overrides = dict(cfg.model)
+    if "use_moe" in overrides:
+        overrides["use_moe"] = bool(overrides["use_moe"])
+    try:
+        if cfg.model_config:
+            path = Path(cfg.model_config)
+            if path.suffix in (".yaml", ".yml"):
+                raw = _read_yaml(path)
+                preset = raw.pop("preset", None)
+                base = ModelConfig.preset(preset, **raw) if preset else ModelConfig(**raw)
+            else:
+                base = ModelConfig.from_json(path)
+            return base.replace(**overrides) if overrides else base
+        return ModelConfig.preset(cfg.preset, **overrides)
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
+        raise TrainConfigError(f"model config: {e}") from None
+
+
+def run_name(cfg: TrainConfig, model: ModelConfig) -> str:
+    return cfg.run_name or f"{cfg.stage}_{model.hidden_size}{'_moe' if model.use_moe else ''}"
+
+
+def dump_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,455 @@
+"""The one training loop every stage runs: ``train(cfg)``.
+
+Order of work (every check that can fail runs before anything compiles):
+config -> model config (preset / --init checkpoint / resumed run) -> data files and tokenizer -> mesh ->
+train state (fresh, from weights, or restored from the run's latest checkpoint, resharded onto this mesh)
+-> jit(train_step) -> loop: host batch -> device -> step -> metrics -> checkpoint every ``save_interval`` ->
+final checkpoint, weights export, loss curve, greedy sample.
+
+Run directory ``{out_dir}/{run_name}`` (run_name defaults to MiniMind's ``{stage}_{hidden_size}[_moe]``)::
+
+    state/<step>/        orbax CheckpointManager: full train state, data-iterator state, run metadata
+    weights/             this project's checkpoint of the final params (what --init / --from_weight read)
+    metrics.jsonl  tb/   loss.png  train_config.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimind_jax import sharding as shd
+from minimind_jax.config import ModelConfig
+from minimind_jax.precision import get_policy
+from minimind_jax.training import config as tconfig
+from minimind_jax.training.config import TrainConfig, TrainConfigError
+from minimind_jax.training.metrics import MetricsLogger, flops_per_token, peak_tflops_per_device, plot_loss
+from minimind_jax.training.stages import get_stage
+from minimind_jax.training.step import TrainState, init_train_state, jit_train_step, make_optimizer, make_train_step
+
+# model fields that change how a model runs, not its weights: a checkpoint's config may differ in these
+RUNTIME_FIELDS = ("remat_policy", "moe_impl", "dropout", "router_aux_loss_coef", "scan_layers")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    losses: list[float]
+    params: Any
+    config: ModelConfig
+    stopped: str = "done"  # done | interrupted | nonfinite
+    sample: str | None = None
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def _resolve_init(cfg: TrainConfig, model_cfg: ModelConfig) -> str | None:
+    if cfg.init:
+        if not os.path.exists(cfg.init):
+            raise TrainConfigError(f"--init {cfg.init}: no such file or directory")
+        return cfg.init
+    fw = cfg.from_weight
+    if fw in (None, "", "none"):
+        return None
+    if os.path.exists(fw):
+        return fw
+    name = f"{fw}_{model_cfg.hidden_size}{'_moe' if model_cfg.use_moe else ''}"
+    candidates = [Path(cfg.out_dir) / name / "weights", Path(cfg.out_dir) / f"{name}.pth"]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    raise TrainConfigError(f"--from_weight {fw}: found none of {', '.join(map(str, candidates))} "
+                           f"(train that stage first, or give a path)")
+
+
+def load_weights(path: str, model_cfg: ModelConfig | None, overrides: dict[str, Any]) -> tuple[ModelConfig, Any]:
+    """Params (float32, numpy) and the config stored with them, from this project's checkpoint or anything the
+    converter reads. Model overrides may only change runtime fields; anything else is an error."""
+    from minimind_jax.checkpoint import is_checkpoint, load_checkpoint
+
+    if is_checkpoint(path):
+        loaded_cfg, params = load_checkpoint(path, dtype="float32", as_numpy=True)
+    else:
+        import convert
+
+        loaded_cfg, params = convert.load_torch(path, dtype="float32")
+    params = jax.tree.map(np.asarray, params)
+    conflicts = [f"{k}={v!r} (checkpoint: {getattr(loaded_cfg, k)!r})" for k, v in overrides.items()
+                 if k not in RUNTIME_FIELDS and getattr(loaded_cfg, k) != _model_value(k, v)]
+    if conflicts:
+        raise TrainConfigError(f"{path}: the checkpoint is a different model than asked for: {', '.join(conflicts)}")
+    runtime = {k: _model_value(k, v) for k, v in overrides.items() if k in RUNTIME_FIELDS}
+    new_cfg = loaded_cfg.replace(**runtime) if runtime else loaded_cfg
+    if new_cfg.scan_layers != loaded_cfg.scan_layers:
+        from convert.mapping import params_to_torch, torch_to_params
+
+        params = torch_to_params(params_to_torch(params, loaded_cfg), new_cfg)
+    return new_cfg, params
+
+
+def _model_value(key, value):
+    return bool(value) if key == "use_moe" else value
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _manager(state_dir: Path, cfg: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=cfg.async_checkpointing,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(state_dir.absolute(), options=options)
+
+
+def _save(manager, step: int, state: TrainState, data_iter, meta: dict, *, force: bool = False) -> None:
+    import grain
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=grain.checkpoint.CheckpointSave(data_iter),
+                                               meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def _read_meta(manager, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def _restore(manager, step: int, abstract_state, data_iter):
+    import grain
+    import orbax.checkpoint as ocp
+
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig) -> RunResult:
+    """Run one stage as ``cfg`` says. Returns what happened (also written to the run directory)."""
+    cfg.validate()
+    if shd.maybe_initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id):
+        _log(f"distributed: process {jax.process_index()} of {jax.process_count()}")
+    stage = get_stage(cfg.stage)
+    policy = get_policy(cfg.policy_name)
+
+    # ---- model config: from the resumed run, the init weights, or the preset
+    model_cfg = tconfig.model_config(cfg)
+    name = tconfig.run_name(cfg, model_cfg)
+    run_dir = Path(cfg.out_dir) / name
+    state_dir = run_dir / "state"
+    resume_step = None
+    manager = None
+    if state_dir.is_dir():
+        manager = _manager(state_dir, cfg)
+        resume_step = manager.latest_step()
+    init_params_np = None
+    meta_prev = None
+    if cfg.from_resume and resume_step is not None:
+        meta_prev = _read_meta(manager, resume_step)
+        saved_cfg = ModelConfig(**meta_prev["model"])
+        overrides = {k: _model_value(k, v) for k, v in cfg.model.items()}
+        conflicts = [f"{k}={v!r} (run: {getattr(saved_cfg, k)!r})" for k, v in overrides.items()
+                     if getattr(saved_cfg, k) != v]
+        if conflicts:
+            raise TrainConfigError(f"{state_dir}: cannot resume: the run was trained as a different model: "
+                                   f"{', '.join(conflicts)}")
+        model_cfg = saved_cfg
+    else:
+        if cfg.from_resume:
+            _log(f"--from_resume 1: no checkpoint in {state_dir}, starting a fresh run")
+        elif resume_step is not None:
+            if not cfg.overwrite:
+                raise TrainConfigError(
+                    f"{run_dir} already holds a run (checkpoint at step {resume_step}): continue it with "
+                    "--from_resume 1, or pick another --out_dir / --run_name, or pass overwrite=true to replace it")
+            manager.close()
+            manager = None
+            shutil.rmtree(state_dir)
+            for f in ("metrics.jsonl", "loss.png"):
+                (run_dir / f).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        init_path = _resolve_init(cfg, model_cfg)
+        if init_path:
+            model_cfg, init_params_np = load_weights(init_path, model_cfg, cfg.model)
+            _log(f"weights: {init_path}")
+
+    # ---- data and tokenizer (errors name the file before anything compiles)
+    from minimind_jax.data import make_dataset
+    from minimind_jax.tokenizer import load_tokenizer
+
+    for p in cfg.data_path:
+        if not os.path.exists(p):
+            raise TrainConfigError(f"data_path: {p}: no such file or directory")
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else load_tokenizer()
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise TrainConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                               f"{model_cfg.vocab_size}")
+    nproc = jax.process_count()
+    if cfg.batch_size % nproc:
+        raise TrainConfigError(f"batch_size {cfg.batch_size} must divide over {nproc} processes")
+    mesh = shd.make_mesh(cfg.mesh)
+    dp = shd.data_parallel_size(mesh)
+    if cfg.batch_size % dp:
+        raise TrainConfigError(f"batch_size {cfg.batch_size} must be a multiple of the data-parallel size {dp} "
+                               f"(mesh {shd.describe_mesh(mesh)})")
+    pipeline = make_dataset(stage.data_stage, cfg.data_path, tokenizer, cfg.max_seq_len, cfg.batch_size // nproc,
+                            seed=cfg.seed, epochs=cfg.epochs, shuffle=cfg.shuffle, shard_index=jax.process_index(),
+                            shard_count=nproc, skip_bad_lines=cfg.skip_bad_lines,
+                            add_system_prompt_prob=cfg.add_system_prompt_prob,
+                            drop_empty_think_prob=cfg.drop_empty_think_prob)
+    steps_in_data = len(pipeline) // cfg.accumulation_steps
+    if steps_in_data < 1:
+        raise TrainConfigError(f"{', '.join(cfg.data_path)}: {len(pipeline)} batches of {cfg.batch_size} are fewer "
+                               f"than one optimizer step ({cfg.accumulation_steps} accumulation steps)")
+    total_steps = min(steps_in_data, cfg.max_steps) if cfg.max_steps else steps_in_data
+
+    # ---- state
+    tx, schedule = make_optimizer(cfg.learning_rate, total_steps, schedule=cfg.lr_schedule,
+                                  warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
+                                  b2=cfg.adam_b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip)
+    param_sharding = shd.param_shardings(model_cfg, mesh)
+    data_iter = pipeline.iterator()
+    start_step = 0
+    if meta_prev is not None:
+        abstract = _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding)
+        state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+        state = _restore(manager, resume_step, abstract, data_iter)
+        start_step = int(state.step)
+        before = meta_prev.get("mesh", "?")
+        now = shd.describe_mesh(mesh)
+        note = "" if before == now else f" (saved on {before}; resharded onto {now})"
+        _log(f"resumed {state_dir} at step {start_step}{note}")
+        if meta_prev.get("total_steps") != total_steps:
+            _log(f"note: the run was planned for {meta_prev.get('total_steps')} steps, now {total_steps}")
+    else:
+        state, state_sharding = init_train_state(model_cfg, tx, seed=cfg.seed, policy=policy,
+                                                 loss_scale=cfg.loss_scale, params=init_params_np, mesh=mesh,
+                                                 param_sharding=param_sharding)
+    del init_params_np
+
+    batch_sharding = shd.batch_sharding(mesh, leading=1)
+    step_fn = jit_train_step(make_train_step(stage, model_cfg, policy, tx, schedule), state_sharding,
+                             batch_sharding, mesh)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        tconfig.dump_yaml(cfg, run_dir / "train_config.yaml")
+    if manager is None:
+        manager = _manager(state_dir, cfg)
+    meta = {"model": dataclasses.asdict(model_cfg), "train": cfg.to_dict(), "stage": cfg.stage, "policy": policy.name,
+            "mesh": shd.describe_mesh(mesh), "devices": jax.device_count(), "total_steps": total_steps}
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, enabled=jax.process_index() == 0)
+
+    from minimind_jax.config import param_count
+
+    total, active = param_count(model_cfg)
+    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len
+    fpt = flops_per_token(model_cfg, cfg.max_seq_len)
+    peak = cfg.peak_tflops or peak_tflops_per_device(dtype="bfloat16" if policy.name != "fp32" else "float32")
+    _log(f"stage {cfg.stage}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), policy {policy}, "
+         f"mesh {shd.describe_mesh(mesh)}, {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x"
+         f"{cfg.max_seq_len} tokens, run dir {run_dir}")
+
+    # ---- loop
+    stopped = "done"
+    losses: list[float] = []
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    bar = _progress(cfg, total_steps, start_step)
+    last_saved = start_step if meta_prev is not None else None
+    t_compile = None
+    window_t, window_tokens = time.perf_counter(), 0
+    step = start_step
+    last_good_step = start_step
+    try:
+        while step < total_steps:
+            batch = _next_batch(data_iter, cfg.accumulation_steps, stage.batch_keys)
+            device_batch = shd.shard_batch(batch, batch_sharding)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, device_batch)
+            metrics = jax.device_get(metrics)
+            if t_compile is None:
+                t_compile = time.perf_counter() - t0
+                window_t = time.perf_counter()
+            else:
+                window_tokens += tokens_per_step
+            step += 1
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss) and not policy.needs_loss_scaling:
+                stopped = "nonfinite"
+                _log(f"\nstep {step}: loss is {loss} under the {policy.name} policy; stopping. The last good "
+                     f"checkpoint (step {last_saved}) in {state_dir} is intact. Lower --learning_rate or check "
+                     "the data.")
+                break
+            losses.append(loss)
+            last_good_step = step
+            elapsed = time.perf_counter() - window_t
+            tps = window_tokens / elapsed if window_tokens and elapsed > 0 else float("nan")
+            row = {k: float(v) for k, v in metrics.items() if k not in ("finite",)}
+            row["tokens_per_s"] = tps
+            row["tflops_per_device"] = tps * fpt / 1e12 / jax.device_count() if window_tokens else float("nan")
+            if peak:
+                row["mfu"] = row["tflops_per_device"] / peak
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(_postfix(row), refresh=False)
+            if step % cfg.log_interval == 0 or step == total_steps or step == start_step + 1:
+                logger.log(step, row)
+                if bar is None:
+                    _log(f"step {step}/{total_steps} {_postfix(row)}")
+            if step % cfg.save_interval == 0 and step < total_steps:
+                _save(manager, step, state, data_iter, {**meta, "step": step})
+                last_saved = step
+            if interrupted["flag"]:
+                stopped = "interrupted"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        if bar is not None:
+            bar.close()
+
+    if stopped != "nonfinite" and last_saved != step:
+        _save(manager, step, state, data_iter, {**meta, "step": step}, force=True)
+        last_saved = step
+    manager.wait_until_finished()
+    manager.close()
+    logger.close()
+    if stopped == "interrupted":
+        _log(f"interrupted: saved step {step} to {state_dir}; continue with --from_resume 1")
+
+    result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped)
+    if stopped == "done":
+        _export_weights(run_dir, state.params, model_cfg, cfg, step)
+    if cfg.plot and jax.process_index() == 0:
+        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{name} ({cfg.stage})")
+        if png:
+            _log(f"loss curve: {png}")
+    if losses:
+        head = np.mean(losses[: max(1, min(10, len(losses) // 5))])
+        tail = np.mean(losses[-max(1, min(10, len(losses) // 5)):])
+        _log(f"loss {head:.3f} -> {tail:.3f} over steps {start_step + 1}..{step}"
+             + (f"; first step (compile) {t_compile:.1f} s" if t_compile is not None else ""))
+    if stopped == "done" and cfg.sample_prompt != "" and jax.process_index() == 0:
+        result.sample = _sample(state.params, model_cfg, policy, tokenizer, cfg)
+    if stopped == "nonfinite":
+        raise TrainingError(f"training stopped at step {step}: non-finite loss (last good checkpoint: step "
+                            f"{last_saved} in {state_dir})")
+    return result
+
+
+def _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding):
+    """The TrainState's shapes, dtypes and (this mesh's) shardings, for restoring without initialising."""
+    from minimind_jax.precision import make_loss_scale
+    from minimind_jax.training.step import state_shardings
+
+    kind = cfg.loss_scale if cfg.loss_scale != "auto" else ("dynamic" if policy.needs_loss_scaling else "none")
+
+    def make():
+        from minimind_jax.model.transformer import init_params
+
+        params = init_params(model_cfg, jax.random.key(0), policy)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          loss_scale=make_loss_scale(kind), rng=jax.random.key_data(jax.random.key(0)))
+
+    shape = jax.eval_shape(make)
+    shardings = state_shardings(shape, param_sharding, mesh, tx)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, shardings)
+
+
+def _next_batch(it, accum: int, keys) -> dict[str, np.ndarray]:
+    micro = [next(it) for _ in range(accum)]
+    return {k: np.stack([m[k] for m in micro]) for k in keys}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int):
+    if not cfg.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                desc=cfg.stage, mininterval=0.5)
+
+
+def _postfix(row: dict) -> str:
+    parts = [f"loss {row['loss']:.4f}"]
+    if row.get("aux_loss"):
+        parts.append(f"aux {row['aux_loss']:.4f}")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.2e}")
+    if math.isfinite(row.get("tokens_per_s", float("nan"))):
+        parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    if "mfu" in row and math.isfinite(row["mfu"]):
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+    if row.get("skipped"):
+        parts.append(f"skipped {int(row['skipped'])}")
+    if row.get("loss_scale", 1.0) != 1.0:
+        parts.append(f"scale {row['loss_scale']:.0f}")
+    return ", ".join(parts)
+
+
+def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainConfig, step: int) -> None:
+    from minimind_jax.checkpoint import save_checkpoint
+
+    out = run_dir / "weights"
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    if jax.process_index() == 0:
+        save_checkpoint(out, host, model_cfg, source={"stage": cfg.stage, "step": step}, force=True)
+        _log(f"weights: {out} (export with: python -m convert to-torch {out} OUT)")
+
+
+def _sample(params, model_cfg: ModelConfig, policy, tokenizer, cfg: TrainConfig) -> str:
+    from minimind_jax.generate import greedy_generate
+
+    prompt = cfg.sample_prompt
+    if prompt is None:
+        prompt = "你好" if cfg.stage == "pretrain" else None
+    if cfg.stage == "pretrain":
+        ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    else:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt or "你好"}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        prompt = prompt or "你好"
+    host = jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), params)
+    new = greedy_generate(host, model_cfg, ids, cfg.sample_tokens, policy="fp32" if policy.name == "fp32" else "bf16",
+                          eos_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    _log(f"sample (greedy) {prompt!r} -> {text!r}")
+    return text

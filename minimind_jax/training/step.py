@@ -1,0 +1,202 @@
+"""The train state and the one jitted train step every stage runs.
+
+``train_step(state, batch) -> (state, metrics)`` where every leaf of ``batch`` is ``(accumulation_steps,
+micro_batch, seq)``. Inside one compiled call:
+
+1. the stage's normalizer over the whole batch (e.g. the number of trained tokens);
+2. for each micro-batch (a ``lax.scan`` when accumulating): ``value_and_grad`` of the stage loss with the loss
+   multiplied by the loss scale, under the precision policy (float32 params are cast to the compute dtype
+   where they are used; logits and loss are float32); gradients summed in float32;
+3. unscale, finiteness check, loss-scale adjustment (dynamic scaling for fp16);
+4. the optax chain ``apply_if_finite(clip_by_global_norm -> adamw)``: a step with an inf / nan gradient
+   leaves params and optimizer state unchanged and is counted in ``skipped``.
+
+The state is donated, so params and optimizer state are updated in place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.model.transformer import MiniMindLM, init_params
+from minimind_jax.precision import (
+    LossScale,
+    Policy,
+    all_finite,
+    current_scale,
+    get_policy,
+    make_loss_scale,
+    skip_nonfinite,
+    skipped_steps,
+)
+from minimind_jax.training.stages import Stage
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped ones included)
+    params: Any
+    opt_state: Any
+    loss_scale: LossScale
+    rng: jax.Array  # raw uint32 key data (checkpointable); dropout keys are folded from it per step
+    frozen: Any = None  # params that are not trained (a reference / teacher / base model), or None
+
+
+def minimind_schedule(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> optax.Schedule:
+    """MiniMind's ``get_lr``: ``lr * (0.1 + 0.45 * (1 + cos(pi * step / total)))`` — from lr down to 0.1 lr —
+    after an optional linear warmup (MiniMind has none)."""
+    total = max(int(total_steps), 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        lr = learning_rate * (0.1 + 0.45 * (1.0 + jnp.cos(math.pi * step / total)))
+        if warmup_steps:
+            lr = jnp.where(step < warmup_steps, learning_rate * (step + 1) / warmup_steps, lr)
+        return lr
+
+    return schedule
+
+
+def make_optimizer(learning_rate: float, total_steps: int, *, schedule: str = "minimind", warmup_steps: int = 0,
+                   weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   grad_clip: float = 1.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (MiniMind's optimizer) behind global-norm clipping, wrapped to skip non-finite updates."""
+    if schedule == "minimind":
+        sched = minimind_schedule(learning_rate, total_steps, warmup_steps)
+    else:
+        sched = optax.constant_schedule(learning_rate)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return skip_nonfinite(optax.chain(*parts)), sched
+
+
+def make_apply(config: ModelConfig, policy: Policy):
+    model = MiniMindLM(config, policy)
+
+    def apply(params, input_ids, rng, **kwargs):
+        return model.apply({"params": params}, input_ids, train=True, rngs={"dropout": rng}, **kwargs)
+
+    return apply
+
+
+def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None) -> Callable:
+    """The pure ``train_step(state, batch) -> (state, metrics)`` (not jitted: see :func:`jit_train_step`)."""
+    policy = get_policy(policy)
+    apply = make_apply(config, policy)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        accum = batch[stage.batch_keys[0]].shape[0]
+        denom = jnp.maximum(stage.normalizer(batch), 1.0)
+        base_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        scale = state.loss_scale
+
+        def micro_loss(params, micro, rng):
+            loss_sum, aux, metrics = stage.loss(apply, params, state.frozen, micro, rng)
+            loss = loss_sum / denom
+            return scale.scale(loss + aux / accum), (loss, aux, metrics)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def one(i):
+            micro = jax.tree.map(lambda x: x[i], batch)
+            (_, (loss, aux, metrics)), grads = grad_fn(state.params, micro, jax.random.fold_in(base_rng, i))
+            return loss, aux, metrics, jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+
+        if accum == 1:
+            loss, aux, metrics, grads = one(0)
+        else:
+            def body(carry, i):
+                loss, aux, metrics, grads = one(i)
+                c_loss, c_aux, c_metrics, c_grads = carry
+                return (c_loss + loss, c_aux + aux / accum, jax.tree.map(lambda a, b: a + b / accum, c_metrics, metrics),
+                        jax.tree.map(jnp.add, c_grads, grads)), None
+
+            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zero_metrics = jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32),
+                                        jax.eval_shape(lambda: one(0)[2]))
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zero_metrics, zero_grads)
+            (loss, aux, metrics, grads), _ = jax.lax.scan(body, init, jnp.arange(accum))
+
+        grads = scale.unscale(grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        finite = all_finite(grads)
+        new_scale = scale.adjust(finite)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        skipped = skipped_steps(opt_state)
+        out = {
+            "loss": loss,
+            "aux_loss": aux,
+            "grad_norm": optax.global_norm(grads),
+            "loss_scale": current_scale(scale),
+            "skipped": skipped.astype(jnp.int32),
+            "finite": finite,
+            "trained_tokens": denom,
+            **metrics,
+        }
+        if schedule is not None:
+            out["lr"] = schedule(state.step - skipped)  # the optimizer's own count skips skipped steps
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=new_scale)
+        return new_state, out
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+def state_shardings(state_shape: TrainState, param_sharding, mesh, tx: optax.GradientTransformation) -> TrainState:
+    """Shardings for a TrainState (``state_shape`` from ``jax.eval_shape``): params per ``param_sharding``,
+    optimizer moments like their params (``optax.tree_map_params``), everything else replicated."""
+    rep = NamedSharding(mesh, P())
+    opt = optax.tree_map_params(tx, lambda _p, s: s, state_shape.opt_state, param_sharding,
+                                transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    frozen = None if state_shape.frozen is None else jax.tree.map(lambda _: rep, state_shape.frozen)
+    return TrainState(step=rep, params=param_sharding, opt_state=opt,
+                      loss_scale=jax.tree.map(lambda _: rep, state_shape.loss_scale), rng=rep, frozen=frozen)
+
+
+def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, *, seed: int, policy: Policy | str,
+                     loss_scale: str = "auto", params=None, mesh=None, param_sharding=None, frozen=None):
+    """A fresh ``TrainState`` placed on ``mesh`` (params from ``params`` or MiniMind's init drawn from ``seed``),
+    and its shardings. Returns ``(state, shardings)``."""
+    policy = get_policy(policy)
+    if params is None:
+        params = init_params(config, jax.random.key(seed), policy)
+    kind = loss_scale if loss_scale != "auto" else ("dynamic" if policy.needs_loss_scaling else "none")
+    scale = make_loss_scale(kind)
+    rng = jax.random.key_data(jax.random.key(seed + 1))
+
+    def make(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          loss_scale=scale, rng=rng, frozen=frozen)
+
+    shape = jax.eval_shape(make, params)
+    if mesh is None:
+        return make(params), None
+    shardings = state_shardings(shape, param_sharding, mesh, tx)
+    params = jax.tree.map(lambda x, s: _place(x, s), params, param_sharding)
+    state = jax.jit(make, out_shardings=shardings)(params)
+    return state, shardings
+
+
+def _place(x, sharding):
+    """A host or single-device array -> a global array with ``sharding`` (every process holds the same values)."""
+    import numpy as np
+
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def jit_train_step(train_step, state_sharding, batch_sharding, mesh):
+    """``jax.jit`` with explicit in / out shardings and the state donated."""
+    rep = NamedSharding(mesh, P())
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, rep),
+                   donate_argnums=0)
