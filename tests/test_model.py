@@ -211,3 +211,137 @@ def test_bf16_vs_fp32_logits_on_minimind3_preset(capsys):
         print(f"\nminimind3 bf16 vs fp32: mean |logit diff| {diff.mean():.2e}, max {diff.max():.2e}, "
               f"mean |logit| {np.abs(np.asarray(f32)).mean():.2e}")
     assert diff.mean() < 1e-2
+
+
+# ------------------------------------------------------------- half-precision projections (custom VJP)
+def _plain_projection(x, w, out_dtype, w_out_in):
+    """What ``layers.projection`` replaces: the einsum and JAX's own autodiff of it."""
+    spec = "...h,vh->...v" if w_out_in else "...i,io->...o"
+    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _loss_and_grads(config, params, policy, ids, **jit_kw):
+    def loss(p, ids):
+        out = MiniMindLM(config, policy).apply({"params": p}, ids[:, :-1], train=True)
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)) + out.aux_loss
+    return jax.jit(jax.value_and_grad(loss), **jit_kw)(params, ids)
+
+
+def _rel_err(a, b):
+    """Per-leaf relative L2 error |a - b| / |b| (a pytree of floats)."""
+    return jax.tree.map(lambda a, b: float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())), a, b)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_projection_backward_is_exact_float32_accumulation(layout, dtype):
+    """Both backward dots take the half-precision operands and accumulate in float32: against a float64
+    product of the same (rounded) operands, dx is off by one final rounding to ``dtype`` and dw (returned
+    float32, the weight's dtype) by float32 summation only."""
+    from minimind_jax.model.layers import projection
+
+    rng = np.random.RandomState(0)
+    w_out_in = layout == "out_in"
+    x = jnp.asarray(rng.randn(3, 5, 48), dtype)
+    w = jnp.asarray(rng.randn(*((32, 48) if w_out_in else (48, 32))) * 0.1, jnp.float32)
+    g = jnp.asarray(rng.randn(3, 5, 32), jnp.float32)
+    y, vjp = jax.vjp(lambda x, w: projection(x, w, jnp.float32, w_out_in), x, w)
+    dx, dw = jax.jit(vjp)(g)
+    chex.assert_type([y, dx, dw], [jnp.float32, dtype, jnp.float32])
+    x64 = np.asarray(x, np.float64).reshape(-1, 48)
+    w64 = np.asarray(w.astype(dtype), np.float64)
+    w64 = w64.T if w_out_in else w64
+    g64 = np.asarray(g.astype(dtype), np.float64).reshape(-1, 32)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx, np.float64).reshape(-1, 48), g64 @ w64.T, rtol=1e-2, atol=1e-2)
+    want_dw = x64.T @ g64
+    np.testing.assert_allclose(np.asarray(dw), want_dw.T if w_out_in else want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_policy_never_takes_the_custom_projection(monkeypatch):
+    """float32 keeps the plain einsum and its autodiff, bit for bit: the custom path is never entered and
+    ``matmul`` equals the einsum exactly, forward and backward."""
+    from minimind_jax.model import layers
+
+    def refuse(*args, **kw):
+        raise AssertionError("projection() used under the fp32 policy")
+
+    monkeypatch.setattr(layers, "projection", refuse)
+    for name in ("tiny3", "tiny2-moe"):
+        config = tiny(name, scan_layers=True, remat_policy="full")
+        params = to_scanned(cached_params(tiny(name)), config)
+        _loss_and_grads(config, params, "fp32", random_ids((2, 9)))
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(2, 3, 16), jnp.float32)
+    pol = get_policy("fp32")
+    for spec, shape in (("...i,io->...o", (16, 8)), ("...h,vh->...v", (8, 16))):
+        w = jnp.asarray(rng.randn(*shape), jnp.float32)
+        ours = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(layers.matmul(x, w, pol, spec))), (0, 1)))
+        ref = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(
+            jnp.einsum(spec, x, w, preferred_element_type=jnp.float32))), (0, 1)))
+        chex.assert_trees_all_equal(ours(x, w), ref(x, w))
+
+
+# bf16 tolerance: the custom backward and JAX's autodiff of the einsum round different intermediates to
+# bf16 (8-bit mantissa, relative rounding 2^-9 ~ 2e-3, compounded over a few layers), so the two
+# gradients agree to a relative L2 error of 2e-2 per leaf; and the custom gradients may be no further
+# from the float32 gradients than autodiff's are, up to 25 % + 2e-3.
+BF16_REL_TOL = 2e-2
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny3", {}), ("tiny3-moe", {}), ("tiny2", {"tie_word_embeddings": False}),
+                                             ("tiny3", {"scan_layers": True, "remat_policy": "full"}),
+                                             ("tiny3-moe", {"scan_layers": True, "remat_policy": "dots"})])
+def test_bf16_custom_projection_grads_match_autodiff(monkeypatch, name, overrides):
+    from minimind_jax.model import layers
+
+    config = tiny(name, **overrides)
+    params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
+    if config.scan_layers:
+        params = to_scanned(params, config)
+    ids = random_ids((4, 17), seed=3)
+    ref_loss, ref_grads = _loss_and_grads(config, params, "fp32", ids)
+    loss, grads = _loss_and_grads(config, params, "bf16", ids)
+    monkeypatch.setattr(layers, "projection", _plain_projection)
+    plain_loss, plain_grads = _loss_and_grads(config, params, "bf16", ids)
+
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}  # the params' dtype
+    assert abs(float(loss) - float(plain_loss)) < 1e-3 * abs(float(plain_loss))
+    assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
+    for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(grads, plain_grads)):
+        assert err < BF16_REL_TOL, f"{jax.tree_util.keystr(path)}: custom vs autodiff rel err {err:.2e}"
+    custom_err, plain_err = _rel_err(grads, ref_grads), _rel_err(plain_grads, ref_grads)
+    for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(custom_err), jax.tree.leaves(plain_err)):
+        assert ours <= 1.25 * theirs + 2e-3, f"{jax.tree_util.keystr(path)}: vs fp32 {ours:.2e} > autodiff's {theirs:.2e}"
+
+
+def test_bf16_params_policy_gets_bf16_grads():
+    config = tiny("tiny3")
+    params = cached_params(config, 0, "bf16-params")
+    _, grads = _loss_and_grads(config, params, "bf16-params", random_ids((2, 9)))
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
+    chex.assert_tree_all_finite(grads)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_bf16_custom_projection_under_sharding(scan):
+    """pjit on a (data 4, model 2) mesh of the 8 simulated devices: params split on their last axis,
+    the batch on ``data``; loss and grads match one device (bf16: partial sums add in another order)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    config = tiny("tiny3-moe", scan_layers=scan, remat_policy="full" if scan else "none")
+    params = cached_params(tiny("tiny3-moe"))
+    params = to_scanned(params, config) if scan else params
+    ids = random_ids((8, 17), seed=5)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    spec = jax.tree.map(lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - 1), "model")), params)
+    batch = NamedSharding(mesh, P("data"))
+    loss, grads = _loss_and_grads(config, params, "bf16", ids)
+    s_loss, s_grads = _loss_and_grads(config, jax.device_put(params, spec), "bf16", jax.device_put(ids, batch),
+                                      in_shardings=(spec, batch), out_shardings=(NamedSharding(mesh, P()), spec))
+    assert s_grads["embed_tokens"].sharding.spec == P(None, "model")
+    assert abs(float(s_loss) - float(loss)) < 1e-4
+    for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(s_grads, grads)):
+        assert err < 2e-3, f"{jax.tree_util.keystr(path)}: sharded vs one device rel err {err:.2e}"

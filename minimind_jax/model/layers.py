@@ -6,6 +6,7 @@ Every parameter is created with logical axis names (``nn.with_logical_partitioni
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -18,6 +19,12 @@ from minimind_jax.config import ModelConfig
 from minimind_jax.precision import Policy
 
 
+# The two projection layouts the model uses: spec -> whether the weight is stored (out, in) (the tied
+# embedding used as the LM head) rather than (in, out) (Linear kernels, expert weights).
+_PROJECTIONS = {"...i,io->...o": False, "...h,vh->...v": True}
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def matmul(x: jax.Array, w: jax.Array, policy: Policy, spec: str = "...i,io->...o",
            out_dtype=None) -> jax.Array:
     """``einsum(spec, x, w)`` with both operands in the compute dtype and float32 accumulation.
@@ -26,10 +33,71 @@ def matmul(x: jax.Array, w: jax.Array, policy: Policy, spec: str = "...i,io->...
     the fast path on XLA:CPU (bf16-output dots are slower than fp32 ones there). The result is cast
     back to the compute dtype (as PyTorch autocast returns it) unless ``out_dtype`` asks otherwise
     (the logits stay float32).
+
+    With a bf16/fp16 compute dtype the two projection layouts go through ``projection``, whose backward
+    pass is written out (see there); float32 keeps the plain einsum and its autodiff.
     """
-    dt = policy.compute_dtype
+    dt = jnp.dtype(policy.compute_dtype)
+    out_dtype = jnp.dtype(out_dtype or dt)
+    if dt in _HALF and spec in _PROJECTIONS:
+        return projection(x.astype(dt), w, out_dtype, _PROJECTIONS[spec])
     out = jnp.einsum(spec, x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
-    return out.astype(out_dtype or dt)
+    return out.astype(out_dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """A 2-D dot of two half-precision operands accumulated and returned in float32."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _row_major_transpose(a: jax.Array) -> jax.Array:
+    # The barrier makes XLA materialise the transpose: handed a transposed operand, XLA:CPU's
+    # layout assignment turns the weight-gradient dot into a float32 one (about half the speed).
+    return jax.lax.optimization_barrier(a.T)
+
+
+def projection(x: jax.Array, w: jax.Array, out_dtype, w_out_in: bool) -> jax.Array:
+    """``x @ w`` (``w`` (in, out)) or ``x @ w.T`` (``w_out_in``: ``w`` (out, in)) for ``x`` (..., in) in a
+    half-precision compute dtype; ``w`` in any dtype is cast to ``x.dtype`` once.
+
+    Why a custom VJP: autodiff of a bf16 -> float32 dot runs most backward dots in float32 or with bf16
+    outputs, both slow on XLA:CPU. Here the two backward dots are written out with half-precision inputs
+    and float32 accumulation: ``dx = g @ w.T`` and ``dw = x.T @ g``, the latter fed a row-major copy of
+    ``x.T``. ``dw`` comes back in ``w``'s own dtype straight from the float32 accumulator (float32 params
+    get float32 gradients, never rounded through bf16); ``dx`` in ``x``'s dtype. The half-precision
+    weight is saved for the backward pass, so each weight is cast once per step, not once per use.
+    """
+    return _projection(x, w, jnp.dtype(out_dtype), w_out_in, jnp.dtype(w.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _projection(x, w, out_dtype, w_out_in, w_dtype):
+    return _projection_fwd(x, w, out_dtype, w_out_in, w_dtype)[0]
+
+
+def _projection_fwd(x, w, out_dtype, w_out_in, w_dtype):
+    x2 = x.reshape(-1, x.shape[-1])
+    wc = w.astype(x.dtype)
+    y = _dot(x2, wc, (1, 1) if w_out_in else (1, 0))
+    y = y.astype(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
+    return y, (x2, wc)
+
+
+def _projection_bwd(out_dtype, w_out_in, w_dtype, res, g):
+    x2, wc = res
+    g2 = g.reshape(-1, g.shape[-1]).astype(x2.dtype)
+    if w_out_in:  # y = x @ w.T, w (out, in)
+        dx = _dot(g2, wc, (1, 0))
+        dw = _dot(_row_major_transpose(g2), x2, (1, 0))
+    else:  # y = x @ w, w (in, out)
+        dx = _dot(g2, wc, (1, 1))
+        dw = _dot(_row_major_transpose(x2), g2, (1, 0))
+    dx = dx.astype(x2.dtype).reshape(*g.shape[:-1], x2.shape[-1])
+    return dx, dw.astype(w_dtype)
+
+
+_projection.defvjp(_projection_fwd, _projection_bwd)
 
 
 def param_init(config: ModelConfig) -> nn.initializers.Initializer:
