@@ -233,8 +233,7 @@ def train(cfg: TrainConfig) -> RunResult:
     data_iter = pipeline.iterator()
     start_step = 0
     if meta_prev is not None:
-        abstract = _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding)
-        state_sharding = jax.tree.map(lambda a: a.sharding, abstract)
+        abstract, state_sharding = _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding)
         state = _restore(manager, resume_step, abstract, data_iter)
         start_step = int(state.step)
         before = meta_prev.get("mesh", "?")
@@ -303,11 +302,13 @@ def train(cfg: TrainConfig) -> RunResult:
                 window_tokens += tokens_per_step
             step += 1
             loss = float(metrics["loss"])
-            if not math.isfinite(loss) and not policy.needs_loss_scaling:
+            if not policy.needs_loss_scaling and not (math.isfinite(loss) and bool(metrics["finite"])):
+                # without loss scaling nothing can recover: the update was skipped, so stop here
                 stopped = "nonfinite"
-                _log(f"\nstep {step}: loss is {loss} under the {policy.name} policy; stopping. The last good "
-                     f"checkpoint (step {last_saved}) in {state_dir} is intact. Lower --learning_rate or check "
-                     "the data.")
+                what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+                _log(f"\nstep {step}: {what} under the {policy.name} policy; stopping. The last good checkpoint "
+                     f"(step {last_saved}) in {state_dir} is intact. Lower --learning_rate, keep --grad_clip, "
+                     "or check the data.")
                 break
             losses.append(loss)
             last_good_step = step
@@ -363,7 +364,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if stopped == "done" and cfg.sample_prompt != "" and jax.process_index() == 0:
         result.sample = _sample(state.params, model_cfg, policy, tokenizer, cfg)
     if stopped == "nonfinite":
-        raise TrainingError(f"training stopped at step {step}: non-finite loss (last good checkpoint: step "
+        raise TrainingError(f"training stopped at step {step}: non-finite loss or gradients (last good checkpoint: step "
                             f"{last_saved} in {state_dir})")
     return result
 
@@ -371,7 +372,7 @@ def train(cfg: TrainConfig) -> RunResult:
 def _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding):
     """The TrainState's shapes, dtypes and (this mesh's) shardings, for restoring without initialising."""
     from minimind_jax.precision import make_loss_scale
-    from minimind_jax.training.step import state_shardings
+    from minimind_jax.training.step import abstract_with_shardings, state_shardings
 
     kind = cfg.loss_scale if cfg.loss_scale != "auto" else ("dynamic" if policy.needs_loss_scaling else "none")
 
@@ -384,7 +385,7 @@ def _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding):
 
     shape = jax.eval_shape(make)
     shardings = state_shardings(shape, param_sharding, mesh, tx)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape, shardings)
+    return abstract_with_shardings(shape, shardings), shardings
 
 
 def _next_batch(it, accum: int, keys) -> dict[str, np.ndarray]:

@@ -136,7 +136,7 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
         out = {
             "loss": loss,
             "aux_loss": aux,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "loss_scale": current_scale(scale),
             "skipped": skipped.astype(jnp.int32),
             "finite": finite,
@@ -159,8 +159,16 @@ def state_shardings(state_shape: TrainState, param_sharding, mesh, tx: optax.Gra
     opt = optax.tree_map_params(tx, lambda _p, s: s, state_shape.opt_state, param_sharding,
                                 transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
     frozen = None if state_shape.frozen is None else jax.tree.map(lambda _: rep, state_shape.frozen)
-    return TrainState(step=rep, params=param_sharding, opt_state=opt,
-                      loss_scale=jax.tree.map(lambda _: rep, state_shape.loss_scale), rng=rep, frozen=frozen)
+    # the loss scale gets one sharding for its whole subtree (jmp's classes reject non-array leaves)
+    return TrainState(step=rep, params=param_sharding, opt_state=opt, loss_scale=rep, rng=rep, frozen=frozen)
+
+
+def abstract_with_shardings(shape_tree, shardings):
+    """``jax.ShapeDtypeStruct`` leaves carrying their sharding; ``shardings`` may be a prefix of the tree."""
+    def leafwise(sharding, sub):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), sub)
+
+    return jax.tree.map(leafwise, shardings, shape_tree, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, *, seed: int, policy: Policy | str,
