@@ -223,3 +223,15 @@ def test_errors_before_compiling(tmp_path):
     weights = tmp_path / "o" / "pretrain_64" / "weights"
     with pytest.raises(TrainConfigError, match=r"different model than asked for: hidden_size=128"):
         train(tiny_run(tmp_path, init=str(weights), model={**TINY_MODEL, "hidden_size": 128}))
+
+
+def test_model_preset_files_match_the_code_presets():
+    from minimind_jax.config import ModelConfig
+
+    files = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+    assert len(files) == 5
+    for path in files:
+        cfg = from_dict({"model_config": str(path)})
+        assert tconfig.model_config(cfg) == ModelConfig.preset(path.stem), path
+    over = from_dict({"model_config": str(files[0]), "model": {"num_hidden_layers": 2}})
+    assert tconfig.model_config(over).num_hidden_layers == 2
