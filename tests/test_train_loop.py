@@ -235,3 +235,9 @@ def test_model_preset_files_match_the_code_presets():
         assert tconfig.model_config(cfg) == ModelConfig.preset(path.stem), path
     over = from_dict({"model_config": str(files[0]), "model": {"num_hidden_layers": 2}})
     assert tconfig.model_config(over).num_hidden_layers == 2
+
+
+def test_quickstart_is_the_default_without_stage_or_config():
+    q = resolve(["--progress", "false"])
+    assert q.out_dir == "out/quickstart" and q.progress is False and q.model["hidden_size"] == 128
+    assert resolve(["--stage", "pretrain"]).out_dir == "out"

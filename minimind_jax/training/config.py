@@ -4,8 +4,9 @@ Resolution order (later wins)::
 
     TrainConfig defaults  ->  configs/<stage>.yaml  ->  --config FILE(s)  ->  flags  ->  key=value overrides
 
-The stage comes from ``--stage`` or from the first config file that names one. With no arguments at all
-``scripts/train.py`` uses ``configs/quickstart.yaml`` (a small model on the bundled sample data).
+The stage comes from ``--stage`` or from the config files. Without ``--stage`` and without ``--config``,
+``scripts/train.py`` runs ``configs/quickstart.yaml`` (a small model on the bundled sample data; other flags
+still apply on top of it).
 
 MiniMind's flags keep their names and meaning (``--epochs --batch_size --learning_rate --accumulation_steps
 --grad_clip --max_seq_len --hidden_size --num_hidden_layers --use_moe --data_path --from_weight --from_resume
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description="Train a MiniMind model (any stage) with JAX.",
         epilog="Extra settings: key=value (any TrainConfig key, or model.<field>=value). "
-               "With no arguments: configs/quickstart.yaml.")
+               "Without --stage and --config: configs/quickstart.yaml.")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML config file(s), applied in order over configs/<stage>.yaml")
     for name, field in _FIELDS.items():
@@ -273,8 +274,8 @@ def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
             raise TrainConfigError(f"command line: {item!r} is not a key=value setting")
         overrides[key.strip()] = value
     config_files = [Path(c) for c in args.config]
-    if not argv:
-        config_files = [QUICKSTART]
+    if not config_files and args.stage is None and "stage" not in overrides:
+        config_files = [QUICKSTART]  # no stage and no config file: the quickstart
     file_layers = [(str(f), _read_yaml(f)) for f in config_files]
 
     stage = flags.get("stage") or overrides.get("stage")
