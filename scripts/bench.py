@@ -16,7 +16,15 @@
       pretrain data preparation (scripts/prepare_data.py) tokens/s next to raw tokenizers encode_batch, and
       pipeline batches/s reading the prepared format
 
-Later issues add ``train`` and ``decode``.
+  python scripts/bench.py train [--preset minimind3] [--batch 4] [--seq 256] [--policy fp32 bf16] [--steps 10]
+                                [--warmup 2] [--vs-torch] [--profile DIR]
+      training steps (AdamW, clip 1.0, a fresh random batch each step, next-token cross-entropy): tokens/s
+      (median step), model TFLOP/s and MFU against the measured matmul peak of the policy's dtype, peak RSS
+      and compile time; ``--vs-torch`` runs transformers' Qwen3ForCausalLM (torch AdamW, fp32 and bf16
+      autocast) on the same shapes and prints JAX / torch ratios. Every run is its own process, so each
+      peak RSS belongs to one framework and one policy.
+
+Later issues add ``decode``.
 """
 
 from __future__ import annotations
@@ -153,6 +161,284 @@ def bench_data(args) -> None:
     module.bench_data(args.bench_mb, args.workers, batch=args.batch, seq=args.seq)
 
 
+# ------------------------------------------------------------------------------------------------ train
+# Dense peak TFLOP/s per device by device_kind substring: (float32 as JAX runs it by default, i.e. TF32
+# tensor cores on Ampere and later, bf16). Looked up only on GPUs; CPUs are measured.
+_GPU_PEAK_TFLOPS = {"H200": (494.0, 989.0), "H100": (494.0, 989.0), "A100": (156.0, 312.0),
+                    "L40S": (183.0, 362.0), "L4": (60.0, 121.0), "A10": (62.5, 125.0), "V100": (15.7, 125.0)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_tflops() -> dict[str, float]:
+    """Peak matmul TFLOP/s of device 0 for float32 and bf16 (inputs bf16, float32 accumulation):
+    the table above on GPUs, measured on CPUs (best of two square sizes, median of 5 jitted runs)."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        for name, (fp32, bf16) in _GPU_PEAK_TFLOPS.items():
+            if name in device.device_kind:
+                return {"fp32": fp32, "bf16": bf16, "source": f"table ({device.device_kind})"}
+    peaks = {}
+    for label, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        best = 0.0
+        for n in (1024, 2048):
+            a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+            dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+            _, t = timeit(dot, a, a, iters=5)
+            best = max(best, 2 * n ** 3 / t / 1e12)
+        peaks[label] = best
+    peaks["source"] = f"measured ({device.platform}, {os.cpu_count()} cores, jitted square matmuls)"
+    return peaks
+
+
+def train_flops_per_token(config, seq: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward): 6 per matmul weight (the
+    tied embedding counts once, as the LM head; an untied embedding is a lookup) plus the attention
+    scores and mixing, 12 * layers * seq * heads * head_dim (the full square, as PaLM's MFU counts)."""
+    from minimind_jax import param_count
+
+    _, active = param_count(config)
+    matmul_params = active - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    attention = 12 * config.num_hidden_layers * seq * config.num_attention_heads * config.head_dim
+    return 6 * matmul_params + attention
+
+
+def _jax_train_step(config, policy, batch: int, seq: int):
+    """(state, step_fn, batch_fn) for the JAX benchmark: ``step_fn(state, ids) -> (state, loss)`` jitted
+    with the state donated, ``batch_fn()`` a fresh random (batch, seq + 1) int32 array each call.
+
+    MiniMindLM + AdamW(5e-4, weight decay 0.01) after global-norm clipping at 1.0, float32 params,
+    next-token cross-entropy in float32. Kept in this one function so the training engine's own step
+    can replace it.
+    """
+    import optax
+
+    from minimind_jax import MiniMindLM, init_params
+
+    model = MiniMindLM(config, policy)
+    params = init_params(config, jax.random.key(0), "fp32")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-4, weight_decay=0.01))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def loss_fn(params, ids, key):
+        out = model.apply({"params": params}, ids[:, :-1], train=True, rngs={"dropout": key})
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32), ids[:, 1:])
+        return jnp.mean(ce) + out.aux_loss
+
+    def step(state, ids):
+        key = jax.random.fold_in(jax.random.key(1), state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], ids, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+    rng = np.random.default_rng(0)
+
+    def batch_fn():
+        return jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+
+    return state, jax.jit(step, donate_argnums=0), batch_fn
+
+
+def _train_jax(config, policy: str, args) -> dict:
+    state, step_fn, batch_fn = _jax_train_step(config, policy, args.batch, args.seq)
+    ids = batch_fn()
+    t0 = time.perf_counter()
+    step_fn = step_fn.lower(state, ids).compile()
+    compile_s = time.perf_counter() - t0
+    times, loss = [], None
+    for i in range(args.warmup + args.steps):
+        ids = batch_fn()
+        t0 = time.perf_counter()
+        state, loss = step_fn(state, ids)
+        jax.block_until_ready((state, loss))
+        times.append(time.perf_counter() - t0)
+    breakdown = None
+    if args.profile:
+        trace_dir = os.path.join(args.profile, f"jax-{policy}")
+        with jax.profiler.trace(trace_dir):
+            for _ in range(2):
+                state, loss = step_fn(state, batch_fn())
+            jax.block_until_ready((state, loss))
+        breakdown = profile_breakdown(trace_dir, step_fn.as_text(), steps=2)
+    return {"times": times[args.warmup:], "first_s": times[0], "compile_s": compile_s, "loss": float(loss),
+            "breakdown": breakdown}
+
+
+_MODULES = {"self_attn", "mlp", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_norm",
+            "k_norm", "input_layernorm", "post_attention_layernorm", "norm", "experts", "shared_experts", "lm_head"}
+
+
+def profile_breakdown(trace_dir: str, hlo_text: str, steps: int) -> list[tuple[str, float]]:
+    """Milliseconds per step by (pass, module, op kind), from the newest profiler trace under ``trace_dir``:
+    every profiled event named after an HLO instruction of the step is attributed through the
+    instruction's ``op_name`` metadata (forward / backward / outside the model, and the model module:
+    q_proj, mlp/down_proj, ...) and its kind (matmul, copy/transpose, other fusions). CPU thread time,
+    so with two threads the total can exceed the wall time."""
+    import collections
+    import glob
+    import re
+
+    pb = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)[-1]
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text, re.M))
+    totals = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(pb).planes:
+        for line in plane.lines:
+            for event in line.events:
+                op_name = op_names.get(event.name)
+                if op_name is None:
+                    continue
+                name = event.name
+                kind = ("matmul" if re.match(r"(ynn|dot|.*gemm|custom-call|.*matmul)", name)
+                        else "copy/transpose" if ("copy" in name or "transpose" in name) else "other")
+                if "MiniMindLM" not in op_name:
+                    where = "outside the model (loss, optimizer)"
+                else:
+                    direction = "backward" if "transpose(jvp(" in op_name else "forward"
+                    module = "/".join([p for p in op_name.split("/") if p in _MODULES][:2])
+                    # The only matmul outside the blocks is the LM head (tied or not).
+                    module = module or ("lm_head" if kind == "matmul" else "embedding/rope/mask")
+                    where = f"{direction} {module}"
+                totals[f"{where} [{kind}]"] += event.duration_ns / 1e6 / steps
+    return totals.most_common()
+
+
+def _train_torch(config, policy: str, args) -> dict:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from convert.api import hf_config
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)  # denormals made some steps take seconds
+    torch.manual_seed(0)
+    hf = hf_config(config, "float32")
+    if hf["model_type"] != "qwen3":
+        raise SystemExit(f"--vs-torch compares against Qwen3ForCausalLM; {config.generation} "
+                         f"(moe={config.use_moe}) maps to {hf['model_type']}")
+    hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
+    model = Qwen3ForCausalLM(Qwen3Config(**{**hf, "use_cache": False})).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if policy == "bf16" else contextlib.nullcontext()
+
+    def step():
+        ids = torch.from_numpy(rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)))
+        t0 = time.perf_counter()
+        with autocast():
+            logits = model(input_ids=ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, float(loss)
+
+    times, loss = [], None
+    for _ in range(args.warmup + args.steps):
+        t, loss = step()
+        times.append(t)
+    return {"times": times[args.warmup:], "first_s": times[0], "compile_s": None, "loss": loss}
+
+
+def _train_child(args) -> None:
+    """One (framework, policy) run in this process; prints one JSON line."""
+    import json
+
+    from minimind_jax import ModelConfig
+
+    framework, policy = args.child.split(":")
+    config = ModelConfig.preset(args.preset, scan_layers=args.scan, remat_policy=args.remat)
+    run = _train_jax if framework == "jax" else _train_torch
+    result = run(config, policy, args)
+    result["peak_rss"] = peak_rss_bytes()
+    print(json.dumps(result))
+
+
+def bench_train(args) -> None:
+    import json
+    import subprocess
+
+    from minimind_jax import ModelConfig, param_count
+
+    if args.child:
+        return _train_child(args)
+    config = ModelConfig.preset(args.preset, scan_layers=args.scan, remat_policy=args.remat)
+    total, _ = param_count(config)
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(config, args.seq) * tokens
+    peaks = matmul_peak_tflops()
+    print(f"train {args.preset} ({total / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, "
+          f"median of {args.steps} steps after {args.warmup} warm-up, scan={args.scan}, remat={args.remat}, "
+          f"device {jax.devices()[0].device_kind}; {flops / tokens / 1e6:.0f} MFLOP/token")
+    print(f"matmul peak: fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, bf16->fp32 {peaks['bf16'] * 1e3:.0f} GFLOP/s "
+          f"[{peaks['source']}]")
+    runs = [("jax", p) for p in args.policy] + ([("torch", p) for p in args.policy] if args.vs_torch else [])
+    passthrough = ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--remat", args.remat]
+    passthrough += ["--scan"] if args.scan else []
+    passthrough += ["--profile", args.profile] if args.profile else []
+    print(f"  {'run':12s} {'tok/s':>7s} {'step ms':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak RSS':>9s} "
+          f"{'compile s':>9s} {'1st step s':>10s} {'loss':>6s}")
+    results = {}
+    for framework, policy in runs:
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "train", "--child",
+                                   f"{framework}:{policy}", *passthrough], capture_output=True, text=True,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # e.g. torch bf16 on a CPU without native bf16 matmuls
+            print(f"  {framework + ' ' + policy:12s} did not finish {args.warmup + args.steps} steps in "
+                  f"{args.timeout} s (--timeout)")
+            continue
+        if proc.returncode != 0:
+            print(f"  {framework} {policy}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        t = float(np.median(r["times"]))
+        r["tok_s"] = tokens / t
+        tflops = flops / t / 1e12
+        compile_s = f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "-"
+        print(f"  {framework + ' ' + policy:12s} {r['tok_s']:7.0f} {t * 1e3:8.0f} {tflops:8.3f} "
+              f"{tflops / peaks[policy if policy in peaks else 'fp32']:6.1%} {r['peak_rss'] / 2**30:7.2f} GB "
+              f"{compile_s:>9s} {r['first_s']:10.1f} {r['loss']:6.3f}")
+        results[(framework, policy)] = r
+        if r.get("breakdown"):
+            total = sum(ms for _, ms in r["breakdown"])
+            print(f"    profile ({args.profile}): {total:.0f} ms of thread time per step")
+            for where, ms in r["breakdown"][:args.profile_top]:
+                print(f"      {ms:8.1f} ms {ms / total:6.1%}  {where}")
+    if args.vs_torch:
+        pairs = [(("jax", p), ("torch", p)) for p in args.policy]
+        jax_runs = [k for k in results if k[0] == "jax"]
+        torch_runs = [k for k in results if k[0] == "torch"]
+        best = (max(jax_runs, key=lambda k: results[k]["tok_s"]) if jax_runs else None,
+                max(torch_runs, key=lambda k: results[k]["tok_s"]) if torch_runs else None)
+        if None not in best and best not in pairs:  # best against best
+            pairs.append(best)
+        for a, b in pairs:
+            if a in results and b in results:
+                ra, rb = results[a], results[b]
+                print(f"  {' '.join(a)} / {' '.join(b)}: tokens/s {ra['tok_s'] / rb['tok_s']:.2f}x, "
+                      f"peak RSS {ra['peak_rss'] / rb['peak_rss']:.2f}x")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +467,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
     p.set_defaults(fn=bench_data)
+    p = sub.add_parser("train", help="training-step throughput, MFU and memory (optionally vs PyTorch)")
+    p.add_argument("--preset", default="minimind3")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--policy", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--scan", action="store_true", help="scan over layers")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    p.add_argument("--vs-torch", action="store_true", help="also run transformers' Qwen3 with torch AdamW")
+    p.add_argument("--profile", default=None, help="write a jax.profiler trace of two steps under DIR")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each run (process)")
+    p.add_argument("--profile-top", type=int, default=20, help="lines of the profile's breakdown")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run per process
+    p.set_defaults(fn=bench_train)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0

@@ -429,10 +429,19 @@ def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainCon
     from minimind_jax.checkpoint import save_checkpoint
 
     out = run_dir / "weights"
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+    host = _to_host(params)
     if jax.process_index() == 0:
         save_checkpoint(out, host, model_cfg, source={"stage": cfg.stage, "step": step}, force=True)
         _log(f"weights: {out} (export with: python -m convert to-torch {out} OUT)")
+
+
+def _to_host(tree):
+    """Full numpy copies of (possibly sharded, possibly multi-host) arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 def _sample(params, model_cfg: ModelConfig, policy, tokenizer, cfg: TrainConfig) -> str:
@@ -448,7 +457,7 @@ def _sample(params, model_cfg: ModelConfig, policy, tokenizer, cfg: TrainConfig)
                                              add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
         prompt = prompt or "你好"
-    host = jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), params)
+    host = jax.tree.map(jnp.asarray, _to_host(params))
     new = greedy_generate(host, model_cfg, ids, cfg.sample_tokens, policy="fp32" if policy.name == "fp32" else "bf16",
                           eos_id=tokenizer.eos_token_id)
     text = tokenizer.decode(new, skip_special_tokens=True)
