@@ -350,8 +350,9 @@ def train(cfg: TrainConfig) -> RunResult:
         _log(f"interrupted: saved step {step} to {state_dir}; continue with --from_resume 1")
 
     result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped)
+    host_params = _to_host(state.params) if stopped == "done" else None  # collective: every process
     if stopped == "done":
-        _export_weights(run_dir, state.params, model_cfg, cfg, step)
+        _export_weights(run_dir, host_params, model_cfg, cfg, step)
     if cfg.plot and jax.process_index() == 0:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{name} ({cfg.stage})")
         if png:
@@ -362,7 +363,7 @@ def train(cfg: TrainConfig) -> RunResult:
         _log(f"loss {head:.3f} -> {tail:.3f} over steps {start_step + 1}..{step}"
              + (f"; first step (compile) {t_compile:.1f} s" if t_compile is not None else ""))
     if stopped == "done" and cfg.sample_prompt != "" and jax.process_index() == 0:
-        result.sample = _sample(state.params, model_cfg, policy, tokenizer, cfg)
+        result.sample = _sample(host_params, model_cfg, policy, tokenizer, cfg)
     if stopped == "nonfinite":
         raise TrainingError(f"training stopped at step {step}: non-finite loss or gradients (last good checkpoint: step "
                             f"{last_saved} in {state_dir})")
@@ -429,9 +430,8 @@ def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainCon
     from minimind_jax.checkpoint import save_checkpoint
 
     out = run_dir / "weights"
-    host = _to_host(params)
     if jax.process_index() == 0:
-        save_checkpoint(out, host, model_cfg, source={"stage": cfg.stage, "step": step}, force=True)
+        save_checkpoint(out, params, model_cfg, source={"stage": cfg.stage, "step": step}, force=True)
         _log(f"weights: {out} (export with: python -m convert to-torch {out} OUT)")
 
 
@@ -457,8 +457,7 @@ def _sample(params, model_cfg: ModelConfig, policy, tokenizer, cfg: TrainConfig)
                                              add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
         prompt = prompt or "你好"
-    host = jax.tree.map(jnp.asarray, _to_host(params))
-    new = greedy_generate(host, model_cfg, ids, cfg.sample_tokens, policy="fp32" if policy.name == "fp32" else "bf16",
+    new = greedy_generate(jax.tree.map(jnp.asarray, params), model_cfg, ids, cfg.sample_tokens, policy="fp32" if policy.name == "fp32" else "bf16",
                           eos_id=tokenizer.eos_token_id)
     text = tokenizer.decode(new, skip_special_tokens=True)
     _log(f"sample (greedy) {prompt!r} -> {text!r}")
