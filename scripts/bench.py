@@ -216,40 +216,52 @@ def train_flops_per_token(config, seq: int) -> float:
 
 
 def _jax_train_step(config, policy, batch: int, seq: int):
-    """(state, step_fn, batch_fn) for the JAX benchmark: ``step_fn(state, ids) -> (state, loss)`` jitted
-    with the state donated, ``batch_fn()`` a fresh random (batch, seq + 1) int32 array each call.
-
-    MiniMindLM + AdamW(5e-4, weight decay 0.01) after global-norm clipping at 1.0, float32 params,
-    next-token cross-entropy in float32. Kept in this one function so the training engine's own step
-    can replace it.
+    """(state, step_fn, batch_fn) for the JAX benchmark, built from the training engine itself
+    (``minimind_jax.training.step``): ``step_fn(state, batch) -> (state, metrics)`` jitted on one device with
+    the state donated (AdamW 5e-4, weight decay 0.01, clip 1.0, MiniMind's schedule, float32 params, the
+    pretrain stage's next-token loss); ``batch_fn()`` a fresh random (1, batch, seq) batch each call.
     """
-    import optax
+    from minimind_jax import sharding as shd
+    from minimind_jax.training.stages import get_stage
+    from minimind_jax.training.step import init_train_state, jit_train_step, make_optimizer, make_train_step
 
-    from minimind_jax import MiniMindLM, init_params
-
-    model = MiniMindLM(config, policy)
-    params = init_params(config, jax.random.key(0), "fp32")
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-4, weight_decay=0.01))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    def loss_fn(params, ids, key):
-        out = model.apply({"params": params}, ids[:, :-1], train=True, rngs={"dropout": key})
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32), ids[:, 1:])
-        return jnp.mean(ce) + out.aux_loss
-
-    def step(state, ids):
-        key = jax.random.fold_in(jax.random.key(1), state["step"])
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], ids, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
-
+    tx, schedule = make_optimizer(5e-4, 1000)
+    mesh = shd.make_mesh(None, devices=jax.devices()[:1])
+    param_sharding = shd.param_shardings(config, mesh)
+    state, state_sharding = init_train_state(config, tx, seed=0, policy=policy, mesh=mesh,
+                                             param_sharding=param_sharding)
+    batch_sharding = shd.batch_sharding(mesh, leading=1)
+    step = jit_train_step(make_train_step(get_stage("pretrain"), config, policy, tx, schedule), state_sharding,
+                          batch_sharding, mesh)
     rng = np.random.default_rng(0)
 
     def batch_fn():
-        return jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+        ids = rng.integers(0, config.vocab_size, (1, batch, seq)).astype(np.int32)
+        return shd.shard_batch({"input_ids": ids, "labels": ids}, batch_sharding)
 
-    return state, jax.jit(step, donate_argnums=0), batch_fn
+    def step_fn(state, b):
+        state, metrics = step(state, b)
+        return state, metrics["loss"]
+
+    step_fn.lower = lambda state, b: _Lowered(step.lower(state, b))
+    return state, step_fn, batch_fn
+
+
+class _Lowered:
+    """``step_fn.lower(...).compile()`` keeping the (state, loss) interface of ``_train_jax``."""
+
+    def __init__(self, lowered):
+        self.lowered = lowered
+
+    def compile(self):
+        compiled = self.lowered.compile()
+
+        def run(state, b):
+            state, metrics = compiled(state, b)
+            return state, metrics["loss"]
+
+        run.as_text = compiled.as_text
+        return run
 
 
 def _train_jax(config, policy: str, args) -> dict:

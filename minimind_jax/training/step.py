@@ -190,8 +190,11 @@ def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, *, s
     if mesh is None:
         return make(params), None
     shardings = state_shardings(shape, param_sharding, mesh, tx)
-    params = jax.tree.map(lambda x, s: _place(x, s), params, param_sharding)
-    state = jax.jit(make, out_shardings=shardings)(params)
+    if jax.process_count() == 1:
+        params = jax.device_put(params, param_sharding, donate=True)  # no second host copy
+    else:
+        params = jax.tree.map(lambda x, s: _place(x, s), params, param_sharding)
+    state = jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
     return state, shardings
 
 
