@@ -45,7 +45,7 @@ def test_pretrain_then_sft_from_its_weights(tmp_path, capsys):
     run = tmp_path / "pretrain_64"
     assert res.run_dir == run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in rows] == list(range(1, 41))
     for key in ("loss", "aux_loss", "lr", "grad_norm", "loss_scale", "skipped", "tokens_per_s", "tflops_per_device"):
         assert key in rows[-1]
     assert (run / "loss.png").stat().st_size > 1000

@@ -322,8 +322,8 @@ def train(cfg: TrainConfig) -> RunResult:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(_postfix(row), refresh=False)
+            logger.log(step, row)  # every step (a few hundred bytes): the curve and TensorBoard see all of them
             if step % cfg.log_interval == 0 or step == total_steps or step == start_step + 1:
-                logger.log(step, row)
                 if bar is None:
                     _log(f"step {step}/{total_steps} {_postfix(row)}")
             if step % cfg.save_interval == 0 and step < total_steps:

@@ -1,6 +1,6 @@
 """Run metrics: jsonl and TensorBoard event files, model FLOPs, and the loss-curve PNG.
 
-``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``, ``aux_loss``, ``lr``,
+``metrics.jsonl`` holds one JSON object per step (``step``, ``loss``, ``aux_loss``, ``lr``,
 ``grad_norm``, ``loss_scale``, ``skipped``, ``tokens_per_s``, ``tflops_per_device``, ``mfu`` ...); a resumed run
 appends to it. ``tb/`` holds the same scalars for TensorBoard (``tensorboard --logdir out``). ``loss.png`` is
 drawn from the jsonl at the end of every run, so it covers resumed runs too.
@@ -165,8 +165,15 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title
     except ImportError:
         return None
     steps = sorted(by_step)
+    losses = [by_step[s]["loss"] for s in steps]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [by_step[s]["loss"] for s in steps], label="loss", color="tab:blue")
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
+    window = max(1, len(steps) // 30)  # a running mean over ~1/30 of the run
+    if window > 1:
+        import numpy as np
+
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"loss (mean of {window})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
