@@ -38,19 +38,19 @@ def _mean(xs):
 
 
 def test_pretrain_then_sft_from_its_weights(tmp_path, capsys):
-    res = train(tiny_run(tmp_path, max_steps=40, tensorboard=True, plot=True, sample_prompt="你好",
+    res = train(tiny_run(tmp_path, max_steps=30, keep_checkpoints=2, tensorboard=True, plot=True, sample_prompt="你好",
                          sample_tokens=8))
-    assert res.stopped == "done" and res.steps == 40
+    assert res.stopped == "done" and res.steps == 30
     assert _mean(res.losses[:5]) - _mean(res.losses[-5:]) > 1.0, res.losses  # falls clearly from ~8.7
     run = tmp_path / "pretrain_64"
     assert res.run_dir == run
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("loss", "aux_loss", "lr", "grad_norm", "loss_scale", "skipped", "tokens_per_s", "tflops_per_device"):
         assert key in rows[-1]
     assert (run / "loss.png").stat().st_size > 1000
     assert any((run / "tb").iterdir())
-    assert sorted(int(p.name) for p in (run / "state").iterdir() if p.name.isdigit()) == [20, 30, 40]  # keeps 3
+    assert sorted(int(p.name) for p in (run / "state").iterdir() if p.name.isdigit()) == [20, 30]  # keeps 2
     cfg, params = load_checkpoint(run / "weights")
     assert cfg.hidden_size == 64
     np.testing.assert_array_equal(np.asarray(params["norm"]["weight"]),
@@ -218,11 +218,20 @@ def test_bad_settings_are_named(argv, match):
 def test_errors_before_compiling(tmp_path):
     with pytest.raises(TrainConfigError, match="no/such/data.jsonl: no such file"):
         train(tiny_run(tmp_path, data_path="no/such/data.jsonl"))
-    other = tiny_run(tmp_path / "o", max_steps=1)
-    train(other)
-    weights = tmp_path / "o" / "pretrain_64" / "weights"
+    import jax
+
+    from minimind_jax import init_params
+    from minimind_jax.checkpoint import save_checkpoint
+
+    model = tconfig.model_config(tiny_run(tmp_path))
+    weights = tmp_path / "o" / "weights"
+    save_checkpoint(weights, init_params(model, jax.random.key(0)), model)
     with pytest.raises(TrainConfigError, match=r"different model than asked for: hidden_size=128"):
         train(tiny_run(tmp_path, init=str(weights), model={**TINY_MODEL, "hidden_size": 128}))
+    with pytest.raises(TrainConfigError, match="--init no/such/ckpt: no such file"):
+        train(tiny_run(tmp_path, init="no/such/ckpt"))
+    with pytest.raises(TrainConfigError, match="--from_weight pretrain: found none of"):
+        train(tiny_run(tmp_path, stage="sft", data_path=SFT, from_weight="pretrain"))
 
 
 def test_model_preset_files_match_the_code_presets():
