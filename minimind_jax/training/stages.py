@@ -17,7 +17,7 @@ a LoRA base model), ``None`` for pretrain and SFT.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +56,6 @@ class Stage:
     loss: Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
     normalizer: Callable[[Mapping[str, jax.Array]], jax.Array]
     batch_keys: tuple[str, ...] = ("input_ids", "labels")
-    trains_on: str = "tokens"  # what the loss is a mean over, for the tokens/s figure and the docs
-    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 STAGES: dict[str, Stage] = {
