@@ -430,6 +430,15 @@ def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainCon
     from minimind_jax.checkpoint import save_checkpoint
 
     out = run_dir / "weights"
+    if jax.process_count() > 1:
+        # this project's checkpoint writer is single-process (orbax would wait for the other hosts): process 0
+        # writes MiniMind's safetensors layout instead, which --init, --from_weight and the converter read
+        if jax.process_index() == 0:
+            import convert
+
+            convert.save_torch(params, model_cfg, out, format="minimind", dtype="float32", force=True)
+            _log(f"weights: {out} (MiniMind safetensors layout)")
+        return
     if jax.process_index() == 0:
         save_checkpoint(out, params, model_cfg, source={"stage": cfg.stage, "step": step}, force=True)
         _log(f"weights: {out} (export with: python -m convert to-torch {out} OUT)")
