@@ -219,9 +219,14 @@ def train(cfg: TrainConfig) -> RunResult:
                             shard_count=nproc, skip_bad_lines=cfg.skip_bad_lines,
                             add_system_prompt_prob=cfg.add_system_prompt_prob,
                             drop_empty_think_prob=cfg.drop_empty_think_prob)
-    steps_in_data = len(pipeline) // cfg.accumulation_steps
+    batches = len(pipeline)
+    if nproc > 1:  # shards may differ by a record: every process must run the same number of steps
+        from jax.experimental import multihost_utils
+
+        batches = int(np.min(multihost_utils.process_allgather(np.int64(batches))))
+    steps_in_data = batches // cfg.accumulation_steps
     if steps_in_data < 1:
-        raise TrainConfigError(f"{', '.join(cfg.data_path)}: {len(pipeline)} batches of {cfg.batch_size} are fewer "
+        raise TrainConfigError(f"{', '.join(cfg.data_path)}: {batches} batches of {cfg.batch_size} are fewer "
                                f"than one optimizer step ({cfg.accumulation_steps} accumulation steps)")
     total_steps = min(steps_in_data, cfg.max_steps) if cfg.max_steps else steps_in_data
 
