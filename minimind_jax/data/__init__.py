@@ -16,6 +16,7 @@ from minimind_jax.data.prepared import PreparedSource, encode_prepared_pretrain,
 from minimind_jax.data.samples import (
     EMPTY_THINK,
     IGNORE_INDEX,
+    REASON_TAGS,
     SYSTEM_PROMPTS,
     ChatMarkers,
     Encoded,
@@ -25,11 +26,12 @@ from minimind_jax.data.samples import (
     encode_pretrain,
     encode_sft,
     render_conversation,
+    tag_weights,
 )
 
 __all__ = [
     "ROLES", "STAGES", "DataError", "JsonlSource", "ReadStats", "validate_record", "DataPipeline", "make_dataset",
     "make_transform", "EMPTY_THINK", "IGNORE_INDEX", "SYSTEM_PROMPTS", "ChatMarkers", "Encoded", "assistant_labels",
-    "conversation_tools", "encode_dpo", "encode_pretrain", "encode_sft", "render_conversation",
+    "conversation_tools", "encode_dpo", "REASON_TAGS", "tag_weights", "encode_pretrain", "encode_sft", "render_conversation",
     "PreparedSource", "encode_prepared_pretrain", "is_prepared_dir", "prepare",
 ]

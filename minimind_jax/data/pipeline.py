@@ -11,6 +11,7 @@
                                               (seed, epoch, record_index) only, so results do not depend on the
                                               number of workers, the prefetching or the sharding
       .batch(batch_size, drop_remainder=True) dict of int32 numpy arrays, each (batch_size, max_seq_len)
+                                              (reason data: also float32 loss_weights)
 
 and wraps it in a :class:`DataPipeline`. ``iter(pipeline)`` (or ``pipeline.iterator()``) gives a grain
 ``DatasetIterator`` (``MapDataset.to_iter_dataset``) whose ``get_state()`` / ``set_state()`` save and restore the
@@ -30,15 +31,32 @@ import numpy as np
 
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
 from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
-from minimind_jax.data.samples import ChatMarkers, encode_dpo, encode_pretrain, encode_sft
+from minimind_jax.data.samples import REASON_TAGS, ChatMarkers, Encoded, encode_dpo, encode_pretrain, encode_sft, tag_weights
 
 __all__ = ["DataPipeline", "make_dataset", "make_transform"]
 
 
 def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt_prob: float = 0.0,
-                   drop_empty_think_prob: float = 0.0):
-    """``fn(record, rng) -> samples.Encoded`` for ``stage`` (``rng`` may be None when no augmentation is on)."""
+                   drop_empty_think_prob: float = 0.0, special_token_weight: float | None = None,
+                   weighted_tags: tuple[str, ...] = REASON_TAGS):
+    """``fn(record, rng) -> samples.Encoded`` for ``stage`` (``rng`` may be None when no augmentation is on).
+
+    ``special_token_weight`` (chat data only) adds ``loss_weights`` (float32): that weight on the trained tokens
+    of ``weighted_tags`` (reasoning distillation), 1 on the other trained tokens, 0 elsewhere."""
     stage = canonical_stage(stage)
+    if special_token_weight is not None:
+        if stage != "sft":
+            raise ValueError(f"special_token_weight applies to chat (sft / reason) data, not {stage}")
+        inner = make_transform(stage, tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
+                               drop_empty_think_prob=drop_empty_think_prob)
+        tag_ids = [tokenizer.encode(tag, add_special_tokens=False) for tag in weighted_tags]
+
+        def weighted(record, rng):
+            enc = inner(record, rng)
+            w = tag_weights(enc.arrays["input_ids"], enc.arrays["labels"], tag_ids, special_token_weight)
+            return Encoded({**enc.arrays, "loss_weights": w}, enc.truncated)
+
+        return weighted
     probs = {"add_system_prompt_prob": add_system_prompt_prob, "drop_empty_think_prob": drop_empty_think_prob}
     for name, p in probs.items():
         if not 0.0 <= p <= 1.0:
@@ -111,8 +129,10 @@ def make_dataset(
     drop_empty_think_prob: float = 0.0,
     read_options: grain.ReadOptions | None = None,
     source: JsonlSource | PreparedSource | None = None,
+    special_token_weight: float | None = None,
 ) -> DataPipeline:
     """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo"); see module docstring.
+    ``special_token_weight`` adds per-token ``loss_weights`` to chat batches (see :func:`make_transform`).
 
     ``shard_index`` / ``shard_count`` (e.g. ``jax.process_index()`` / ``jax.process_count()``) give each process
     the records ``shard_index, shard_index + shard_count, ...``: disjoint, together all of them (shards may differ
@@ -132,7 +152,7 @@ def make_dataset(
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be positive or None, got {epochs}")
     transform = make_transform(stage, tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
-                               drop_empty_think_prob=drop_empty_think_prob)
+                               drop_empty_think_prob=drop_empty_think_prob, special_token_weight=special_token_weight)
     augment = bool(add_system_prompt_prob or drop_empty_think_prob)
     if source is None:
         path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)

@@ -32,10 +32,11 @@ import numpy as np
 
 __all__ = [
     "IGNORE_INDEX", "SYSTEM_PROMPTS", "EMPTY_THINK", "Encoded", "ChatMarkers", "encode_pretrain", "encode_sft",
-    "encode_dpo", "render_conversation", "assistant_labels", "conversation_tools",
+    "encode_dpo", "render_conversation", "assistant_labels", "conversation_tools", "REASON_TAGS", "tag_weights",
 ]
 
 IGNORE_INDEX = -100
+REASON_TAGS = ("<think>", "</think>", "<answer>", "</answer>")  # MiniMind's reasoning tags
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 # MiniMind's pre_processing_chat prompts
@@ -201,3 +202,29 @@ def encode_dpo(record: Mapping[str, Any], tokenizer, max_seq_len: int, *, marker
         arrays[f"{side}_input_ids"], arrays[f"{side}_labels"] = input_ids, labels
         truncated |= cut
     return Encoded(arrays, truncated)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reasoning
+
+
+def tag_weights(input_ids: np.ndarray, labels: np.ndarray, tag_ids: Sequence[Sequence[int]], weight: float) -> np.ndarray:
+    """Per-position loss weights (float32, aligned with ``labels``): 0 where not trained, ``weight`` on trained
+    positions inside an occurrence of any tag's token-id sequence, 1 on the other trained positions.
+
+    Tags are matched as whole id sequences (``<answer>`` is three tokens in MiniMind's tokenizer, ``<`` ``answer``
+    ``>``: a lone ``<`` elsewhere is not a tag), unlike MiniMind's ``torch.isin`` on the union of their ids."""
+    ids = np.asarray(input_ids)
+    trained = np.asarray(labels) != IGNORE_INDEX
+    weights = trained.astype(np.float32)
+    is_tag = np.zeros(ids.shape, bool)
+    for seq in tag_ids:
+        seq = np.asarray(seq)
+        k = len(seq)
+        if k == 0 or k > len(ids):
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ids, k)
+        for start in np.flatnonzero((windows == seq).all(axis=1)):
+            is_tag[start:start + k] = True
+    weights[is_tag & trained] = np.float32(weight)
+    return weights

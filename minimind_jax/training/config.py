@@ -30,7 +30,8 @@ from minimind_jax.config import ModelConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
+LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("fp32", "bf16", "fp16", "bf16-params")
 LOSS_SCALES = ("auto", "none", "static", "dynamic")
@@ -46,7 +47,7 @@ class TrainConfig:
     """Every training setting, documented next to its default (MiniMind's where it has one)."""
 
     # --- what to train
-    stage: str = "pretrain"  # pretrain | sft
+    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason
     data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
     preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -99,6 +100,18 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; default: known GPUs, measured on CPU
     sample_prompt: str | None = None  # greedy sample printed at the end ("" to skip)
     sample_tokens: int = 40
+    # --- post-training stages (MiniMind's defaults; configs/<stage>.yaml sets each stage's own)
+    lora_rank: int = 16  # lora: adapter rank r (MiniMind: 16)
+    lora_alpha: float | None = None  # lora: scale alpha / r; None: alpha = r, i.e. no scaling (MiniMind)
+    lora_targets: str = "minimind"  # lora: minimind (every square projection) | comma list (see lora.py)
+    lora_name: str = "lora_identity"  # lora: MiniMind's adapter file name, {lora_name}_{hidden_size}.pth
+    lora_init: str | None = None  # lora: start from an adapter (this project's adapter dir or MiniMind .pth)
+    dpo_beta: float = 0.15  # dpo: beta of -log sigmoid(beta * margin) (MiniMind: 0.15); flag --beta too
+    teacher: str | None = None  # distill: teacher weights (this project's checkpoint or converter input)
+    teacher_policy: str = "bf16"  # distill: the teacher's precision policy (no gradients either way)
+    distill_alpha: float = 0.5  # distill: alpha * CE + (1 - alpha) * T^2 * KL (MiniMind: 0.5); flag --alpha
+    distill_temperature: float = 1.5  # distill: T (MiniMind: 1.5); flag --temperature
+    special_token_weight: float = 10.0  # reason: loss weight of <think> </think> <answer> </answer> tokens
 
     # ------------------------------------------------------------------------------------------------ derived
     @property
@@ -139,6 +152,24 @@ class TrainConfig:
             bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not self.data_path:
             bad("data_path", "no data file given")
+        if self.lora_rank < 1:
+            bad("lora_rank", f"must be positive, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            bad("lora_alpha", f"must be positive, got {self.lora_alpha}")
+        if not self.lora_targets.strip():
+            bad("lora_targets", f"empty; give {LORA_TARGET_HELP}")
+        if self.dpo_beta <= 0:
+            bad("dpo_beta", f"must be positive, got {self.dpo_beta}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            bad("distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            bad("distill_temperature", f"must be positive, got {self.distill_temperature}")
+        if self.teacher_policy not in POLICIES:
+            bad("teacher_policy", f"{self.teacher_policy!r} is not one of {', '.join(POLICIES)}")
+        if self.special_token_weight <= 0:
+            bad("special_token_weight", f"must be positive, got {self.special_token_weight}")
+        if self.stage == "distill" and not self.teacher:
+            bad("teacher", "--stage distill needs a teacher: --teacher CHECKPOINT (any weights --init reads)")
         if self.init and self.from_weight not in ("none", "", None):
             bad("init", "give either --init or --from_weight, not both")
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -255,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", dest=f"model.{name}", default=None, metavar=name.upper(),
                        help="model override (MiniMind flag)")
     p.add_argument("--aux_loss_coef", dest="model.router_aux_loss_coef", default=None, help="MoE aux loss weight")
+    # MiniMind's names for the post-training hyperparameters
+    p.add_argument("--beta", dest="dpo_beta", default=None, metavar="BETA", help="DPO beta (= --dpo_beta)")
+    p.add_argument("--alpha", dest="distill_alpha", default=None, metavar="ALPHA", help="= --distill_alpha")
+    p.add_argument("--temperature", dest="distill_temperature", default=None, metavar="T",
+                   help="= --distill_temperature")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 

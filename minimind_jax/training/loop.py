@@ -35,8 +35,11 @@ from minimind_jax.precision import get_policy
 from minimind_jax.training import config as tconfig
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import MetricsLogger, flops_per_token, peak_tflops_per_device, plot_loss
-from minimind_jax.training.stages import get_stage
+from minimind_jax.training.stages import build_stage
 from minimind_jax.training.step import TrainState, init_train_state, jit_train_step, make_optimizer, make_train_step
+
+# stages that start from trained weights (MiniMind: LoRA and DPO from the SFT model)
+NEEDS_INIT = ("lora", "dpo")
 
 # model fields that change how a model runs, not its weights: a checkpoint's config may differ in these
 RUNTIME_FIELDS = ("remat_policy", "moe_impl", "dropout", "router_aux_loss_coef", "scan_layers")
@@ -55,6 +58,7 @@ class RunResult:
     config: ModelConfig
     stopped: str = "done"  # done | interrupted | nonfinite
     sample: str | None = None
+    frozen: Any = None  # the frozen params of the run (LoRA base, DPO reference, distillation teacher)
 
 
 def _log(msg: str) -> None:
@@ -151,7 +155,6 @@ def train(cfg: TrainConfig) -> RunResult:
     cfg.validate()
     if shd.maybe_initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id):
         _log(f"distributed: process {jax.process_index()} of {jax.process_count()}")
-    stage = get_stage(cfg.stage)
     policy = get_policy(cfg.policy_name)
 
     # ---- model config: from the resumed run, the init weights, or the preset
@@ -191,9 +194,27 @@ def train(cfg: TrainConfig) -> RunResult:
                 (run_dir / f).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
         init_path = _resolve_init(cfg, model_cfg)
+        if cfg.stage in NEEDS_INIT and not init_path:
+            raise TrainConfigError(f"--stage {cfg.stage} starts from trained weights (MiniMind: the SFT model): give "
+                                   "--from_weight sft or --init CHECKPOINT")
         if init_path:
             model_cfg, init_params_np = load_weights(init_path, model_cfg, cfg.model)
             _log(f"weights: {init_path}")
+
+    # ---- the stage's extra models: a distillation teacher, LoRA's adapter settings
+    teacher_cfg, teacher_params = None, None
+    if cfg.stage == "distill":
+        teacher_cfg, teacher_params = _load_teacher(cfg, model_cfg, keep=meta_prev is None)
+    lora_cfg = None
+    if cfg.stage == "lora":
+        from minimind_jax.lora import LoraConfig, LoraError, target_paths
+
+        lora_cfg = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        try:
+            target_paths(model_cfg, cfg.lora_targets)
+        except LoraError as e:
+            raise TrainConfigError(str(e)) from None
+    stage = build_stage(cfg, model_cfg, policy, teacher_cfg)
 
     # ---- data and tokenizer (errors name the file before anything compiles)
     from minimind_jax.data import make_dataset
@@ -218,7 +239,8 @@ def train(cfg: TrainConfig) -> RunResult:
                             seed=cfg.seed, epochs=cfg.epochs, shuffle=cfg.shuffle, shard_index=jax.process_index(),
                             shard_count=nproc, skip_bad_lines=cfg.skip_bad_lines,
                             add_system_prompt_prob=cfg.add_system_prompt_prob,
-                            drop_empty_think_prob=cfg.drop_empty_think_prob)
+                            drop_empty_think_prob=cfg.drop_empty_think_prob,
+                            special_token_weight=cfg.special_token_weight if cfg.stage == "reason" else None)
     batches = len(pipeline)
     if nproc > 1:  # shards may differ by a record: every process must run the same number of steps
         from jax.experimental import multihost_utils
@@ -234,11 +256,22 @@ def train(cfg: TrainConfig) -> RunResult:
     tx, schedule = make_optimizer(cfg.learning_rate, total_steps, schedule=cfg.lr_schedule,
                                   warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
                                   b2=cfg.adam_b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip)
-    param_sharding = shd.param_shardings(model_cfg, mesh)
+    model_sharding = shd.param_shardings(model_cfg, mesh)
+    param_sharding, frozen_sharding = model_sharding, None
+    if cfg.stage == "lora":  # adapters are small: replicated (their optimizer moments follow them)
+        param_sharding = None
+    if cfg.stage in ("lora", "dpo"):  # the base model / the reference: sharded like the model
+        frozen_sharding = model_sharding
+    if cfg.stage == "distill":
+        frozen_sharding = shd.param_shardings(teacher_cfg, mesh)
     data_iter = pipeline.iterator()
     start_step = 0
     if meta_prev is not None:
-        abstract, state_sharding = _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding)
+        params_shape, frozen_shape = _state_shapes(cfg, model_cfg, policy, lora_cfg, teacher_cfg)
+        if param_sharding is None:
+            param_sharding = jax.tree.map(lambda _: shd.replicated(mesh), params_shape)
+        abstract, state_sharding = _abstract_state(params_shape, frozen_shape, tx, cfg, policy, mesh, param_sharding,
+                                                   frozen_sharding)
         state = _restore(manager, resume_step, abstract, data_iter)
         start_step = int(state.step)
         before = meta_prev.get("mesh", "?")
@@ -248,10 +281,15 @@ def train(cfg: TrainConfig) -> RunResult:
         if meta_prev.get("total_steps") != total_steps:
             _log(f"note: the run was planned for {meta_prev.get('total_steps')} steps, now {total_steps}")
     else:
+        params, frozen = _trainables(cfg, model_cfg, policy, init_params_np, lora_cfg, teacher_params)
+        if param_sharding is None:
+            param_sharding = jax.tree.map(lambda _: shd.replicated(mesh), params)
         state, state_sharding = init_train_state(model_cfg, tx, seed=cfg.seed, policy=policy,
-                                                 loss_scale=cfg.loss_scale, params=init_params_np, mesh=mesh,
-                                                 param_sharding=param_sharding)
-    del init_params_np
+                                                 loss_scale=cfg.loss_scale, params=params, mesh=mesh,
+                                                 param_sharding=param_sharding, frozen=frozen,
+                                                 frozen_sharding=frozen_sharding)
+        del params, frozen
+    del init_params_np, teacher_params
 
     batch_sharding = shd.batch_sharding(mesh, leading=1)
     step_fn = jit_train_step(make_train_step(stage, model_cfg, policy, tx, schedule), state_sharding,
@@ -264,17 +302,22 @@ def train(cfg: TrainConfig) -> RunResult:
         manager = _manager(state_dir, cfg)
     meta = {"model": dataclasses.asdict(model_cfg), "train": cfg.to_dict(), "stage": cfg.stage, "policy": policy.name,
             "mesh": shd.describe_mesh(mesh), "devices": jax.device_count(), "total_steps": total_steps}
+    if lora_cfg is not None:
+        meta["lora"] = lora_cfg.to_dict()
+    if teacher_cfg is not None:
+        meta["teacher"] = {"path": cfg.teacher, "model": dataclasses.asdict(teacher_cfg), "policy": cfg.teacher_policy}
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, enabled=jax.process_index() == 0)
 
     from minimind_jax.config import param_count
 
     total, active = param_count(model_cfg)
-    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len
+    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len * stage.sequences_per_example
     fpt = flops_per_token(model_cfg, cfg.max_seq_len)
     peak = cfg.peak_tflops or peak_tflops_per_device(dtype="bfloat16" if policy.name != "fp32" else "float32")
     _log(f"stage {cfg.stage}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), policy {policy}, "
          f"mesh {shd.describe_mesh(mesh)}, {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x"
          f"{cfg.max_seq_len} tokens, run dir {run_dir}")
+    _log(_describe_trainables(cfg, state))
 
     # ---- loop
     stopped = "done"
@@ -354,9 +397,14 @@ def train(cfg: TrainConfig) -> RunResult:
     if stopped == "interrupted":
         _log(f"interrupted: saved step {step} to {state_dir}; continue with --from_resume 1")
 
-    result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped)
+    result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped, frozen=state.frozen)
     host_params = _to_host(state.params) if stopped == "done" else None  # collective: every process
-    if stopped == "done":
+    if stopped == "done" and cfg.stage == "lora":
+        from minimind_jax.lora import merge
+
+        _export_adapters(run_dir, host_params, model_cfg, cfg, lora_cfg, step)
+        host_params = merge(_to_host(state.frozen), host_params, lora_cfg.scale)  # the sample runs the adapted model
+    elif stopped == "done":
         _export_weights(run_dir, host_params, model_cfg, cfg, step)
     if cfg.plot and jax.process_index() == 0:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{name} ({cfg.stage})")
@@ -375,23 +423,125 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def _abstract_state(model_cfg, tx, cfg, policy, mesh, param_sharding):
+def _abstract_state(params_shape, frozen_shape, tx, cfg, policy, mesh, param_sharding, frozen_sharding):
     """The TrainState's shapes, dtypes and (this mesh's) shardings, for restoring without initialising."""
     from minimind_jax.precision import make_loss_scale
     from minimind_jax.training.step import abstract_with_shardings, state_shardings
 
     kind = cfg.loss_scale if cfg.loss_scale != "auto" else ("dynamic" if policy.needs_loss_scaling else "none")
 
-    def make():
-        from minimind_jax.model.transformer import init_params
-
-        params = init_params(model_cfg, jax.random.key(0), policy)
+    def make(params, frozen):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          loss_scale=make_loss_scale(kind), rng=jax.random.key_data(jax.random.key(0)))
+                          loss_scale=make_loss_scale(kind), rng=jax.random.key_data(jax.random.key(0)), frozen=frozen)
 
-    shape = jax.eval_shape(make)
-    shardings = state_shardings(shape, param_sharding, mesh, tx)
+    shape = jax.eval_shape(make, params_shape, frozen_shape)
+    shardings = state_shardings(shape, param_sharding, mesh, tx, frozen_sharding)
     return abstract_with_shardings(shape, shardings), shardings
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def _load_teacher(cfg: TrainConfig, student_cfg: ModelConfig, keep: bool = True):
+    """The distillation teacher: (config, params in the teacher policy's storage dtype, or None if not ``keep``)."""
+    path = cfg.teacher
+    if not os.path.exists(path):
+        raise TrainConfigError(f"--teacher {path}: no such file or directory")
+    teacher_cfg, params = load_weights(path, None, {})
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+        raise TrainConfigError(f"--teacher {path}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
+                               f"{student_cfg.vocab_size}; teacher and student must share the tokenizer")
+    tpol = get_policy(cfg.teacher_policy)
+    # every teacher weight is cast to the compute dtype where it is used: storing it so gives the same logits
+    # with half the memory under bf16
+    store = np.dtype(tpol.compute_dtype)
+    from minimind_jax.config import param_count
+
+    _log(f"teacher: {path} ({param_count(teacher_cfg)[0] / 1e6:.2f}M params, {teacher_cfg.generation}"
+         f"{' MoE' if teacher_cfg.use_moe else ''}), policy {tpol.name}, stored as {store.name}")
+    if not keep:
+        return teacher_cfg, None
+    import ml_dtypes  # noqa: F401  (numpy bfloat16)
+
+    return teacher_cfg, jax.tree.map(lambda x: np.asarray(x).astype(store), params)
+
+
+def _trainables(cfg: TrainConfig, model_cfg: ModelConfig, policy, base, lora_cfg, teacher_params):
+    """(trained params, frozen params) of a fresh run: host arrays, or params=None for MiniMind's init."""
+    if cfg.stage == "lora":
+        from minimind_jax import lora
+
+        if cfg.lora_init:
+            try:
+                adapters, loaded = lora.load_adapters(cfg.lora_init, model_cfg, alpha=cfg.lora_alpha)
+            except lora.LoraError as e:
+                raise TrainConfigError(f"--lora_init: {e}") from None
+            if loaded.rank != cfg.lora_rank:
+                raise TrainConfigError(f"--lora_init {cfg.lora_init}: rank {loaded.rank}, but --lora_rank is "
+                                       f"{cfg.lora_rank}")
+            _log(f"adapters: {cfg.lora_init}")
+        else:
+            adapters = lora.init_adapters(model_cfg, lora_cfg, seed=cfg.seed)
+        return adapters, base
+    if cfg.stage == "dpo":
+        return base, jax.tree.map(np.array, base)  # the reference: a copy of the initial weights
+    if cfg.stage == "distill":
+        if base is None:
+            base = jax.tree.map(np.asarray, __import__("minimind_jax").init_params(model_cfg, jax.random.key(cfg.seed),
+                                                                                  policy))
+        return base, teacher_params
+    return base, None
+
+
+def _state_shapes(cfg: TrainConfig, model_cfg: ModelConfig, policy, lora_cfg, teacher_cfg):
+    """(params, frozen) shapes of the run's TrainState, for restoring it."""
+    from minimind_jax.model.transformer import init_params
+
+    model = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0), policy))
+    if cfg.stage == "lora":
+        from minimind_jax.lora import init_adapters
+
+        adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                init_adapters(model_cfg, lora_cfg, seed=0))
+        return adapters, model
+    if cfg.stage == "dpo":
+        return model, model
+    if cfg.stage == "distill":
+        dtype = get_policy(cfg.teacher_policy).compute_dtype
+        teacher = jax.eval_shape(lambda: init_params(teacher_cfg, jax.random.key(0), "fp32"))
+        return model, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), teacher)
+    return model, None
+
+
+def _describe_trainables(cfg: TrainConfig, state: TrainState) -> str:
+    def count(tree):
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+    def nbytes(tree):
+        return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+    text = (f"trained params: {count(state.params):,} ({nbytes(state.params) / 2**20:.2f} MiB); optimizer state "
+            f"{nbytes(state.opt_state) / 2**20:.2f} MiB")
+    if state.frozen is not None:
+        what = {"lora": "base model", "dpo": "reference", "distill": "teacher"}.get(cfg.stage, "frozen")
+        text += f"; frozen {what}: {count(state.frozen):,} params ({nbytes(state.frozen) / 2**20:.2f} MiB, no gradients)"
+    return text
+
+
+def _export_adapters(run_dir: Path, adapters, model_cfg: ModelConfig, cfg: TrainConfig, lora_cfg, step: int) -> None:
+    """LoRA: the adapters alone (small) in ``<run>/adapter/``, with MiniMind's float16 .pth when torch is there."""
+    import importlib.util
+
+    from minimind_jax.lora import count_params, save_adapters
+
+    if jax.process_index() != 0:
+        return
+    pth = None
+    if importlib.util.find_spec("torch") is not None:
+        pth = f"{cfg.lora_name}_{model_cfg.hidden_size}{'_moe' if model_cfg.use_moe else ''}.pth"
+    base = cfg.init or cfg.from_weight
+    out = save_adapters(run_dir / "adapter", adapters, model_cfg, lora_cfg, pth=pth,
+                        source={"stage": "lora", "step": step, "base": base})
+    _log(f"adapter: {out} ({count_params(adapters):,} params{', MiniMind .pth: ' + pth if pth else ''}); merge with: "
+         f"python scripts/merge_lora.py --base BASE --adapter {out} --out OUT")
 
 
 def _next_batch(it, accum: int, keys) -> dict[str, np.ndarray]:

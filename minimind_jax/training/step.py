@@ -152,13 +152,17 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
 
 
 # ------------------------------------------------------------------------------------------------ sharding
-def state_shardings(state_shape: TrainState, param_sharding, mesh, tx: optax.GradientTransformation) -> TrainState:
+def state_shardings(state_shape: TrainState, param_sharding, mesh, tx: optax.GradientTransformation,
+                    frozen_sharding=None) -> TrainState:
     """Shardings for a TrainState (``state_shape`` from ``jax.eval_shape``): params per ``param_sharding``,
-    optimizer moments like their params (``optax.tree_map_params``), everything else replicated."""
+    optimizer moments like their params (``optax.tree_map_params``), frozen params per ``frozen_sharding``
+    (replicated when not given), everything else replicated."""
     rep = NamedSharding(mesh, P())
     opt = optax.tree_map_params(tx, lambda _p, s: s, state_shape.opt_state, param_sharding,
                                 transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
-    frozen = None if state_shape.frozen is None else jax.tree.map(lambda _: rep, state_shape.frozen)
+    frozen = None
+    if state_shape.frozen is not None:
+        frozen = frozen_sharding if frozen_sharding is not None else jax.tree.map(lambda _: rep, state_shape.frozen)
     # the loss scale gets one sharding for its whole subtree (jmp's classes reject non-array leaves)
     return TrainState(step=rep, params=param_sharding, opt_state=opt, loss_scale=rep, rng=rep, frozen=frozen)
 
@@ -172,9 +176,11 @@ def abstract_with_shardings(shape_tree, shardings):
 
 
 def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, *, seed: int, policy: Policy | str,
-                     loss_scale: str = "auto", params=None, mesh=None, param_sharding=None, frozen=None):
-    """A fresh ``TrainState`` placed on ``mesh`` (params from ``params`` or MiniMind's init drawn from ``seed``),
-    and its shardings. Returns ``(state, shardings)``."""
+                     loss_scale: str = "auto", params=None, mesh=None, param_sharding=None, frozen=None,
+                     frozen_sharding=None):
+    """A fresh ``TrainState`` placed on ``mesh`` (params from ``params`` or MiniMind's init drawn from ``seed``;
+    ``frozen``: params that are not trained, placed per ``frozen_sharding``), and its shardings.
+    Returns ``(state, shardings)``."""
     policy = get_policy(policy)
     if params is None:
         params = init_params(config, jax.random.key(seed), policy)
@@ -182,20 +188,24 @@ def init_train_state(config: ModelConfig, tx: optax.GradientTransformation, *, s
     scale = make_loss_scale(kind)
     rng = jax.random.key_data(jax.random.key(seed + 1))
 
-    def make(params):
+    def make(params, frozen):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           loss_scale=scale, rng=rng, frozen=frozen)
 
-    shape = jax.eval_shape(make, params)
+    shape = jax.eval_shape(make, params, frozen)
     if mesh is None:
-        return make(params), None
-    shardings = state_shardings(shape, param_sharding, mesh, tx)
-    if jax.process_count() == 1:
-        params = jax.device_put(params, param_sharding, donate=True)  # no second host copy
-    else:
-        params = jax.tree.map(lambda x, s: _place(x, s), params, param_sharding)
-    state = jax.jit(make, out_shardings=shardings, donate_argnums=0)(params)
+        return make(params, frozen), None
+    shardings = state_shardings(shape, param_sharding, mesh, tx, frozen_sharding)
+    params = _put(params, param_sharding)
+    frozen = None if frozen is None else _put(frozen, shardings.frozen)
+    state = jax.jit(make, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
     return state, shardings
+
+
+def _put(tree, sharding):
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding, donate=True)  # no second host copy
+    return jax.tree.map(lambda x, s: _place(x, s), tree, sharding)
 
 
 def _place(x, sharding):
