@@ -355,3 +355,17 @@ def greedy_generate(params, config: ModelConfig, prompt_ids, max_new_tokens: int
     """Greedy continuation of one prompt (a list of ids): the new ids, stopping after ``eos_id``."""
     gen = Generator(params, config, policy, eos_ids=None if eos_id is None else (eos_id,))
     return gen.generate([list(prompt_ids)], max_new_tokens)[0].tokens
+
+
+def tokenizer_for(path: str | None = None, tokenizer_dir: str | None = None):
+    """The tokenizer to use with a checkpoint: ``tokenizer_dir`` if given, else the checkpoint's own (a
+    directory holding ``tokenizer.json``, as the converter's ``--tokenizer`` writes), else the bundled one."""
+    import os
+
+    from minimind_jax.tokenizer import load_tokenizer
+
+    if tokenizer_dir:
+        return load_tokenizer(tokenizer_dir)
+    if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer(path)
+    return load_tokenizer()

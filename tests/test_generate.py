@@ -214,3 +214,41 @@ def test_text_stream_holds_back_partial_characters():
     pieces = [stream.push([i]) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny minimind-3 model with the bundled tokenizer's vocabulary, saved in this project's checkpoint format
+    and in MiniMind's safetensors layout."""
+    from minimind_jax import ModelConfig
+    from minimind_jax.checkpoint import save_checkpoint
+
+    import convert
+
+    cfg = ModelConfig.preset("tiny3", vocab_size=6400)
+    params = cached_params(cfg)
+    root = tmp_path_factory.mktemp("gen")
+    save_checkpoint(root / "ckpt", params, cfg)
+    convert.save_torch(params, cfg, root / "torch", format="minimind", dtype="float32")
+    return cfg, params, root
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "torch"])
+def test_generate_script_prints_ids(saved_model, fmt, capsys):
+    import importlib.util
+    import pathlib
+
+    cfg, params, root = saved_model
+    spec = importlib.util.spec_from_file_location(
+        "generate_script", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "generate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--ckpt", str(root / fmt), "--prompt-ids", "1,5,9", "--prompt-ids", "7,8",
+                        "--greedy", "--print-ids", "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    gen = Generator(params, cfg)
+    expected = gen.generate([[1, 5, 9], [7, 8]], 6)
+    assert lines == [" ".join(map(str, p + r.tokens)) for p, r in zip([[1, 5, 9], [7, 8]], expected)]
+    assert script.main(["--ckpt", str(root / fmt), "--prompt", "hello", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert script.main(["--ckpt", str(root / "missing"), "--prompt", "x"]) == 2
+    assert "missing" in capsys.readouterr().err
