@@ -45,7 +45,7 @@ import numpy as np
 from minimind_jax.config import ModelConfig
 
 __all__ = ["LoraConfig", "LoraError", "target_paths", "init_adapters", "inject", "adapted", "adapted_apply", "merge",
-           "adapter_tensors", "adapters_from_tensors", "save_adapters", "load_adapters", "count_params",
+           "adapter_tensors", "adapters_from_tensors", "save_adapters", "load_adapters", "count_params", "merge_checkpoint",
            "ADAPTER_FILE", "ADAPTER_CONFIG"]
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -404,3 +404,43 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig, *, alpha: float 
         alpha = meta.get("alpha", rank)
     targets = meta.get("targets", "minimind")
     return adapters, LoraConfig(rank=rank, alpha=alpha, targets=targets)
+
+
+def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+                     format: str = "jax", dtype: str = "float32", alpha: float | None = None, pth: bool = False,
+                     tokenizer: str | os.PathLike | None = None, force: bool = False,
+                     log=print) -> Path:
+    """MiniMind's merge-and-export flow: base weights (any checkpoint ``--init`` reads) + adapters (this project's
+    adapter directory or MiniMind's ``.pth``) -> full weights in ``out``: this project's checkpoint
+    (``format="jax"``) or, through the converter, MiniMind's layout (``minimind``, ``pth`` adds its ``.pth``) or
+    a Hugging Face directory (``hf``)."""
+    from minimind_jax.training.loop import load_weights
+
+    if format not in ("jax", "minimind", "hf"):
+        raise LoraError(f"format must be jax, minimind or hf, got {format!r}")
+    config, params = load_weights(os.fspath(base), None, {})
+    adapters, lcfg = load_adapters(adapter, config, alpha=alpha)
+    log(f"base: {base} ({config.generation}, hidden {config.hidden_size}); adapter: {adapter} (rank {lcfg.rank}, "
+        f"scale {lcfg.scale:g}, {count_params(adapters):,} params on {len(_leaves(adapters))} tensors)")
+    merged = merge(params, adapters, lcfg.scale)
+    if format == "jax":
+        from minimind_jax.checkpoint import save_checkpoint
+
+        if dtype != "float32":
+            import ml_dtypes  # noqa: F401
+
+            log(f"casting every tensor to {dtype}")
+            merged = jax.tree.map(lambda x: np.asarray(x).astype(dtype), merged)
+        path = save_checkpoint(out, merged, config, source={"merged": {"base": os.fspath(base),
+                                                                      "adapter": os.fspath(adapter),
+                                                                      **lcfg.to_dict()}}, force=force)
+    else:
+        import convert
+
+        report = convert.Report()
+        path = convert.save_torch(merged, config, out, format=format, dtype=dtype, pth=pth, tokenizer=tokenizer,
+                                  force=force, report=report)
+        for line in report.casts.lines() + [f"note: {n}" for n in report.notes]:
+            log(line)
+    log(f"merged weights: {out}")
+    return Path(path)
