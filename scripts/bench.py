@@ -24,7 +24,12 @@
       autocast) on the same shapes and prints JAX / torch ratios. Every run is its own process, so each
       peak RSS belongs to one framework and one policy.
 
-Later issues add ``decode``.
+  python scripts/bench.py decode [--preset minimind3] [--batch 1 8] [--prompt 16] [--new 64] [--dtype float32 bfloat16]
+                                 [--vs-torch]
+      greedy KV-cache generation (scripts/generate.py's engine): decode tokens/s, first-token latency (the
+      prefill), compile time, peak RSS and the weight-read bandwidth the decode achieves (every step reads all
+      weights) against this machine's measured memory bandwidth; ``--vs-torch`` runs transformers' ``generate``
+      (Qwen3ForCausalLM, the same weights, greedy) and prints the ratios and whether the greedy tokens match.
 """
 
 from __future__ import annotations
@@ -110,13 +115,23 @@ def rss(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-import convert.cli, convert.api, minimind_jax.checkpoint  # imports are not the conversion's cost
+t_start = time.perf_counter()
+# Imports and starting the XLA runtime (thread pools, allocator) are a fixed cost, not the conversion's.
+import convert.cli, convert.api, minimind_jax.checkpoint, orbax.checkpoint, safetensors
 import jax
-jax.devices()  # nor is starting the XLA runtime (thread pools, allocator): a fixed cost, not per-checkpoint
+jax.devices()
 base = rss("VmRSS")
+try:  # reset the high-water mark to the current RSS: the peak is then the conversion's alone
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    reset = True
+except OSError:  # (an older kernel: VmHWM then also covers the imports, an upper bound)
+    reset = False
 t0 = time.perf_counter()
 rc = convert.cli.main(sys.argv[1:])
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "base": base, "peak": rss("VmHWM")}))
+t1 = time.perf_counter()
+print(json.dumps({"rc": rc, "seconds": t1 - t0, "process_seconds": t1 - t_start, "base": base,
+                  "peak": rss("VmHWM"), "hwm_reset": reset}))
 """
 
 
@@ -138,16 +153,24 @@ def bench_convert(args) -> None:
         save_torch(params, config, src, format=fmt, dtype=args.dtype)
         del params
         size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
-        print(f"convert {args.preset}: source {fmt} directory, {args.dtype}, {size / 2**20:.0f} MiB of tensors")
+        print(f"convert {args.preset}: source {fmt} directory, {args.dtype}, {size / 2**20:.0f} MiB "
+              f"({size:,} bytes) of checkpoint")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for label, cmd in (("to-jax  ", ["to-jax", src, jx, "--dtype", "auto"]),
                            ("to-torch", ["to-torch", jx, back, "--format", fmt, "--dtype", args.dtype])):
+            # Each direction in a fresh process: its peak RSS belongs to this conversion only.
             proc = subprocess.run([sys.executable, "-c", _CONVERT_CHILD, *cmd], capture_output=True, text=True,
                                   cwd=root)
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+                raise SystemExit(f"{label.strip()} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            result = json.loads(lines[-1])
+            if result["rc"] != 0:
+                raise SystemExit(f"{label.strip()} failed (rc {result['rc']}):\n{proc.stderr[-4000:]}")
             extra = result["peak"] - result["base"]
-            print(f"  {label}: {result['seconds']:5.1f} s | peak extra memory {extra / 2**20:6.0f} MiB "
-                  f"({extra / size:.2f}x the checkpoint) | rc {result['rc']}")
+            print(f"  {label}: {result['seconds']:5.1f} s (process {result['process_seconds']:4.1f} s with imports) | "
+                  f"peak extra RSS {extra / 2**20:6.0f} MiB ({extra / size:.2f}x the checkpoint; "
+                  f"baseline {result['base'] / 2**20:.0f} MiB{'' if result['hwm_reset'] else ', peak since start'})")
 
 
 def bench_data(args) -> None:
@@ -451,6 +474,162 @@ def bench_train(args) -> None:
                       f"peak RSS {ra['peak_rss'] / rb['peak_rss']:.2f}x")
 
 
+# ------------------------------------------------------------------------------------------------ decode
+def memory_bandwidth_gbs() -> dict[str, float]:
+    """Measured memory bandwidth (GB/s) over 512 MiB of float32, best of 5 each: numpy's sum (one core, read
+    only), numpy's copy (one core, counted as read + write) and a jitted sum (XLA's threads, read only)."""
+    n = 128 * 2**20
+    a = np.ones(n, np.float32)
+    b = np.empty_like(a)
+
+    def best(fn):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    return {"numpy_sum": 4 * n / best(lambda: a.sum()) / 1e9,
+            "numpy_copy": 8 * n / best(lambda: np.copyto(b, a)) / 1e9,
+            "jax_sum": 4 * n / best(lambda: total(x).block_until_ready()) / 1e9}
+
+
+def _decode_prompts(config, batch: int, prompt: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(3, config.vocab_size, (batch, prompt)).astype(np.int32)
+
+
+def _decode_jax(config, dtype: str, args) -> dict:
+    from minimind_jax import init_params
+    from minimind_jax.generate import Generator, _prefill
+
+    params = init_params(config, jax.random.key(0))
+    gen = Generator(params, config, "fp32" if dtype == "float32" else "bf16-params", eos_ids=())
+    del params
+    out = {}
+    for batch in args.batch:
+        prompts = _decode_prompts(config, batch, args.prompt).tolist()
+        t0 = time.perf_counter()
+        first = gen.generate(prompts, args.new)
+        first_s = time.perf_counter() - t0
+        ids, mask, rows, max_len, _, _ = gen._prepare(prompts, args.new, None, ())
+
+        def prefill():
+            return _prefill(gen.params, ids, mask, rows, config=config, policy=gen.policy, max_len=max_len).out
+
+        pre, totals = [], []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(prefill())
+            pre.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            res = gen.generate(prompts, args.new)
+            totals.append(time.perf_counter() - t0)
+        assert [r.tokens for r in res] == [r.tokens for r in first]
+        total = float(np.median(totals))
+        out[batch] = {"total_s": total, "prefill_s": float(np.median(pre)), "compile_s": first_s - total,
+                      "tokens": [r.tokens for r in res]}
+    return out
+
+
+def _decode_torch(config, dtype: str, args) -> dict:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import convert
+    from minimind_jax import init_params
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        convert.save_torch(init_params(config, jax.random.key(0)), config, os.path.join(tmp, "hf"), format="hf",
+                           dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=getattr(torch, dtype)).eval()
+    out = {}
+    for batch in args.batch:
+        ids = torch.from_numpy(_decode_prompts(config, batch, args.prompt).astype(np.int64))
+        mask = torch.ones_like(ids)
+
+        def run(n):
+            with torch.inference_mode():
+                return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=config.pad_token_id)
+
+        run(2)  # warm-up
+        pre, totals = [], []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            run(1)
+            pre.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tokens = run(args.new)
+            totals.append(time.perf_counter() - t0)
+        out[batch] = {"total_s": float(np.median(totals)), "prefill_s": float(np.median(pre)), "compile_s": None,
+                      "tokens": tokens[:, args.prompt:].tolist()}
+    return out
+
+
+def bench_decode(args) -> None:
+    import json
+    import subprocess
+
+    from minimind_jax import ModelConfig, param_count
+
+    config = ModelConfig.preset(args.preset)
+    if args.child:
+        framework, dtype = args.child.split(":")
+        result = (_decode_jax if framework == "jax" else _decode_torch)(config, dtype, args)
+        print(json.dumps({"runs": result, "peak_rss": peak_rss_bytes()}))
+        return
+    total, active = param_count(config)
+    bw = memory_bandwidth_gbs()
+    print(f"decode {args.preset} ({total / 1e6:.1f}M params), prompt {args.prompt}, {args.new} new tokens, greedy, "
+          f"median of {args.iters}; device {jax.devices()[0].device_kind}")
+    print(f"measured memory bandwidth: {bw['numpy_sum']:.1f} GB/s (numpy sum, read), {bw['numpy_copy']:.1f} GB/s "
+          f"(numpy copy, read + write), {bw['jax_sum']:.1f} GB/s (jitted sum, read)")
+    print(f"  {'run':18s} {'batch':>5s} {'decode tok/s':>12s} {'ms/step':>8s} {'weights GB/s':>12s} "
+          f"{'1st token ms':>12s} {'compile s':>9s} {'peak RSS':>9s}")
+    runs = [("jax", d) for d in args.dtype] + ([("torch", d) for d in args.dtype] if args.vs_torch else [])
+    passthrough = ["--preset", args.preset, "--prompt", str(args.prompt), "--new", str(args.new),
+                   "--iters", str(args.iters), "--batch", *map(str, args.batch)]
+    results = {}
+    for framework, dtype in runs:
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "decode", "--child",
+                                   f"{framework}:{dtype}", *passthrough], capture_output=True, text=True,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"  {framework} {dtype}: did not finish in {args.timeout} s (--timeout)")
+            continue
+        if proc.returncode != 0:
+            print(f"  {framework} {dtype}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        weight_bytes = active * (4 if dtype == "float32" else 2)
+        for batch, run in r["runs"].items():
+            steps = args.new - 1
+            decode_s = max(run["total_s"] - run["prefill_s"], 1e-9)
+            run["tok_s"] = int(batch) * steps / decode_s
+            compile_s = f"{run['compile_s']:.1f}" if run["compile_s"] is not None else "-"
+            print(f"  {framework + ' ' + dtype:18s} {batch:>5s} {run['tok_s']:12.1f} {decode_s / steps * 1e3:8.1f} "
+                  f"{weight_bytes * steps / decode_s / 1e9:12.2f} {run['prefill_s'] * 1e3:12.1f} {compile_s:>9s} "
+                  f"{r['peak_rss'] / 2**30:7.2f} GB")
+            results[(framework, dtype, batch)] = run
+    for (framework, dtype, batch), run in results.items():
+        ref = results.get(("torch", dtype, batch))
+        if framework != "jax" or ref is None:
+            continue
+        same = sum(a == b for x, y in zip(run["tokens"], ref["tokens"]) for a, b in zip(x, y))
+        count = sum(len(x) for x in ref["tokens"])
+        print(f"  jax/torch {dtype} batch {batch}: decode tokens/s {run['tok_s'] / ref['tok_s']:.2f}x, "
+              f"first token {ref['prefill_s'] / run['prefill_s']:.2f}x faster; greedy tokens equal: {same}/{count}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -494,6 +673,18 @@ def main(argv=None) -> int:
     p.add_argument("--profile-top", type=int, default=20, help="lines of the profile's breakdown")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run per process
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("decode", help="KV-cache generation throughput (optionally vs transformers' generate)")
+    p.add_argument("--preset", default="minimind3")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="weight dtype: float32 (policy fp32) or bfloat16 (policy bf16-params; torch bf16 weights)")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--vs-torch", action="store_true", help="also run transformers' generate on the same weights")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each run (process)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=bench_decode)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0
