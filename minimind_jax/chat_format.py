@@ -57,8 +57,9 @@ class ReasoningSplitter:
     """Splits streamed text deltas into (reasoning delta, answer delta).
 
     ``start_in_reasoning``: the generation prompt already opened ``<think>``, so the text starts inside the
-    reasoning. Otherwise a think block is recognised only at the very start of the text (after whitespace).
-    An unclosed block (the text stopped inside it) is all reasoning.
+    reasoning. Otherwise a think block is recognised only at the very start of the text (after whitespace);
+    a ``</think>`` there closes an empty one (a model that repeats the prompt's closing tag). An unclosed block
+    (the text stopped inside it) is all reasoning.
 
     >>> s = ReasoningSplitter()
     >>> s.feed("<thi"), s.feed("nk>\\nhmm\\n</th"), s.feed("ink>\\n\\nHi"), s.finish()
@@ -85,7 +86,10 @@ class ReasoningSplitter:
                 if rest.startswith(THINK_OPEN):
                     self._enter_reasoning(rest[len(THINK_OPEN):])
                     continue
-                if THINK_OPEN.startswith(rest):  # only whitespace, or the beginning of "<think>": wait
+                if rest.startswith(THINK_CLOSE):  # closes an empty block (the prompt's, or an implied one)
+                    self._enter_reasoning(rest)
+                    continue
+                if THINK_OPEN.startswith(rest) or THINK_CLOSE.startswith(rest):  # whitespace or a tag's start
                     break
                 if self.start_in_reasoning:
                     self._enter_reasoning(buf)

@@ -29,6 +29,8 @@ from minimind_jax.tokenizer import load_tokenizer
     ("", False, (None, "")),
     ("a <think>b</think> c", None, (None, "a <think>b</think> c")),  # a block only counts at the start
     ("<think>x</think>y</think>z", False, ("x", "y</think>z")),
+    ("\n</think>\n\nHi", False, ("", "Hi")),  # the model repeated the prompt's closing tag
+    ("</thi", False, (None, "</thi")),
 ])
 def test_split_reasoning(text, start, expected):
     assert split_reasoning(text, start) == expected
@@ -39,7 +41,7 @@ def _reference_split(text, start_in_reasoning):
     rest = text.lstrip()
     if rest.startswith("<think>"):
         body = rest[len("<think>"):]
-    elif start_in_reasoning:
+    elif start_in_reasoning or rest.startswith("</think>"):
         body = text
     else:
         return None, text

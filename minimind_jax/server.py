@@ -1,0 +1,620 @@
+"""An OpenAI-compatible chat server over :class:`~minimind_jax.generate.Generator` (FastAPI + uvicorn).
+
+``create_app(generator, tokenizer, model_name)`` returns the FastAPI app; ``scripts/serve_openai_api.py``
+is the command line around it.
+
+Endpoints: ``POST /v1/chat/completions`` (plain JSON or Server-Sent Events with ``"stream": true``),
+``GET /v1/models``, ``GET /health``.
+
+**Batching.** Every request becomes a :class:`Job` in one queue. A single worker thread takes the first job
+waiting, plus whatever else is queued (up to ``max_batch``), and runs them as one left-padded batch through
+``Generator.stream``: each row has its own sampling settings, seed and token limit. The batch is padded to
+a power of two rows (dummy rows stop after one token) so only a few batch shapes ever compile. Each row's
+new tokens become text deltas as they come, and go to that request's client; a row that is finished (eos,
+its limit, a stop string, a disconnected client) is answered at once, and the batch ends when every row is
+finished. Requests that arrive while a batch runs wait for the next one.
+
+**What a request may say.** ``messages`` (roles system / developer / user / assistant / tool, text content
+or text parts, assistant ``tool_calls``), ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` /
+``max_completion_tokens``, ``stop``, ``seed``, ``tools`` / ``tool_choice``, ``stream`` /
+``stream_options.include_usage``; as extensions ``top_k``, ``repetition_penalty`` (MiniMind's sampling) and
+``chat_template_kwargs`` (e.g. ``{"open_thinking": true}``: the generation prompt opens ``<think>``).
+``presence_penalty``, ``frequency_penalty``, ``user`` and the like are accepted and ignored; ``n > 1``,
+``logprobs`` and JSON ``response_format`` are refused.
+
+**The answer.** The text is cut at the first stop string; ``<think>`` reasoning goes to
+``reasoning_content`` (see :mod:`minimind_jax.chat_format`); when the request had ``tools``,
+``<tool_call>`` blocks become ``tool_calls`` (``finish_reason: "tool_calls"``). ``usage`` counts the prompt
+and every generated token (the eos included).
+
+**Errors.** Invalid requests get ``4xx`` with ``{"error": {"message", "type", "param", "code"}}``; a
+failure inside generation answers every request of that batch with ``500`` (or an ``error`` event if its
+stream had started), and the worker goes on with the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
+from minimind_jax.generate import SamplingParams, TextStream
+from minimind_jax.tokenizer import TokenizerError
+
+__all__ = ["APIError", "ChatRequest", "Engine", "Job", "create_app", "parse_chat_request"]
+
+log = logging.getLogger("minimind_jax.server")
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_MAX_STOP = 16
+_END = object()  # worker shutdown sentinel
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's ``{"error": {...}}`` JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` body."""
+
+    messages: list[dict]
+    sampling: SamplingParams
+    max_tokens: int | None  # None: the server's default (capped by the context left)
+    stop: list[str]
+    stream: bool = False
+    include_usage: bool = False
+    tools: list[dict] | None = None  # None: no tools (also for tool_choice "none")
+    template_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise _bad(f"{key} must be a number, got {value!r}", key, "invalid_type")
+    if value < lo or value > hi or (lo_open and value == lo):
+        low = f"({lo}" if lo_open else f"[{lo}"
+        raise _bad(f"{key} must be in {low}, {hi}], got {value}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{key} must be an integer, got {value!r}", key, "invalid_type")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise _bad(f"{key} must be {bounds}, got {value}", key)
+    return value
+
+
+def _text_content(content: Any, param: str) -> str:
+    """A message's content as text: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"{param}[{j}]: only text content parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                           "supported", f"{param}[{j}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _bad(f"{param} must be a string or a list of text parts, got {type(content).__name__}", param,
+               "invalid_type")
+
+
+def _message(m: Any, i: int) -> dict:
+    p = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise _bad(f"{p} must be an object with 'role' and 'content'", p, "invalid_type")
+    role = m.get("role")
+    if role not in _ROLES:
+        raise _bad(f"{p}.role must be one of {', '.join(sorted(_ROLES))}, got {role!r}", f"{p}.role")
+    out = {"role": "system" if role == "developer" else role}
+    content = m.get("content")
+    tool_calls = m.get("tool_calls")
+    if content is None:
+        if not (role == "assistant" and tool_calls):
+            raise _bad(f"{p}.content is required", f"{p}.content", "missing_required_parameter")
+    else:
+        out["content"] = _text_content(content, f"{p}.content")
+    if role == "assistant":
+        if tool_calls is not None:
+            if not isinstance(tool_calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict)
+                    and isinstance(c["function"].get("name"), str) for c in tool_calls):
+                raise _bad(f"{p}.tool_calls must be a list of {{\"function\": {{\"name\", \"arguments\"}}}}",
+                           f"{p}.tool_calls")
+            out["tool_calls"] = tool_calls
+        for key in ("reasoning_content", "reasoning", "thinking"):
+            if isinstance(m.get(key), str):
+                out["reasoning_content"] = m[key]
+                break
+    for key in ("name", "tool_call_id"):
+        if isinstance(m.get(key), str):
+            out[key] = m[key]
+    return out
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a chat-completions body; raises :class:`APIError` (400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, "invalid_type")
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("'messages' is required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    messages = [_message(m, i) for i, m in enumerate(messages)]
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise _bad("'model' must be a string", "model", "invalid_type")
+
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    top_k = _integer(body, "top_k", 0)
+    penalty = _number(body, "repetition_penalty", 0.0, float("inf"), lo_open=True)
+    _number(body, "presence_penalty", -2.0, 2.0)
+    _number(body, "frequency_penalty", -2.0, 2.0)
+    seed = _integer(body, "seed", -(2 ** 63), 2 ** 64 - 1)
+    defaults = SamplingParams()
+    greedy = temperature == 0 or top_p == 0
+    sampling = SamplingParams(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=1.0 if greedy else (defaults.top_p if top_p is None else top_p),
+        top_k=top_k or 0, repetition_penalty=penalty or 1.0, greedy=greedy,
+        seed=(secrets.randbits(32) if seed is None else seed % 2 ** 32))
+
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > _MAX_STOP:
+        raise _bad(f"'stop' must be a string or a list of at most {_MAX_STOP} strings", "stop")
+
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _bad("'stream' must be a boolean", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise _bad("only n=1 is supported", "n", "unsupported_value")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("logprobs are not supported", "logprobs", "unsupported_value")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
+
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _bad("'tools' must be a list of objects", "tools", "invalid_type")
+        tools = tools or None
+    tool_choice = body.get("tool_choice")
+    if tool_choice == "none":
+        tools = None
+
+    template_kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(template_kwargs, dict) or not all(
+            isinstance(k, str) and k.isidentifier() and not k.startswith("_") for k in template_kwargs):
+        raise _bad("'chat_template_kwargs' must be an object with identifier keys", "chat_template_kwargs")
+    template_kwargs = dict(template_kwargs)
+    if "enable_thinking" in template_kwargs:  # Qwen's name for the same switch
+        template_kwargs.setdefault("open_thinking", template_kwargs.pop("enable_thinking"))
+
+    return ChatRequest(messages=messages, sampling=sampling, max_tokens=max_tokens, stop=[s for s in stop if s],
+                       stream=bool(stream), include_usage=bool(options.get("include_usage")), tools=tools,
+                       template_kwargs=template_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+
+
+class Job:
+    """One request in the engine: its prompt, limits and settings, and the channel its events go back on.
+
+    Events (tuples, in order): ``("start",)`` after the prefill; any number of
+    ``("delta", reasoning, content)``; then ``("done", finish_reason, tool_calls, has_reasoning,
+    completion_tokens)`` or ``("error", APIError)``.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, *,
+                 stop: Sequence[str] = (), parse_tools: bool = False, start_in_reasoning: bool = False,
+                 stream: bool = False, loop: asyncio.AbstractEventLoop | None = None):
+        self.prompt_ids = list(prompt_ids)
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop = list(stop)
+        self.parse_tools = parse_tools
+        self.start_in_reasoning = start_in_reasoning
+        self.stream = stream
+        self.cancelled = False  # the client went away
+        self._loop = loop
+        self.events: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+
+    def send(self, *event) -> None:
+        """Called from the worker thread."""
+        if self._loop is None:
+            self.events.put(event)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class _Row:
+    """Turns one row's new tokens into a job's events: text deltas (a partial UTF-8 character held back),
+    cut at stop strings, split into reasoning and content, tool calls held back and parsed."""
+
+    def __init__(self, job: Job, tokenizer, eos: set[int]):
+        self.job = job
+        self.eos = eos
+        self.text = TextStream(tokenizer, skip_special_tokens=True)
+        self.stops = StopStrings(job.stop)
+        self.splitter = ReasoningSplitter(job.start_in_reasoning)
+        self.tools = ToolCallBuffer() if job.parse_tools else None
+        self.count = 0
+        self.done = False
+
+    def push(self, tokens: list[int]) -> None:
+        if self.done:
+            return
+        self.count += len(tokens)
+        ended = bool(tokens) and tokens[-1] in self.eos
+        self._text(self.text.push([t for t in tokens if t not in self.eos]))
+        if self.stops.stopped:
+            self.finish("stop")
+        elif ended:
+            self.finish("stop")
+        elif self.count >= self.job.max_tokens:
+            self.finish("length")
+        elif self.job.cancelled:
+            self.done = True
+
+    def _text(self, delta: str, final: bool = False) -> list[dict]:
+        delta = self.stops.feed(delta) + (self.stops.finish() if final else "")
+        reasoning, content = self.splitter.feed(delta)
+        if final:
+            r, c = self.splitter.finish()
+            reasoning, content = reasoning + r, content + c
+        calls = []
+        if self.tools is not None:
+            content = self.tools.feed(content)
+            if final:
+                rest, calls = self.tools.finish()
+                content += rest
+        if reasoning or content:
+            self.job.send("delta", reasoning, content)
+        return calls
+
+    def finish(self, reason: str) -> None:
+        tail = "" if self.stops.stopped else self.text.flush()
+        calls = self._text(tail, final=True)
+        self.done = True
+        self.job.send("done", "tool_calls" if calls else reason, calls, self.splitter.has_reasoning, self.count)
+
+    def fail(self, message: str) -> None:
+        self.done = True
+        self.job.send("error", APIError(500, message, code="generation_failed"))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class Engine:
+    """The request queue and the worker thread that serves it in batches (see the module docstring)."""
+
+    def __init__(self, generator, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.005,
+                 eos_ids: Sequence[int] | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        if eos_ids is None:
+            eos_ids = list(generator.eos_ids)
+            tok_eos = tokenizer.special_tokens_map.get("eos_token")
+            tok_eos = tokenizer.token_to_id(tok_eos) if tok_eos else None
+            if tok_eos is not None and tok_eos not in eos_ids:
+                eos_ids.append(tok_eos)
+        self.eos_ids = tuple(eos_ids)
+        self.batch_sizes: list[int] = []  # real rows of every batch served (for tests and logs)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="minimind-generate", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        if self._thread is not None:
+            self._queue.put(_END)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    # -- the worker
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _END:
+                return
+            batch = [job]
+            deadline = time.monotonic() + self.batch_wait_s
+            ending = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is _END:
+                    ending = True
+                    break
+                batch.append(nxt)
+            batch = [j for j in batch if not j.cancelled]
+            if batch:
+                self._serve(batch)
+            if ending:
+                return
+
+    def _serve(self, jobs: list[Job]) -> None:
+        rows = [_Row(j, self.tokenizer, set(self.eos_ids)) for j in jobs]
+        self.batch_sizes.append(len(jobs))
+        size = min(_pow2_at_least(len(jobs)), max(self.max_batch, len(jobs)))
+        filler = min((j.prompt_ids for j in jobs), key=len)  # dummy rows: one greedy token each
+        prompts = [j.prompt_ids for j in jobs] + [filler] * (size - len(jobs))
+        limits = [j.max_tokens for j in jobs] + [1] * (size - len(jobs))
+        sampling = [j.sampling for j in jobs] + [SamplingParams.make_greedy()] * (size - len(jobs))
+        chunk = 1 if any(j.stream for j in jobs) else 8
+        t0 = time.perf_counter()
+        steps = None
+        try:
+            steps = self.generator.stream(prompts, limits, sampling, eos_ids=self.eos_ids, chunk=chunk)
+            for i, new in enumerate(steps):
+                if i == 0:
+                    for r in rows:
+                        r.job.send("start")
+                for r, tokens in zip(rows, new):
+                    r.push(tokens)
+                for r in rows:
+                    if not r.done and r.job.cancelled:
+                        r.done = True
+                if all(r.done for r in rows):
+                    break
+            for r in rows:  # the generator stopped a row we did not see end (should not happen)
+                if not r.done:
+                    r.finish("length")
+        except Exception as e:  # the server must outlive a failed batch: its requests get a 500
+            log.exception("generation failed for a batch of %d", len(jobs))
+            for r in rows:
+                if not r.done:
+                    r.fail(f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            if steps is not None and hasattr(steps, "close"):
+                steps.close()
+        log.info("batch of %d (padded to %d): %d tokens in %.2fs", len(jobs), size, sum(r.count for r in rows),
+                 time.perf_counter() - t0)
+
+    # -- prompts
+    def prepare(self, request: ChatRequest, default_max_tokens: int) -> tuple[list[int], int, bool]:
+        """(prompt ids, max new tokens, whether the prompt opened a think block) for a request; raises
+        :class:`APIError` (400) for a template error or a prompt that does not fit the context."""
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, tools=request.tools, tokenize=True,
+                sanitize_control_tokens=True, **request.template_kwargs)
+        except (TokenizerError, TypeError, jinja2.TemplateError) as e:
+            raise _bad(f"cannot apply the chat template to these messages: {e}", "messages") from e
+        context = self.generator.config.max_position_embeddings
+        n = len(ids)
+        if n >= context:
+            raise _bad(f"the prompt is {n} tokens; this model's context is {context} tokens", "messages",
+                       "context_length_exceeded")
+        if request.max_tokens is None:
+            max_tokens = min(default_max_tokens, context - n)
+        elif n + request.max_tokens > context:
+            raise _bad(f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds this model's "
+                       f"context of {context} tokens", "max_tokens", "context_length_exceeded")
+        else:
+            max_tokens = request.max_tokens
+        opened = prompt_opens_reasoning(self.tokenizer.decode(ids[-16:]))
+        return ids, max_tokens, opened
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
+               default_max_tokens: int = 1024, batch_wait_s: float = 0.005, eos_ids: Sequence[int] | None = None):
+    """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`, or anything with
+    its ``config``, ``eos_ids`` and ``stream``) with ``tokenizer``'s chat template. The worker thread starts
+    with the app (its lifespan) and stops with it; ``app.state.engine`` is the :class:`Engine`."""
+    vocab = generator.config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
+    engine = Engine(generator, tokenizer, max_batch=max_batch, batch_wait_s=batch_wait_s, eos_ids=eos_ids)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(title="minimind-jax", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        error = APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):
+        log.exception("unexpected error")
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queued": engine.pending}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "minimind-jax"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+        req = parse_chat_request(body)
+        prompt_ids, max_tokens, opened = engine.prepare(req, default_max_tokens)
+        job = Job(prompt_ids, max_tokens, req.sampling, stop=req.stop, parse_tools=req.tools is not None,
+                  start_in_reasoning=opened, stream=req.stream, loop=asyncio.get_running_loop())
+        engine.submit(job)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+
+        def usage(completion: int) -> dict:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                    "total_tokens": len(prompt_ids) + completion}
+
+        try:
+            first = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if first[0] == "error":
+            raise first[1]
+
+        if not req.stream:
+            reasoning, content = [], []
+            try:
+                while True:
+                    event = await job.events.get()
+                    if event[0] == "delta":
+                        reasoning.append(event[1])
+                        content.append(event[2])
+                    elif event[0] == "error":
+                        raise event[1]
+                    else:
+                        break
+            except asyncio.CancelledError:
+                job.cancelled = True
+                raise
+            _, finish, calls, has_reasoning, completion = event
+            message = {"role": "assistant", "content": "".join(content)}
+            if calls:
+                message["tool_calls"] = calls
+                message["content"] = message["content"] or None
+            if has_reasoning:
+                message["reasoning_content"] = "".join(reasoning)
+            return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": usage(completion)}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            if req.include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def sse():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    event = await job.events.get()
+                    if event[0] == "delta":
+                        delta = {}
+                        if event[1]:
+                            delta["reasoning_content"] = event[1]
+                        if event[2]:
+                            delta["content"] = event[2]
+                        yield chunk(delta)
+                    elif event[0] == "error":
+                        yield f"data: {json.dumps(event[1].body(), ensure_ascii=False)}\n\n"
+                        break
+                    else:
+                        _, finish, calls, _, completion = event
+                        if calls:
+                            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                        yield chunk({}, finish)
+                        if req.include_usage:
+                            yield ("data: " + json.dumps({
+                                "id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                                "system_fingerprint": None, "choices": [], "usage": usage(completion)}) + "\n\n")
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a no-op once the row is done; stops its generation if the client left
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

@@ -1,0 +1,58 @@
+"""Serve a checkpoint through an OpenAI-compatible HTTP API (chat completions, streaming or not).
+
+    python scripts/serve_openai_api.py --ckpt out/sft/weights
+    python scripts/serve_openai_api.py --ckpt MiniMind2/ --policy bf16-params --port 8998 --max-batch 16
+
+Then any OpenAI client works against http://127.0.0.1:8998/v1 (the API key is not checked):
+
+    curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "stream": true}'
+
+--ckpt is this project's checkpoint directory or anything the converter reads. Concurrent requests are
+batched together (up to --max-batch rows per decode). The logic lives in minimind_jax/server.py.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or file (anything the converter reads)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the shipped MiniMind one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--policy", default="fp32", help="precision policy: fp32, bf16, bf16-params, ...")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one batch")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: from --ckpt)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="new-token limit of a request that sets no max_tokens (capped by the context left)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import uvicorn
+
+    from minimind_jax.generate import Generator
+    from minimind_jax.server import create_app
+    from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
+
+    generator = Generator.from_checkpoint(args.ckpt, policy=args.policy)
+    tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
+    name = args.model_name or os.path.basename(os.path.normpath(args.ckpt)) or "minimind"
+    app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
+                     default_max_tokens=args.default_max_tokens)
+    print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}) "
+          f"on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The OpenAI-compatible server, through the official ``openai`` client against uvicorn on 127.0.0.1.
+
+Two servers per module: one over a tiny random model (tiny3 with the shipped tokenizer's 6400 ids), whose
+answers are checked against the Generator itself; one over a scripted fake generator, whose answers are
+chosen text (reasoning, tool calls, failures, slow streams) so the output handling can be checked exactly.
+"""
+
+import concurrent.futures
+import http.client
+import json
+import socket
+import threading
+import time
+import types
+
+import openai
+import pytest
+import uvicorn
+
+from _util import cached_params, tiny
+from minimind_jax.chat_format import split_reasoning
+from minimind_jax.generate import Generator, SamplingParams
+from minimind_jax.server import create_app, parse_chat_request
+from minimind_jax.tokenizer import load_tokenizer
+
+HELLO = [{"role": "user", "content": "Hello! Please tell me about the sun."}]  # 17..32 prompt tokens
+
+
+class _Server:
+    def __init__(self, app):
+        self.app = app
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0,
+                                    timeout=120)
+
+    def raw(self, method, path, body=None, headers=None):
+        """(status, parsed JSON) of a plain HTTP request."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, json.loads(data)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = tiny("tiny3", vocab_size=len(tok))
+    gen = Generator(cached_params(cfg), cfg)
+    server = _Server(create_app(gen, tok, "tiny3", max_batch=4))
+    yield server, gen
+    server.stop()
+
+
+def _prompt(tok, messages):
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True)
+
+
+def _expected(gen, tok, messages, n, seed):
+    """What the model answers (sampling at temperature 1 with ``seed``), straight from the Generator."""
+    ids = _prompt(tok, messages)
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, seed=seed)
+    res = gen.generate([ids], n, sampling, eos_ids=(tok.token_to_id("<|im_end|>"),))[0]
+    text = tok.decode([t for t in res.tokens if t != 2], skip_special_tokens=True)
+    return split_reasoning(text, start_in_reasoning=False)[1], res.finish_reason, len(ids), len(res.tokens)
+
+
+def _sampled(seed):
+    return dict(temperature=1.0, top_p=1.0, seed=seed)
+
+
+def test_non_streaming_and_streaming_answer_what_the_generator_says(model, tok):
+    server, gen = model
+    content, finish, n_prompt, n_new = _expected(gen, tok, HELLO, 12, seed=3)
+    assert content.strip()
+    r = server.client.chat.completions.create(model="tiny3", messages=HELLO, max_tokens=12, **_sampled(3))
+    assert r.object == "chat.completion" and r.model == "tiny3" and r.id.startswith("chatcmpl-")
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == content
+    assert choice.finish_reason == finish and not choice.message.tool_calls
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, n_new,
+                                                                                          n_prompt + n_new)
+
+    chunks = list(server.client.chat.completions.create(
+        model="tiny3", messages=HELLO, max_tokens=12, stream=True, stream_options={"include_usage": True},
+        **_sampled(3)))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == content and len(pieces) > 3  # streamed piece by piece
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [finish]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_new
+
+    greedy = server.client.chat.completions.create(model="tiny3", messages=HELLO, max_tokens=12, temperature=0)
+    ids = _prompt(tok, HELLO)
+    expected = tok.decode(gen.generate([ids], 12, eos_ids=(2,))[0].tokens, skip_special_tokens=True)
+    assert greedy.choices[0].message.content == expected
+
+
+def test_two_concurrent_clients_are_batched_and_both_answered(model, tok):
+    server, gen = model
+    asks = [(HELLO, 12, 5), ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}], 7, 6)]
+    expected = [_expected(gen, tok, m, n, seed) for m, n, seed in asks]
+    engine = server.app.state.engine
+    before = len(engine.batch_sizes)
+    barrier = threading.Barrier(len(asks))
+
+    def ask(i):
+        messages, n, seed = asks[i]
+        barrier.wait()
+        if i == 0:
+            return server.client.chat.completions.create(model="m", messages=messages, max_tokens=n,
+                                                         **_sampled(seed))
+        return "".join(c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
+            model="m", messages=messages, max_tokens=n, stream=True, **_sampled(seed)))
+
+    for _ in range(3):  # the two requests normally share a batch; retry if the scheduler split them
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(ask, range(2))
+        # each row samples with its own seed: the batch changes nothing
+        assert first.choices[0].message.content == expected[0][0]
+        assert first.usage.completion_tokens == expected[0][3]
+        assert second == expected[1][0]
+        if 2 in engine.batch_sizes[before:]:
+            break
+    assert 2 in engine.batch_sizes[before:]
+
+
+def test_stop_and_seed(model, tok):
+    server, gen = model
+    content, *_ = _expected(gen, tok, HELLO, 12, seed=3)
+    stop = content[4:6]
+    r = server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, stop=[stop, "never"],
+                                              **_sampled(3))
+    assert r.choices[0].message.content == content[: content.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    kw = dict(model="m", messages=HELLO, max_tokens=10)
+    a = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
+    b = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
+    c = server.client.chat.completions.create(**kw, **_sampled(8), extra_body={"top_k": 50})
+    assert a == b != c.choices[0].message.content
+
+
+def test_invalid_requests_get_openai_errors(model):
+    server, _ = model
+    status, body = server.raw("POST", "/v1/chat/completions", body=b'{"messages": [')
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    for bad, param in [({"model": "m"}, "messages"), ({"messages": []}, "messages"),
+                       ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+                       ({"messages": [{"role": "user"}]}, "messages[0].content"),
+                       ({"messages": HELLO, "temperature": 5}, "temperature"),
+                       ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+                       ({"messages": HELLO, "max_tokens": 600}, "max_tokens"),  # beyond the 512-token context
+                       ({"messages": HELLO, "n": 2}, "n"),
+                       ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                        "messages[0].content[0]"),
+                       ([1, 2], None)]:
+        status, body = server.raw("POST", "/v1/chat/completions", body=json.dumps(bad).encode())
+        assert status == 400 and body["error"]["param"] == param, (bad, body)
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 600}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        server.client.chat.completions.create(model="m", messages=HELLO, top_p=1.5, stream=True)
+    assert server.raw("GET", "/v1/nowhere")[0] == 404
+    status, body = server.raw("GET", "/v1/chat/completions")
+    assert status == 405 and "error" in body
+
+
+def test_models_and_health(model):
+    server, _ = model
+    assert [m.id for m in server.client.models.list()] == ["tiny3"]
+    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "tiny3", "queued": 0})
+
+
+# ---------------------------------------------------------------------------------------------- a scripted model
+
+
+class ScriptedGenerator:
+    """Generator stand-in: every row answers a fixed text (picked by a keyword in its prompt), one token per
+    step, then eos; records every batch. "FAIL" raises before the first step, "FAIL_LATER" after two."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.config = types.SimpleNamespace(vocab_size=len(tok), max_position_embeddings=512)
+        self.eos_ids = (2,)
+        self.batches = []  # (rows, steps taken)
+
+    def script(self, prompt: str) -> str:
+        if "THINK" in prompt:
+            body = "Let me think.\n</think>\n\nThe answer is 4."
+            return body if prompt.endswith("<think>\n") else "<think>\n" + body
+        if "TOOL" in prompt:
+            if "<tools>" not in prompt:
+                return "I have no tools."
+            return ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+        if "SLOW" in prompt:
+            return "slow " * 40
+        return "Hi there."
+
+    def stream(self, prompts, max_new_tokens, sampling, *, eos_ids, chunk=1):
+        texts = [self.tok.decode(p) for p in prompts]
+        record = [len(prompts), 0]
+        self.batches.append(record)
+        if any("FAIL" in t and "FAIL_LATER" not in t for t in texts):
+            raise RuntimeError("scripted failure")
+        rows = [self.tok.encode(self.script(t), add_special_tokens=False)[:m - 1] + [eos_ids[0]]
+                for t, m in zip(texts, max_new_tokens)]
+        for step in range(max(map(len, rows))):
+            if step == 2 and any("FAIL_LATER" in t for t in texts):
+                raise RuntimeError("scripted failure mid-stream")
+            if any("SLOW" in t for t in texts):
+                time.sleep(0.03)
+            record[1] = step + 1
+            yield [row[step:step + 1] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def scripted(tok):
+    gen = ScriptedGenerator(tok)
+    server = _Server(create_app(gen, tok, "scripted", max_batch=8))
+    yield server, gen
+    server.stop()
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_reasoning_content(scripted):
+    server, _ = scripted
+    for extra in [None, {"chat_template_kwargs": {"open_thinking": True}}]:  # model opens <think> / prompt does
+        m = server.client.chat.completions.create(model="s", messages=_user("THINK"), extra_body=extra)
+        message = m.choices[0].message
+        assert message.content == "The answer is 4." and message.reasoning_content == "Let me think."
+        chunks = list(server.client.chat.completions.create(model="s", messages=_user("THINK"), stream=True,
+                                                            extra_body=extra))
+        deltas = [c.choices[0].delta for c in chunks]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me think."
+        assert "".join(d.content or "" for d in deltas) == "The answer is 4."
+        assert not any("<" in (d.content or "") + (getattr(d, "reasoning_content", None) or "") for d in deltas)
+    plain = server.client.chat.completions.create(model="s", messages=_user("hello")).choices[0].message
+    assert plain.content == "Hi there." and getattr(plain, "reasoning_content", None) is None
+
+
+def test_tool_calls(scripted):
+    server, _ = scripted
+    r = server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER,
+                                                        stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Checking."
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        (0, "get_weather", {"city": "Paris"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # the tool result goes back through the template; without tools nothing is parsed
+    follow = _user("TOOL") + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    assert server.client.chat.completions.create(model="s", messages=follow).choices[0].message.content == \
+        "I have no tools."
+    none = server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER, tool_choice="none")
+    assert none.choices[0].message.content == "I have no tools." and not none.choices[0].message.tool_calls
+
+
+def test_generation_failure_is_a_500_and_the_server_goes_on(scripted):
+    server, _ = scripted
+    with pytest.raises(openai.InternalServerError) as e:
+        server.client.chat.completions.create(model="s", messages=_user("FAIL"))
+    assert "scripted failure" in e.value.message
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for _ in server.client.chat.completions.create(model="s", messages=_user("FAIL_LATER"), stream=True):
+            pass
+    assert server.client.chat.completions.create(model="s", messages=_user("x")).choices[0].message.content == \
+        "Hi there."
+
+
+def test_queued_requests_share_a_batch_and_a_dropped_stream_stops(scripted):
+    server, gen = scripted
+    engine = server.app.state.engine
+    slow = server.client.chat.completions.create(model="s", messages=_user("SLOW"), stream=True)
+    next(iter(slow))  # the slow batch is running: the next three queue up behind it
+    n = len(engine.batch_sizes)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(server.client.chat.completions.create, model="s", messages=_user(f"q{i}"))
+                   for i in range(3)]
+        time.sleep(0.2)
+        slow.close()  # the client goes away mid-stream
+        answers = [f.result(timeout=60).choices[0].message.content for f in futures]
+    assert answers == ["Hi there."] * 3
+    assert engine.batch_sizes[n:] == [3]
+    assert gen.batches[-2][1] < 40  # the abandoned slow row stopped early
+    assert gen.batches[-1][0] == 4  # 3 rows padded to a power of two
+
+
+def test_parse_chat_request_defaults_and_extensions():
+    req = parse_chat_request({"messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                             {"type": "text", "text": "b"}]}],
+                              "temperature": 0, "stop": "END", "max_completion_tokens": 5, "seed": -1,
+                              "chat_template_kwargs": {"enable_thinking": True}})
+    assert req.messages == [{"role": "system", "content": "a\nb"}]
+    assert req.sampling.is_greedy and req.stop == ["END"] and req.max_tokens == 5
+    assert req.sampling.seed == 2 ** 32 - 1 and req.template_kwargs == {"open_thinking": True}
+    req = parse_chat_request({"messages": _user("x"), "top_k": 3, "repetition_penalty": 1.1})
+    assert (req.sampling.top_k, req.sampling.repetition_penalty, req.sampling.is_greedy) == (3, 1.1, False)
+    assert req.max_tokens is None and req.tools is None and not req.stream
