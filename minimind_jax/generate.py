@@ -151,10 +151,17 @@ def _filter(logits: jax.Array, seen: jax.Array, rows: _Rows) -> tuple[jax.Array,
 
 def _pick(logits: jax.Array, seen: jax.Array, rows: _Rows, step: jax.Array) -> jax.Array:
     """The next token of every row: greedy rows take the argmax, the others draw with key fold_in(row key, step)."""
-    penalised, filtered = _filter(logits, seen, rows)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows.keys, step)
-    sampled = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
-    return jnp.where(rows.greedy, jnp.argmax(penalised, axis=-1).astype(jnp.int32), sampled)
+    def greedy_only(logits):  # no sort, no draw: the common case of a batch of greedy rows
+        logits = jnp.where(seen, logits / rows.penalty[:, None], logits)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def mixed(logits):
+        penalised, filtered = _filter(logits, seen, rows)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows.keys, step)
+        sampled = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
+        return jnp.where(rows.greedy, jnp.argmax(penalised, axis=-1).astype(jnp.int32), sampled)
+
+    return jax.lax.cond(jnp.all(rows.greedy), greedy_only, mixed, logits)
 
 
 def _advance(state: _State, token: jax.Array, rows: _Rows) -> _State:
