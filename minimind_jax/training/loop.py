@@ -59,6 +59,7 @@ class RunResult:
     stopped: str = "done"  # done | interrupted | nonfinite
     sample: str | None = None
     frozen: Any = None  # the frozen params of the run (LoRA base, DPO reference, distillation teacher)
+    opt_state: Any = None
 
 
 def _log(msg: str) -> None:
@@ -397,7 +398,8 @@ def train(cfg: TrainConfig) -> RunResult:
     if stopped == "interrupted":
         _log(f"interrupted: saved step {step} to {state_dir}; continue with --from_resume 1")
 
-    result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped, frozen=state.frozen)
+    result = RunResult(run_dir, step, losses, state.params, model_cfg, stopped, frozen=state.frozen,
+                       opt_state=state.opt_state)
     host_params = _to_host(state.params) if stopped == "done" else None  # collective: every process
     if stopped == "done" and cfg.stage == "lora":
         from minimind_jax.lora import merge
