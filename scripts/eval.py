@@ -1,0 +1,213 @@
+"""Evaluate a checkpoint: mean loss and perplexity on a jsonl file, and/or answers to a fixed prompt suite.
+
+    python scripts/eval.py --ckpt out/quickstart/pretrain_128/weights --data data/sample/pretrain.jsonl
+    python scripts/eval.py --ckpt out/quickstart/sft_128/weights --data data/sample/sft.jsonl --suite
+    python scripts/eval.py --ckpt MiniMind2/ --suite --greedy                 # MiniMind's eval: fixed questions
+    python scripts/eval.py --ckpt ... --suite --prompts my_questions.txt --model_mode pretrain
+
+``--data`` takes any of MiniMind's formats (pretrain ``{"text"}``, SFT / reasoning ``{"conversations"}``, DPO
+``{"chosen", "rejected"}``: the loss is on the chosen replies), detected from the first record or given with
+``--stage``. The loss is the next-token cross-entropy over the trained tokens (the whole text for pretrain, the
+assistant's replies for chat data), exactly as training computes it; every record counts (the last batch is
+padded, not dropped). ``--suite`` answers the prompts in one batch (MiniMind's eval questions by default).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A fixed suite in the spirit of MiniMind's eval_llm.py: knowledge, reasoning, code, advice, Chinese and English.
+SUITE = [
+    "你有什么特长？",
+    "为什么天空是蓝色的？",
+    "请用Python写一个计算斐波那契数列的函数",
+    "解释一下“光合作用”的基本过程",
+    "如果明天下雨，我应该如何出门？",
+    "比较一下猫和狗作为宠物的优缺点",
+    "What is machine learning?",
+    "Write a short poem about the sea.",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or file (anything the converter reads)")
+    p.add_argument("--data", action="append", default=[], help="jsonl file(s) for the loss / perplexity")
+    p.add_argument("--stage", default="auto", choices=["auto", "pretrain", "sft", "dpo"],
+                   help="data format (auto: from the first record's keys)")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
+    p.add_argument("--suite", action="store_true", help="answer the prompt suite")
+    p.add_argument("--prompts", default=None, help="the suite's prompts: a text file, one per line")
+    p.add_argument("--model_mode", "--model-mode", default="chat", choices=["chat", "pretrain", "0", "1"],
+                   help="suite prompts through the chat template (chat, 1) or as plain text (pretrain, 0)")
+    p.add_argument("--think", action="store_true", help="open a <think> block in the suite's prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.85)
+    p.add_argument("--top-p", type=float, default=0.85)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", default="fp32", choices=["fp32", "bf16", "bf16-params"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's, else bundled)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def detect_stage(path: str) -> str:
+    """pretrain / sft / dpo from the keys of the first non-blank record of ``path``."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
+            if "chosen" in record and "rejected" in record:
+                return "dpo"
+            if "conversations" in record:
+                return "sft"
+            if "text" in record:
+                return "pretrain"
+            raise ValueError(f"{path}:{line_no}: cannot tell the data format from the keys {sorted(record)}; "
+                             "expected text (pretrain), conversations (sft) or chosen/rejected (dpo); see --stage")
+    raise ValueError(f"{path}: no records")
+
+
+def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_size, max_records=0):
+    """(mean loss over trained tokens, trained tokens, records) of the files, batch by batch with a progress bar."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
+
+    from minimind_jax.data.jsonl import JsonlSource
+    from minimind_jax.data.pipeline import make_transform
+    from minimind_jax.data.samples import IGNORE_INDEX
+    from minimind_jax.model.transformer import MiniMindLM
+    from minimind_jax.training.stages import token_cross_entropy
+
+    source = JsonlSource(paths, stage)
+    transform = make_transform(stage, tok, max_seq_len)
+    ids_key, labels_key = ("chosen_input_ids", "chosen_labels") if stage == "dpo" else ("input_ids", "labels")
+    model = MiniMindLM(config, policy)
+
+    @jax.jit
+    def batch_loss(p, ids, labels):
+        losses, mask = token_cross_entropy(model.apply({"params": p}, ids).logits, labels)
+        return jnp.sum(losses), jnp.sum(mask)
+
+    n = len(source) if not max_records else min(max_records, len(source))
+    total, tokens = 0.0, 0
+    params = jax.device_put(policy.cast_to_param(params))
+    with tqdm(total=n, desc="loss", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            count = min(batch_size, n - start)
+            ids = np.zeros((batch_size, max_seq_len), np.int32)
+            labels = np.full((batch_size, max_seq_len), IGNORE_INDEX, np.int32)  # padding rows train nothing
+            for row in range(count):
+                arrays = transform(source[start + row], None).arrays
+                ids[row], labels[row] = arrays[ids_key], arrays[labels_key]
+            s, m = batch_loss(params, ids, labels)
+            total, tokens = total + float(s), tokens + int(m)
+            bar.update(count)
+            bar.set_postfix(loss=f"{total / max(tokens, 1):.4f}")
+    return total / max(tokens, 1), tokens, n
+
+
+def run_suite(gen, tok, prompts, args):
+    from minimind_jax.chat_format import split_reasoning
+    from minimind_jax.generate import SamplingParams
+
+    chat = args.model_mode in ("chat", "1")
+    if chat:
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       open_thinking=True if args.think else None, sanitize_control_tokens=True)
+               for p in prompts]
+    else:
+        ids = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.max_new_tokens, desc=f"suite ({len(prompts)} prompts, one batch)", unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    results = gen.generate(ids, args.max_new_tokens, sampling, callback=lambda new: bar.update(1))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    answers = []
+    for prompt, prompt_ids, res in zip(prompts, ids, results):
+        text = tok.decode(res.tokens, skip_special_tokens=True)
+        opened = chat and args.think
+        reasoning, answer = split_reasoning(text, start_in_reasoning=opened) if chat else (None, text)
+        print(f"👤: {prompt}")
+        if reasoning:
+            print(f"[think] {reasoning}")
+        print(f"🤖: {answer.strip()}\n")
+        answers.append({"prompt": prompt, "reasoning": reasoning, "answer": answer, "tokens": len(res.tokens),
+                        "finish_reason": res.finish_reason})
+    n = sum(len(r.tokens) for r in results)
+    print(f"suite: {n} tokens in {seconds:.1f} s ({n / seconds:.1f} tokens/s, compile included)", file=sys.stderr)
+    return answers
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.data and not args.suite:
+        print("error: nothing to do: give --data FILE and/or --suite", file=sys.stderr)
+        return 2
+    from minimind_jax.generate import Generator, load_params, tokenizer_for
+    from minimind_jax.precision import get_policy
+
+    out = {"ckpt": args.ckpt}
+    try:
+        for path in args.data:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--data: no such file: {path}")
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise FileNotFoundError(f"--prompts: no such file: {args.prompts}")
+        if args.batch_size < 1 or args.max_seq_len < 2:
+            raise ValueError("--batch_size must be >= 1 and --max_seq_len >= 2")
+        config, params = load_params(args.ckpt)
+        tok = tokenizer_for(args.ckpt, args.tokenizer)
+        policy = get_policy(args.policy)
+        if args.data:
+            stages = {p: (detect_stage(p) if args.stage == "auto" else args.stage) for p in args.data}
+            if len(set(stages.values())) > 1:
+                raise ValueError(f"the --data files hold different formats: {stages}; evaluate them separately")
+            stage = next(iter(stages.values()))
+            loss, tokens, records = evaluate_loss(params, config, policy, tok, args.data, stage, args.max_seq_len,
+                                                  args.batch_size, args.max_records)
+            ppl = math.exp(min(loss, 700.0))
+            print(f"{', '.join(args.data)} ({stage}, {records} records, {tokens} trained tokens, max_seq_len "
+                  f"{args.max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
+            out.update(data=args.data, stage=stage, records=records, tokens=tokens, loss=loss, perplexity=ppl)
+        if args.suite:
+            prompts = SUITE
+            if args.prompts:
+                with open(args.prompts, encoding="utf-8") as f:
+                    prompts = [line.strip() for line in f if line.strip()]
+            if not prompts:
+                raise ValueError(f"{args.prompts}: no prompts")
+            eos = sorted({config.eos_token_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+            gen = Generator(params, config, policy, eos_ids=eos)
+            out["suite"] = run_suite(gen, tok, prompts, args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, ensure_ascii=False, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""scripts/chat.py and scripts/eval.py on a tiny saved model with the bundled tokenizer's vocabulary."""
+
+import importlib.util
+import io
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _util import cached_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from minimind_jax import ModelConfig
+    from minimind_jax.checkpoint import save_checkpoint
+
+    cfg = ModelConfig.preset("tiny3", vocab_size=6400)
+    path = tmp_path_factory.mktemp("scripts") / "ckpt"
+    save_checkpoint(path, cached_params(cfg), cfg)
+    return cfg, path
+
+
+def _answers(out: str) -> list[str]:
+    return [line[len("🤖: "):] for line in out.splitlines() if line.startswith("🤖: ")]
+
+
+def test_chat_prompts_file_history_and_reset(ckpt, tmp_path, capsys):
+    cfg, path = ckpt
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nAnd then?\n/reset\nHello there\n/exit\nnever asked\n", encoding="utf-8")
+    chat = _script("chat")
+    assert chat.main(["--ckpt", str(path), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("👤: ") == 5 and "never asked" not in out  # /exit stops reading the file
+    answers = _answers(out)
+    assert len(answers) == 3
+    assert answers[0] == answers[2]  # after /reset the same message gets the same greedy reply
+
+
+def test_chat_session_sends_the_history(ckpt):
+
+    from minimind_jax.generate import Generator, tokenizer_for
+
+    cfg, path = ckpt
+    chat = _script("chat")
+    args = chat.build_parser().parse_args(["--ckpt", str(path), "--greedy", "--max-new-tokens", "6"])
+    tok = tokenizer_for(None)
+
+
+    session = chat.ChatSession(Generator(cached_params(cfg), cfg), tok, args, out=io.StringIO())
+    first = session.ask("Hi")
+    ids = session._prompt_ids("Again")
+    text = tok.decode(ids)
+    assert "Hi" in text and "Again" in text and text.count("<|im_start|>user") == 2
+    assert len(session.history) == 2 and session.history[1] == {"role": "assistant", "content": first}
+    args.history = 0
+    session.reset()
+    assert tok.decode(session._prompt_ids("Again")).count("<|im_start|>user") == 1
+    pre = chat.ChatSession(Generator(cached_params(cfg), cfg), tok,
+                           chat.build_parser().parse_args(["--ckpt", "x", "--model_mode", "pretrain"]),
+                           out=io.StringIO())
+    assert pre._prompt_ids("Once upon") == [tok.bos_token_id] + tok.encode("Once upon", add_special_tokens=False)
+
+
+def test_eval_loss_counts_every_record(ckpt, tmp_path, capsys):
+    from minimind_jax.data.pipeline import make_transform
+    from minimind_jax.data.jsonl import JsonlSource
+    from minimind_jax.model.transformer import MiniMindLM
+    from minimind_jax.tokenizer import load_tokenizer
+    from minimind_jax.training.stages import token_cross_entropy
+
+    cfg, path = ckpt
+    data = ROOT / "data" / "sample" / "sft.jsonl"
+    report = tmp_path / "eval.json"
+    ev = _script("eval")
+    # 5 records in batches of 2: the last batch is padded, not dropped
+    assert ev.main(["--ckpt", str(path), "--data", str(data), "--max_seq_len", "64", "--batch_size", "2",
+                    "--max-records", "5", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["stage"] == "sft" and result["records"] == 5
+    tok = load_tokenizer()
+    transform = make_transform("sft", tok, 64)
+    source = JsonlSource(str(data), "sft")
+    model = MiniMindLM(cfg)
+    total, count = 0.0, 0
+    for i in range(5):
+        arrays = transform(source[i], None).arrays
+        losses, mask = token_cross_entropy(
+            model.apply({"params": cached_params(cfg)}, jnp.asarray(arrays["input_ids"])[None]).logits,
+            jnp.asarray(arrays["labels"])[None])
+        total, count = total + float(jnp.sum(losses)), count + int(jnp.sum(mask))
+    assert result["tokens"] == count
+    np.testing.assert_allclose(result["loss"], total / count, rtol=1e-5)
+    assert f"loss {total / count:.4f}" in capsys.readouterr().out
+
+
+def test_eval_suite_and_errors(ckpt, tmp_path, capsys):
+    cfg, path = ckpt
+    prompts = tmp_path / "q.txt"
+    prompts.write_text("What is 1+1?\nName a color.\n", encoding="utf-8")
+    ev = _script("eval")
+    report = tmp_path / "suite.json"
+    assert ev.main(["--ckpt", str(path), "--suite", "--prompts", str(prompts), "--greedy", "--max-new-tokens", "5",
+                    "--json", str(report)]) == 0
+    suite = json.loads(report.read_text())["suite"]
+    assert [s["prompt"] for s in suite] == ["What is 1+1?", "Name a color."]
+    assert all(1 <= s["tokens"] <= 5 for s in suite)
+    assert len(_answers(capsys.readouterr().out)) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n', encoding="utf-8")
+    assert ev.main(["--ckpt", str(path), "--data", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    assert ev.main(["--ckpt", str(path)]) == 2
