@@ -90,12 +90,11 @@ def load_torch(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     report.dtype, report.dtype_reason = dt.resolve(dtype, src_config, report.stored_dtypes)
     _check_keys(tensors, cfg)  # names and shapes, before anything is cast
     # Cast each stored tensor before experts / layers are stacked: the report names the tensors as stored
-    # (e.g. every float32 expert of a bfloat16 checkpoint), and a stack never mixes dtypes (numpy would
-    # promote bfloat16 + float32 silently and refuse float16 + bfloat16 with a TypeError).
-    tensors = dt.cast_all(tensors, report.dtype, report.casts)
-    # Consumes the expert tensors as it stacks them.
+    # (e.g. every float32 expert of a bfloat16 checkpoint), and a stack never mixes dtypes (torch_to_params
+    # refuses that rather than cast silently).
+    # Both steps replace / consume the tensors one at a time: the checkpoint is never held twice.
+    dt.cast_all(tensors, report.dtype, report.casts, in_place=True)
     params = torch_to_params(tensors, cfg, consume=True)
-    del tensors
     return cfg, params
 
 

@@ -51,7 +51,6 @@ def cmd_to_jax(args) -> int:
     report = Report()
     cfg, params = load_torch(args.src, config=args.config, dtype=args.dtype,
                              scan_layers=True if args.scan_layers else None, report=report)
-    params = _to_jax_in_place(params)
     source = {"path": str(Path(args.src).resolve()), "config": report.config_source,
               "stored_dtypes": report.stored_dtypes}
     save_checkpoint(args.out, params, cfg, source=source, force=args.force,
@@ -61,18 +60,6 @@ def cmd_to_jax(args) -> int:
     print(f"wrote {args.out} ({cfg.generation}, {'MoE' if cfg.use_moe else 'Dense'}, "
           f"{'scanned' if cfg.scan_layers else 'per-layer'} layout) in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _to_jax_in_place(tree: dict) -> dict:
-    """Replace each numpy leaf by a jax array, one at a time, so that the numpy copy is freed as it goes:
-    orbax buffers about half as much for jax leaves as for numpy ones (see minimind_jax.checkpoint)."""
-    import jax
-
-    for key in list(tree):
-        value = tree[key]
-        tree[key] = _to_jax_in_place(value) if isinstance(value, dict) else jax.device_put(value)
-        del value
-    return tree
 
 
 def cmd_to_torch(args) -> int:

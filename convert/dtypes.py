@@ -99,16 +99,18 @@ class CastLog:
 
 
 def cast_all(tensors: Mapping[str, np.ndarray], target: str, log: CastLog | None = None,
-             clip_fp16: bool = False) -> dict[str, np.ndarray]:
+             clip_fp16: bool = False, *, in_place: bool = False) -> dict[str, np.ndarray]:
     """Cast every tensor to ``target`` (explicitly, recorded in ``log``).
 
     Casting to float16 refuses values beyond +-65504 (they would become inf) and names every offending
-    tensor, unless ``clip_fp16`` clips them to the range (also recorded).
+    tensor, unless ``clip_fp16`` clips them to the range (also recorded). ``in_place=True`` replaces the
+    entries of ``tensors`` (a dict) one by one and returns it: each stored array is freed as soon as its
+    cast exists, so a cast never holds the whole checkpoint twice.
     """
     target = canonical(target)
     log = log if log is not None else CastLog()
     dst = TABLE[target].numpy
-    out, too_big = {}, []
+    out, too_big = (tensors if in_place else {}), []
     for name, arr in tensors.items():
         src = name_of(arr)
         if src == target:

@@ -2,9 +2,9 @@
 
 Readers return ``(tensors, source_config)``: tensor name -> numpy array in the stored dtype (bf16 as
 ``ml_dtypes.bfloat16``), and the parsed ``config.json`` found beside the weights (or None). safetensors
-are read with ``safetensors.safe_open(..., framework="numpy")``, no torch needed; ``.pth`` needs torch
-(``torch.load(weights_only=True)``), and bf16 tensors are moved through an int16 view, never through
-``Tensor.numpy()``. Writers are atomic: a temporary sibling directory, renamed into place at the end.
+files are validated with ``safetensors.safe_open`` and read with plain file reads, no torch needed; ``.pth``
+needs torch (``torch.load(weights_only=True)``), and bf16 tensors are moved through an int16 view, never
+through ``Tensor.numpy()``. Writers are atomic: a temporary sibling directory, renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -91,12 +91,47 @@ def read_tensors(src: str | os.PathLike) -> dict[str, np.ndarray]:
     return tensors
 
 
+# safetensors dtype codes of tensors we refuse (named in the error as numpy names them).
+_NON_FLOAT = {"F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+              "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2"}
+_CODES = {d.safetensors: d for d in TABLE.values()}
+
+
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """Each tensor read with plain file reads into its own numpy array.
+
+    ``safe_open`` first validates the file (header, offsets against the file size); its ``get_tensor`` is
+    not used for the data: it copies out of a memory map whose pages stay resident until the file is
+    closed, so a whole checkpoint would count twice in the process's memory.
+    """
     from safetensors import safe_open
 
     try:
-        with safe_open(os.fspath(file), framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        with safe_open(os.fspath(file), framework="numpy"):
+            pass
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            tensors = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                code = info["dtype"]
+                if code not in _CODES:
+                    raise CheckpointReadError(f"{file}: tensor {name!r}: dtype {_NON_FLOAT.get(code, code)} is not "
+                                              "a float32 / bfloat16 / float16 tensor")
+                begin, end = info["data_offsets"]
+                buf = np.empty(end - begin, np.uint8)
+                f.seek(8 + size + begin)
+                if f.readinto(buf) != buf.size:
+                    raise CheckpointReadError(f"{file}: truncated while reading tensor {name!r}")
+                # safetensors data is little-endian
+                dtype = np.dtype(_CODES[code].numpy).newbyteorder("<")
+                tensors[name] = buf.view(dtype).reshape(info["shape"])
+            return tensors
+    except CheckpointReadError:
+        raise
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
         raise CheckpointReadError(f"{file}: cannot read as safetensors (truncated or corrupt?): {e}") from None
 

@@ -164,43 +164,44 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: ModelConfig, *
     """A MiniMind / HF state dict (name -> numpy array) -> this project's params pytree (numpy).
 
     ``lm_head.weight`` may be absent when embeddings are tied; when present it must equal the embedding.
-    Raises ``MappingError`` listing every missing / unexpected key and shape mismatch. ``consume=True``
-    removes the expert tensors from ``state_dict`` (a mutable dict) as they are stacked.
+    Raises ``MappingError`` listing every missing / unexpected key and shape mismatch. Every leaf is a
+    C-contiguous array: transposed weights are copied, stacked ones (experts, scanned layers) are filled
+    into one preallocated array (the tensors stacked into one leaf must share a dtype: nothing is cast
+    here). ``consume=True`` removes each tensor from ``state_dict`` (a mutable dict) as soon as it is
+    placed, so converting a large checkpoint never holds two full copies.
     """
     _check_keys(state_dict, config)
-    embed = np.asarray(state_dict["model.embed_tokens.weight"])
+    take = state_dict.pop if consume else state_dict.__getitem__
+    embed = np.ascontiguousarray(take("model.embed_tokens.weight"))
     if config.tie_word_embeddings and "lm_head.weight" in state_dict:
-        if not np.array_equal(np.asarray(state_dict["lm_head.weight"]), embed):
+        if not np.array_equal(np.asarray(take("lm_head.weight")), embed):
             raise MappingError("tie_word_embeddings is set but lm_head.weight differs from "
                                "model.embed_tokens.weight; load with tie_word_embeddings=False")
-    params: dict = {"embed_tokens": embed, "norm": {"weight": np.asarray(state_dict["model.norm.weight"])}}
+    params: dict = {"embed_tokens": embed, "norm": {"weight": np.ascontiguousarray(take("model.norm.weight"))}}
     if not config.tie_word_embeddings:
-        params["lm_head"] = np.asarray(state_dict["lm_head.weight"]).T
+        params["lm_head"] = np.ascontiguousarray(np.asarray(take("lm_head.weight")).T)
 
-    per_layer: list[dict] = []
+    shapes = expected_param_shapes(config)
+    stacked: dict[tuple[str, ...], str] = {}  # leaf path -> first torch name placed in it (for dtype errors)
     for i in range(config.num_hidden_layers):
-        layer: dict = {}
-        stacks: dict[tuple[str, ...], list] = {}
         for suffix, path, transpose, e in layer_table(config):
             name = f"model.layers.{i}.{suffix}"
-            # consume: drop the source tensor once copied (stacking experts copies them), so converting
-            # a large checkpoint never holds two full copies.
-            arr = np.asarray(state_dict.pop(name) if consume and e is not None else state_dict[name])
+            arr = np.asarray(take(name))
             arr = arr.T if transpose else arr
-            if e is None:
-                _set(layer, path, arr)
-            else:
-                stacks.setdefault(path, []).append(arr)
-        for path, arrays in stacks.items():
-            _set(layer, path, np.stack(arrays))
-        per_layer.append(layer)
-    if config.scan_layers:
-        import jax
-
-        params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    else:
-        for i, layer in enumerate(per_layer):
-            params[f"layers_{i}"] = layer
+            leaf = ("layers",) + path if config.scan_layers else (f"layers_{i}",) + path
+            index = ((i,) if config.scan_layers else ()) + ((e,) if e is not None else ())
+            if not index:
+                _set(params, leaf, np.ascontiguousarray(arr))
+                continue
+            if leaf not in stacked:
+                stacked[leaf] = name
+                _set(params, leaf, np.empty(shapes[leaf], arr.dtype))
+            target = _get(params, leaf)
+            if arr.dtype != target.dtype:
+                raise MappingError(f"{name} is {arr.dtype.name} but {stacked[leaf]}, stacked into the same "
+                                   f"param {'/'.join(leaf)}, is {target.dtype.name}; cast the state dict to one "
+                                   "dtype first (convert.load_torch does)")
+            target[index] = arr
     return params
 
 

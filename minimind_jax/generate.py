@@ -36,7 +36,7 @@ from minimind_jax.config import ModelConfig
 from minimind_jax.model.transformer import KVCache, MiniMindLM
 from minimind_jax.precision import Policy, get_policy
 
-__all__ = ["Generator", "GenerationResult", "SamplingParams", "TextStream", "greedy_generate"]
+__all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "greedy_generate"]
 
 _NO_TOKEN = -1  # written after a row has stopped
 _MAX_EOS = 4
@@ -77,7 +77,7 @@ class SamplingParams:
         return self.greedy or self.temperature == 0
 
     @classmethod
-    def make_greedy(cls, repetition_penalty: float = 1.0) -> "SamplingParams":
+    def make_greedy(cls, repetition_penalty: float = 1.0) -> SamplingParams:
         return cls(greedy=True, repetition_penalty=repetition_penalty)
 
 
@@ -231,7 +231,7 @@ class Generator:
             raise ValueError(f"at most {_MAX_EOS} eos ids, got {len(self.eos_ids)}")
 
     @classmethod
-    def from_checkpoint(cls, path: str, policy: Policy | str = "fp32", **kwargs) -> "Generator":
+    def from_checkpoint(cls, path: str, policy: Policy | str = "fp32", **kwargs) -> Generator:
         """A generator for this project's checkpoint directory or anything the converter reads."""
         config, params = load_params(path)
         return cls(params, config, policy, **kwargs)

@@ -16,9 +16,10 @@ finished. Requests that arrive while a batch runs wait for the next one.
 
 **What a request may say.** ``messages`` (roles system / developer / user / assistant / tool, text content
 or text parts, assistant ``tool_calls``), ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` /
-``max_completion_tokens``, ``stop``, ``seed``, ``tools`` / ``tool_choice``, ``stream`` /
-``stream_options.include_usage``; as extensions ``top_k``, ``repetition_penalty`` (MiniMind's sampling) and
-``chat_template_kwargs`` (e.g. ``{"open_thinking": true}``: the generation prompt opens ``<think>``).
+``max_completion_tokens``, ``stop``, ``seed``, ``tools`` / ``tool_choice`` (``"none"`` drops the tools, any
+other choice acts as ``"auto"``), ``stream`` / ``stream_options.include_usage``; as extensions ``top_k``,
+``repetition_penalty`` (MiniMind's sampling) and ``chat_template_kwargs`` (e.g. ``{"open_thinking": true}``:
+the generation prompt opens ``<think>``).
 ``presence_penalty``, ``frequency_penalty``, ``user`` and the like are accepted and ignored; ``n > 1``,
 ``logprobs`` and JSON ``response_format`` are refused.
 
@@ -301,14 +302,16 @@ class _Row:
         self.done = False
 
     def push(self, tokens: list[int]) -> None:
+        if self.stops.stop and len(tokens) > 1:  # one by one, so the count stops where a stop string ends
+            for t in tokens:
+                self.push([t])
+            return
         if self.done:
             return
         self.count += len(tokens)
         ended = bool(tokens) and tokens[-1] in self.eos
         self._text(self.text.push([t for t in tokens if t not in self.eos]))
-        if self.stops.stopped:
-            self.finish("stop")
-        elif ended:
+        if self.stops.stopped or ended:
             self.finish("stop")
         elif self.count >= self.job.max_tokens:
             self.finish("length")
@@ -414,7 +417,7 @@ class Engine:
     def _serve(self, jobs: list[Job]) -> None:
         rows = [_Row(j, self.tokenizer, set(self.eos_ids)) for j in jobs]
         self.batch_sizes.append(len(jobs))
-        size = min(_pow2_at_least(len(jobs)), max(self.max_batch, len(jobs)))
+        size = min(_pow2_at_least(len(jobs)), self.max_batch)
         filler = min((j.prompt_ids for j in jobs), key=len)  # dummy rows: one greedy token each
         prompts = [j.prompt_ids for j in jobs] + [filler] * (size - len(jobs))
         limits = [j.max_tokens for j in jobs] + [1] * (size - len(jobs))

@@ -110,7 +110,7 @@ def bench_moe(args) -> None:
 
 
 _CONVERT_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 def rss(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -127,10 +127,11 @@ try:  # reset the high-water mark to the current RSS: the peak is then the conve
     reset = True
 except OSError:  # (an older kernel: VmHWM then also covers the imports, an upper bound)
     reset = False
-t0 = time.perf_counter()
+t0, cpu0 = time.perf_counter(), os.times()
 rc = convert.cli.main(sys.argv[1:])
-t1 = time.perf_counter()
+t1, cpu1 = time.perf_counter(), os.times()
 print(json.dumps({"rc": rc, "seconds": t1 - t0, "process_seconds": t1 - t_start, "base": base,
+                  "cpu_seconds": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
                   "peak": rss("VmHWM"), "hwm_reset": reset}))
 """
 
@@ -154,7 +155,8 @@ def bench_convert(args) -> None:
         del params
         size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
         print(f"convert {args.preset}: source {fmt} directory, {args.dtype}, {size / 2**20:.0f} MiB "
-              f"({size:,} bytes) of checkpoint")
+              f"({size:,} bytes) of checkpoint; {os.cpu_count()} CPUs, load average "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (wall seconds grow with other work on the machine)")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for label, cmd in (("to-jax  ", ["to-jax", src, jx, "--dtype", "auto"]),
                            ("to-torch", ["to-torch", jx, back, "--format", fmt, "--dtype", args.dtype])):
@@ -168,7 +170,8 @@ def bench_convert(args) -> None:
             if result["rc"] != 0:
                 raise SystemExit(f"{label.strip()} failed (rc {result['rc']}):\n{proc.stderr[-4000:]}")
             extra = result["peak"] - result["base"]
-            print(f"  {label}: {result['seconds']:5.1f} s (process {result['process_seconds']:4.1f} s with imports) | "
+            print(f"  {label}: {result['seconds']:5.1f} s (CPU {result['cpu_seconds']:4.1f} s; process "
+                  f"{result['process_seconds']:4.1f} s with imports) | "
                   f"peak extra RSS {extra / 2**20:6.0f} MiB ({extra / size:.2f}x the checkpoint; "
                   f"baseline {result['base'] / 2**20:.0f} MiB{'' if result['hwm_reset'] else ', peak since start'})")
 

@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minimind_jax.generate import Generator, SamplingParams, TextStream, load_params, tokenizer_for
+    from minimind_jax.generate import (
+        Generator,
+        SamplingParams,
+        TextStream,
+        load_params,
+        tokenizer_for,
+    )
 
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -6,6 +6,8 @@
 * overwrite only with ``force`` (and never of a directory that is not a checkpoint);
 * atomicity: a failure or a hard kill at any step leaves ``OUT`` absent or the old complete checkpoint,
   and a scratch directory left by a kill is never taken for a checkpoint;
+* OUT/params/ is plain orbax (StandardRestore reads it; compressed StandardSave files load), restored in
+  batches;
 * every bad input (missing / foreign / truncated / corrupt files, layout mismatch) is a
   ``CheckpointError`` naming the directory; explicit dtype casts on load.
 """
@@ -130,6 +132,43 @@ def test_loaded_params_give_same_logits(tmp_path, scan):
     after = np.asarray(_logits(loaded_config, loaded, ids))
     assert after.dtype == np.float32
     np.testing.assert_array_equal(before, after)
+
+
+# ---------------------------------------------------------------------------------------------- orbax files
+def test_params_dir_is_plain_orbax(tmp_path):
+    """OUT/params/ restores with orbax's own StandardCheckpointHandler (as any orbax user reads it), and a
+    params/ written by StandardCheckpointHandler (zstd-compressed, as earlier versions wrote it) loads."""
+    import orbax.checkpoint as ocp
+
+    config, params = _random_params("tiny3-moe", False, ml_dtypes.bfloat16)
+    out = save_checkpoint(tmp_path / "c", params, config)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        _assert_bitwise_equal(params, ckptr.restore(out / "params", args=ocp.args.StandardRestore(abstract)))
+        shutil.rmtree(out / "params")
+        ckptr.save(out / "params", args=ocp.args.StandardSave(params))
+    finally:
+        ckptr.close()
+    _assert_bitwise_equal(params, load_checkpoint(out)[1])
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 40], ids=["leaf-by-leaf", "one-batch"])
+def test_restore_in_batches(tmp_path, monkeypatch, batch_bytes):
+    config, params = _random_params("tiny3-moe", True, np.float16)
+    out = save_checkpoint(tmp_path / "c", params, config)
+    real, sizes = ckpt._batches, []
+
+    def spy(stored, limit):
+        for batch in real(stored, limit):
+            sizes.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(ckpt, "_RESTORE_BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(ckpt, "_batches", spy)
+    _assert_bitwise_equal(params, load_checkpoint(out, as_numpy=True)[1])
+    n = len(jax.tree.leaves(params))
+    assert sizes == ([1] * n if batch_bytes == 1 else [n])
 
 
 # ---------------------------------------------------------------------------------------------- manifest

@@ -7,7 +7,9 @@
   ``error: ...`` with exit code 2; atomic writes (interrupted conversions leave nothing), ``--force``;
 * MiniMind trainer ``.pth`` files (fp16, tied lm_head) with and without a config;
 * ``hf`` exports load in ``transformers.AutoModelForCausalLM`` and give our logits; sharded HF directories;
-* ``inspect`` output; ``load_torch`` (dtype, scan layout, logits).
+* ``inspect`` output; ``load_torch`` (dtype, scan layout, logits);
+* memory: the safetensors reader (plain file reads, equal to the library's), in-place casts and a state
+  dict consumed tensor by tensor into contiguous leaves (``python scripts/bench.py convert`` measures it).
 
 Params are random numpy arrays in the exact tree ``expected_param_shapes`` describes (no init to compile);
 every model call is jitted once per (config, policy) and reused.
@@ -31,8 +33,8 @@ import convert.io
 from _util import tiny
 from convert import MappingError, load_torch, save_torch
 from convert.cli import main
-from convert.dtypes import DTypeError
-from convert.mapping import expected_param_shapes, params_to_torch
+from convert.dtypes import CastLog, DTypeError, cast_all
+from convert.mapping import expected_param_shapes, params_to_torch, torch_to_params
 from minimind_jax import MiniMindLM
 from minimind_jax.checkpoint import flatten_params, load_checkpoint, save_checkpoint
 
@@ -797,3 +799,51 @@ def test_load_torch_reproduces_logits(preset, tmp_path):
         # ... and exports back to the same tensors.
         save_torch(scanned, cfg_s, tmp_path / "back")
         assert_tensors_identical(read_st(src / "model.safetensors"), read_st(tmp_path / "back/model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------- one copy at a time
+def test_safetensors_reader_equals_the_library(tmp_path):
+    rng = np.random.RandomState(0)
+    sd = {"a": rng.randn(3, 5).astype(np.float32), "b": rng.randn(7).astype(ml_dtypes.bfloat16),
+          "c": rng.randn(2, 3, 4).astype(np.float16), "d": np.zeros((0, 4), np.float32)}
+    save_file(sd, os.fspath(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    got = convert.io.read_tensors(tmp_path / "x.safetensors")
+    assert_tensors_identical(read_st(tmp_path / "x.safetensors"), got)
+    assert all(x.flags.c_contiguous and x.flags.writeable for x in got.values())  # not views of a mmap
+
+
+def test_cast_all_in_place_replaces_each_entry():
+    tensors = {"a": np.full(3, 1.5, np.float32), "b": np.full(2, 2.5, np.float16),
+               "c": np.ones(2, ml_dtypes.bfloat16)}
+    log = CastLog()
+    assert cast_all(tensors, "bfloat16", log, in_place=True) is tensors
+    assert {k: v.dtype for k, v in tensors.items()} == dict.fromkeys("abc", np.dtype(ml_dtypes.bfloat16))
+    assert log.casts == {("float32", "bfloat16"): ["a"], ("float16", "bfloat16"): ["b"]}
+    assert tensors["a"].astype(np.float32).tolist() == [1.5] * 3
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "scanned"])
+@pytest.mark.parametrize("preset", ["tiny3-moe", "tiny2-moe"])
+def test_torch_to_params_consumes_the_state_dict(preset, scan):
+    """consume=True empties the state dict (each tensor dropped once placed) and gives the same params;
+    every leaf is C-contiguous (orbax and the checksum then read each in place, without a copy)."""
+    config = tiny(preset, scan_layers=scan)
+    sd = params_to_torch(random_params(config.replace(scan_layers=False)), config.replace(scan_layers=False),
+                         include_lm_head=True)
+    want = torch_to_params(dict(sd), config)
+    source = dict(sd)
+    got = torch_to_params(source, config, consume=True)
+    assert source == {}
+    assert_params_equal(got, want)
+    assert all(x.flags.c_contiguous for x in flat(got).values())
+    assert all(x.flags.c_contiguous for x in flat(want).values())
+
+
+def test_stacking_tensors_of_two_dtypes_is_an_error_not_a_cast():
+    config = tiny("tiny3-moe")
+    sd = params_to_torch(random_params(config), config)
+    name = "model.layers.1.mlp.experts.1.up_proj.weight"
+    sd[name] = sd[name].astype(ml_dtypes.bfloat16)
+    with pytest.raises(MappingError, match=r"experts\.1\.up_proj\.weight is bfloat16 but "
+                                           r"model\.layers\.1\.mlp\.experts\.0\.up_proj\.weight.* is float32"):
+        torch_to_params(sd, config)

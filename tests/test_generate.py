@@ -5,9 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _util import cached_params, tiny
-from minimind_jax.generate import (Generator, SamplingParams, TextStream, _filter, _make_rows, greedy_generate)
+
+from minimind_jax.generate import (
+    Generator,
+    SamplingParams,
+    TextStream,
+    _filter,
+    _make_rows,
+    greedy_generate,
+)
 from minimind_jax.model.transformer import MiniMindLM
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(3, 20))]  # 5, 3 and 17 tokens: two prompt buckets
@@ -220,10 +227,9 @@ def test_text_stream_holds_back_partial_characters():
 def saved_model(tmp_path_factory):
     """A tiny minimind-3 model with the bundled tokenizer's vocabulary, saved in this project's checkpoint format
     and in MiniMind's safetensors layout."""
+    import convert
     from minimind_jax import ModelConfig
     from minimind_jax.checkpoint import save_checkpoint
-
-    import convert
 
     cfg = ModelConfig.preset("tiny3", vocab_size=6400)
     params = cached_params(cfg)

@@ -8,7 +8,6 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _util import cached_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,8 +74,8 @@ def test_chat_session_sends_the_history(ckpt):
 
 
 def test_eval_loss_counts_every_record(ckpt, tmp_path, capsys):
-    from minimind_jax.data.pipeline import make_transform
     from minimind_jax.data.jsonl import JsonlSource
+    from minimind_jax.data.pipeline import make_transform
     from minimind_jax.model.transformer import MiniMindLM
     from minimind_jax.tokenizer import load_tokenizer
     from minimind_jax.training.stages import token_cross_entropy

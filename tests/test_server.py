@@ -153,6 +153,9 @@ def test_stop_and_seed(model, tok):
                                               **_sampled(3))
     assert r.choices[0].message.content == content[: content.find(stop)]
     assert r.choices[0].finish_reason == "stop"
+    tokens = gen.generate([_prompt(tok, HELLO)], 12, SamplingParams(temperature=1.0, top_p=1.0, seed=3))[0].tokens
+    upto = next(k for k in range(1, 13) if stop in tok.decode(tokens[:k], skip_special_tokens=True))
+    assert r.usage.completion_tokens == upto  # counted up to the token that completed the stop string
     kw = dict(model="m", messages=HELLO, max_tokens=10)
     a = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
     b = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
