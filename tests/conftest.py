@@ -20,3 +20,11 @@ TINY_PRESETS = ["tiny3", "tiny3-moe", "tiny2", "tiny2-moe"]
 @pytest.fixture(params=TINY_PRESETS)
 def tiny_preset(request):
     return request.param
+
+
+def pytest_configure(config):
+    """Under ``pytest -n N`` send tests marked ``xdist_group`` to one worker (xdist's ``loadgroup``; the others are
+    spread as with ``load``): tests/test_pipeline.py's module fixture trains the whole pipeline once, and it
+    would run again on every worker that receives one of its tests."""
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
