@@ -48,11 +48,14 @@ def test_reason_weights_fall_exactly_on_the_tag_tokens():
     assert tok.decode(arrays["input_ids"][arrays["loss_weights"] == 10].tolist()) == "<think></think><answer></answer>"
 
 
-def _step(stage, cfg, batch, *, params=None, frozen=None, policy="fp32", steps=1, lr=1e-3):
+def _step(stage, cfg, batch, *, params=None, frozen=None, policy="fp32", steps=1, lr=1e-3, mesh=None,
+          frozen_config=None, replicate_params=False):
     tx, sched = make_optimizer(lr, 10, schedule="constant")
-    mesh = shd.make_mesh(None, devices=jax.devices()[:1])
+    mesh = mesh or shd.make_mesh(None, devices=jax.devices()[:1])
     ps = shd.param_shardings(cfg, mesh)
-    fs = None if frozen is None else ps
+    if replicate_params:  # LoRA: the trained params are the (small, replicated) adapters
+        ps = jax.tree.map(lambda _: shd.replicated(mesh), params)
+    fs = None if frozen is None else shd.param_shardings(frozen_config or cfg, mesh)
     params = jax.tree.map(jnp.array, params if params is not None else cached_params(cfg))
     frozen = None if frozen is None else jax.tree.map(jnp.array, frozen)
     state, sh = init_train_state(cfg, tx, seed=0, policy=policy, mesh=mesh, param_sharding=ps, params=params,
@@ -134,7 +137,44 @@ def test_distill_kl_formula_and_alpha_one_equals_sft():
     assert [m["loss"] for m in s_m] == [m["loss"] for m in d_m]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(s_state.params), jax.device_get(d_state.params))
     assert d_m[0]["kl"] > 0  # the teacher was there, weighted by 0
-    # alpha = 0.5: the KL term enters the loss
-    half = build_stage(from_dict({**settings, "distill_alpha": 0.5}), cfg, get_policy("fp32"), teacher)
-    _, h_m = _step(half, cfg, batch, frozen=cached_params(teacher, seed=5))
+    # alpha = 0.5: the KL term enters the loss; the teacher may be of the other generation and MoE
+    other = tiny("tiny2-moe")
+    half = build_stage(from_dict({**settings, "distill_alpha": 0.5}), cfg, get_policy("fp32"), other)
+    _, h_m = _step(half, cfg, batch, frozen=cached_params(other, seed=5), frozen_config=other)
     np.testing.assert_allclose(h_m[0]["loss"], 0.5 * h_m[0]["ce"] + 0.5 * 1.5**2 * h_m[0]["kl"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lora", "dpo", "distill"])
+def test_stages_shard_like_one_device(name):
+    """Two steps on 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2; frozen params sharded like a model,
+    LoRA adapters replicated) give one device's losses (fp32, within 1e-5)."""
+    from minimind_jax import lora
+
+    cfg = tiny("tiny3")
+    rng = np.random.default_rng(4)
+    ids = rng.integers(3, 256, (1, 8, 16)).astype(np.int32)
+    labels = np.where(np.arange(16) < 5, IGNORE_INDEX, ids).astype(np.int32)
+    batch = {"input_ids": ids, "labels": labels}
+    base = cached_params(cfg)
+    kw = {}
+    if name == "lora":
+        lc = lora.LoraConfig(rank=4, targets="attention")
+        adapters = jax.tree.map(lambda x: x + np.float32(0.01), lora.init_adapters(cfg, lc))
+        kw = dict(params=adapters, frozen=base, replicate_params=True)
+        stage = build_stage(from_dict({"stage": "lora", "lora_rank": 4, "lora_targets": "attention"}), cfg)
+    elif name == "dpo":
+        batch = {"chosen_input_ids": ids[:, :4], "chosen_labels": labels[:, :4], "rejected_input_ids": ids[:, 4:],
+                 "rejected_labels": labels[:, 4:]}
+        kw = dict(frozen=base)
+        stage = build_stage(from_dict({"stage": "dpo"}), cfg, get_policy("fp32"))
+    else:
+        teacher = tiny("tiny3-moe")
+        kw = dict(frozen=cached_params(teacher, seed=5), frozen_config=teacher)
+        stage = build_stage(from_dict({"stage": "distill", "teacher": "t", "teacher_policy": "fp32"}), cfg,
+                            get_policy("fp32"), teacher)
+    _, one = _step(stage, cfg, batch, steps=2, **kw)
+    state, eight = _step(stage, cfg, batch, steps=2, mesh=shd.make_mesh("data=2,fsdp=2,tensor=2"), **kw)
+    np.testing.assert_allclose([m["loss"] for m in eight], [m["loss"] for m in one], atol=1e-5, rtol=0)
+    assert one[1]["loss"] != one[0]["loss"]  # the first step trained something
+    frozen_specs = [tuple(x.sharding.spec) for x in jax.tree.leaves(state.frozen)]
+    assert any("tensor" in spec or "fsdp" in spec for spec in frozen_specs)  # the frozen model is sharded
