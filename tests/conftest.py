@@ -25,6 +25,12 @@ def tiny_preset(request):
 def pytest_configure(config):
     """Under ``pytest -n N`` send tests marked ``xdist_group`` to one worker (xdist's ``loadgroup``; the others are
     spread as with ``load``): tests/test_pipeline.py's module fixture trains the whole pipeline once, and it
-    would run again on every worker that receives one of its tests."""
-    if getattr(config.option, "dist", "no") == "load":
+    would run again on every worker that receives one of its tests. The controller switches the scheduler; the
+    workers (which re-parse the command line, so see no ``--dist loadgroup``) learn it from the environment
+    they inherit and tag their test ids with the group, as ``--dist loadgroup`` would."""
+    if hasattr(config, "workerinput"):
+        if os.environ.get("MINIMIND_TESTS_LOADGROUP") == "1":
+            config.option.loadgroup = True
+    elif getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadgroup"
+        os.environ["MINIMIND_TESTS_LOADGROUP"] = "1"
