@@ -80,7 +80,7 @@ def test_minimind_adapter_files_both_ways(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     w = base["layers_1"]["self_attn"]["q_proj"]["kernel"]  # (in, out)
     xt = torch.from_numpy(x)
-    torch_y = (xt @ torch.from_numpy(w) + (xt @ a.float().T) @ b.float().T).numpy()
+    torch_y = (xt @ torch.from_numpy(np.array(w)) + (xt @ a.float().T) @ b.float().T).numpy()
     back16, lc16 = lora.load_adapters(out / "lora_identity_64.pth", cfg)
     ab = back16["layers_1"]["self_attn"]["q_proj"]["kernel"]
     np.testing.assert_allclose(x @ w + (x @ ab["lora_A"]) @ ab["lora_B"], torch_y, atol=1e-5)
