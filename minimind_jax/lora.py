@@ -34,8 +34,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -44,9 +45,24 @@ import numpy as np
 
 from minimind_jax.config import ModelConfig
 
-__all__ = ["LoraConfig", "LoraError", "target_paths", "init_adapters", "inject", "adapted", "adapted_apply", "merge",
-           "adapter_tensors", "adapters_from_tensors", "save_adapters", "load_adapters", "count_params", "merge_checkpoint",
-           "ADAPTER_FILE", "ADAPTER_CONFIG"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILE",
+    "LoraConfig",
+    "LoraError",
+    "adapted",
+    "adapted_apply",
+    "adapter_tensors",
+    "adapters_from_tensors",
+    "count_params",
+    "init_adapters",
+    "inject",
+    "load_adapters",
+    "merge",
+    "merge_checkpoint",
+    "save_adapters",
+    "target_paths",
+]
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -290,7 +306,7 @@ def adapters_from_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig
                           dtype=np.float32) -> tuple[dict, int]:
     """MiniMind's adapter state dict -> (adapters in this project's layout, rank). Every key must name a
     projection of ``config``; every adapted module needs both A and B of matching shapes."""
-    tensors = {(k[7:] if k.startswith("module.") else k): v for k, v in tensors.items()}
+    tensors = {(k.removeprefix("module.")): v for k, v in tensors.items()}
     by_name = {name: key for key, name in _module_names(config).items()}
     shapes = _base_shapes(config)
     found: dict[tuple, dict[str, np.ndarray]] = {}
@@ -323,7 +339,7 @@ def adapters_from_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig
         raise LoraError(f"{where}: the adapters have different ranks {sorted(ranks)}")
     adapters: dict = {}
     for (inner, is_expert), layers in pieces.items():
-        def stack_experts(per_e):
+        def stack_experts(per_e, inner=inner, is_expert=is_expert):
             if not is_expert:
                 return per_e[None]
             bank = "experts" if inner[-2] == "experts" else "shared_experts"

@@ -5,8 +5,8 @@ side is in tests/test_stages.py)."""
 import jax
 import numpy as np
 import pytest
-
 from _util import cached_params, random_ids, tiny
+
 from minimind_jax import lora
 from minimind_jax.model.transformer import MiniMindLM
 

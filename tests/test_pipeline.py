@@ -117,7 +117,7 @@ def _dpo_eval(policy, reference, config, n=48):
 
 def test_dpo_raises_margin_and_accuracy_and_keeps_the_reference(pipeline):
     out, results = pipeline
-    res, log = results["dpo"]
+    res, _log = results["dpo"]
     sft = _weights(out, "sft")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(res.frozen), sft)  # the reference never changes
     before = _dpo_eval(sft, sft, res.config)
@@ -156,7 +156,7 @@ def test_distillation_brings_the_student_to_the_teacher(pipeline):
 
 
 # ----------------------------------------------------------------------------------------------------- reason
-TAG_STRUCTURE = re.compile(r"</think>\s*<answer>.*?</answer>", re.S)
+TAG_STRUCTURE = re.compile(r"</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 
 def tag_rate(path, n=16, max_new=48):

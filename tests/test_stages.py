@@ -8,15 +8,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _util import cached_params, tiny
+
 from minimind_jax import sharding as shd
 from minimind_jax.data import IGNORE_INDEX, make_transform
 from minimind_jax.precision import get_policy
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.training.config import from_dict
-from minimind_jax.training.stages import build_stage, distill_terms, dpo_rewards, get_stage, token_cross_entropy
-from minimind_jax.training.step import init_train_state, jit_train_step, make_apply, make_optimizer, make_train_step
+from minimind_jax.training.stages import (
+    build_stage,
+    distill_terms,
+    dpo_rewards,
+    get_stage,
+    token_cross_entropy,
+)
+from minimind_jax.training.step import (
+    init_train_state,
+    jit_train_step,
+    make_apply,
+    make_optimizer,
+    make_train_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +127,7 @@ def test_distill_kl_formula_and_alpha_one_equals_sft():
     t_logits = rng.standard_normal((2, 5, 9)).astype(np.float32)
     labels = rng.integers(0, 9, (2, 5)).astype(np.int32)
     labels[0, :2] = IGNORE_INDEX
-    _, kl, mask = jax.device_get(distill_terms(jnp.asarray(s_logits), jnp.asarray(t_logits), jnp.asarray(labels), 1.5))
+    _, kl, _mask = jax.device_get(distill_terms(jnp.asarray(s_logits), jnp.asarray(t_logits), jnp.asarray(labels), 1.5))
 
     def softmax(x):
         e = np.exp(x - x.max(-1, keepdims=True))
@@ -160,16 +172,16 @@ def test_stages_shard_like_one_device(name):
     if name == "lora":
         lc = lora.LoraConfig(rank=4, targets="attention")
         adapters = jax.tree.map(lambda x: x + np.float32(0.01), lora.init_adapters(cfg, lc))
-        kw = dict(params=adapters, frozen=base, replicate_params=True)
+        kw = {"params": adapters, "frozen": base, "replicate_params": True}
         stage = build_stage(from_dict({"stage": "lora", "lora_rank": 4, "lora_targets": "attention"}), cfg)
     elif name == "dpo":
         batch = {"chosen_input_ids": ids[:, :4], "chosen_labels": labels[:, :4], "rejected_input_ids": ids[:, 4:],
                  "rejected_labels": labels[:, 4:]}
-        kw = dict(frozen=base)
+        kw = {"frozen": base}
         stage = build_stage(from_dict({"stage": "dpo"}), cfg, get_policy("fp32"))
     else:
         teacher = tiny("tiny3-moe")
-        kw = dict(frozen=cached_params(teacher, seed=5), frozen_config=teacher)
+        kw = {"frozen": cached_params(teacher, seed=5), "frozen_config": teacher}
         stage = build_stage(from_dict({"stage": "distill", "teacher": "t", "teacher_policy": "fp32"}), cfg,
                             get_policy("fp32"), teacher)
     _, one = _step(stage, cfg, batch, steps=2, **kw)

@@ -31,7 +31,15 @@ import numpy as np
 
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
 from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
-from minimind_jax.data.samples import REASON_TAGS, ChatMarkers, Encoded, encode_dpo, encode_pretrain, encode_sft, tag_weights
+from minimind_jax.data.samples import (
+    REASON_TAGS,
+    ChatMarkers,
+    Encoded,
+    encode_dpo,
+    encode_pretrain,
+    encode_sft,
+    tag_weights,
+)
 
 __all__ = ["DataPipeline", "make_dataset", "make_transform"]
 

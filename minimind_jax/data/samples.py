@@ -31,8 +31,19 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "IGNORE_INDEX", "SYSTEM_PROMPTS", "EMPTY_THINK", "Encoded", "ChatMarkers", "encode_pretrain", "encode_sft",
-    "encode_dpo", "render_conversation", "assistant_labels", "conversation_tools", "REASON_TAGS", "tag_weights",
+    "EMPTY_THINK",
+    "IGNORE_INDEX",
+    "REASON_TAGS",
+    "SYSTEM_PROMPTS",
+    "ChatMarkers",
+    "Encoded",
+    "assistant_labels",
+    "conversation_tools",
+    "encode_dpo",
+    "encode_pretrain",
+    "encode_sft",
+    "render_conversation",
+    "tag_weights",
 ]
 
 IGNORE_INDEX = -100
@@ -127,9 +138,8 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer, *, rng
                         add_system_prompt_prob: float = 0.0, drop_empty_think_prob: float = 0.0) -> str:
     """The conversation as chat-template text, after MiniMind's augmentations (see module docstring)."""
     messages = [dict(m) for m in messages]
-    if add_system_prompt_prob or drop_empty_think_prob:
-        if rng is None:
-            raise ValueError("augmentations need an rng")
+    if (add_system_prompt_prob or drop_empty_think_prob) and rng is None:
+        raise ValueError("augmentations need an rng")
     # the same draws for every example (whether or not they are used), so one example's choices never shift
     # another's
     draws = rng.random(3) if rng is not None else None

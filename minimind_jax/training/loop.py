@@ -34,9 +34,20 @@ from minimind_jax.config import ModelConfig
 from minimind_jax.precision import get_policy
 from minimind_jax.training import config as tconfig
 from minimind_jax.training.config import TrainConfig, TrainConfigError
-from minimind_jax.training.metrics import MetricsLogger, flops_per_token, peak_tflops_per_device, plot_loss
+from minimind_jax.training.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    peak_tflops_per_device,
+    plot_loss,
+)
 from minimind_jax.training.stages import build_stage
-from minimind_jax.training.step import TrainState, init_train_state, jit_train_step, make_optimizer, make_train_step
+from minimind_jax.training.step import (
+    TrainState,
+    init_train_state,
+    jit_train_step,
+    make_optimizer,
+    make_train_step,
+)
 
 # stages that start from trained weights (MiniMind: LoRA and DPO from the SFT model)
 NEEDS_INIT = ("lora", "dpo")
@@ -336,7 +347,6 @@ def train(cfg: TrainConfig) -> RunResult:
     t_compile = None
     window_t, window_tokens = time.perf_counter(), 0
     step = start_step
-    last_good_step = start_step
     try:
         while step < total_steps:
             batch = _next_batch(data_iter, cfg.accumulation_steps, stage.batch_keys)
@@ -360,7 +370,6 @@ def train(cfg: TrainConfig) -> RunResult:
                      "or check the data.")
                 break
             losses.append(loss)
-            last_good_step = step
             elapsed = time.perf_counter() - window_t
             tps = window_tokens / elapsed if window_tokens and elapsed > 0 else float("nan")
             row = {k: float(v) for k, v in metrics.items() if k not in ("finite",)}

@@ -32,7 +32,7 @@ The stages (``build_stage(cfg, ...)`` makes one from a ``TrainConfig``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ def lm_loss(apply, params, frozen, micro, rng):
     """Pretrain and SFT: the summed next-token CE over the trained labels (SFT data labels only the
     assistant's replies, so a user token can never change the loss)."""
     out = apply(params, micro["input_ids"], rng)
-    losses, mask = token_cross_entropy(out.logits, micro["labels"])
+    losses, _mask = token_cross_entropy(out.logits, micro["labels"])
     return jnp.sum(losses), out.aux_loss, {}
 
 

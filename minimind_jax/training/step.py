@@ -17,13 +17,15 @@ The state is donated, so params and optimizer state are updated in place.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from minimind_jax.config import ModelConfig
 from minimind_jax.model.transformer import MiniMindLM, init_params
