@@ -48,9 +48,13 @@ class DynamicLossScale(jmp.DynamicLossScale):
 
     @classmethod
     def tree_unflatten(cls, meta, data):
-        loss_scale, counter, min_loss_scale = data
-        period, factor = meta
-        return cls(loss_scale, counter, period, factor, min_loss_scale)
+        # No __init__: jmp's __post_init__ checks that loss_scale is floating, and unflattening must accept any
+        # leaves (orbax maps the state to None / save-args placeholders, jax to tracers and ShapeDtypeStructs).
+        obj = object.__new__(cls)
+        names = ("loss_scale", "counter", "min_loss_scale", "period", "factor")
+        for name, value in zip(names, (*data, *meta)):
+            object.__setattr__(obj, name, value)
+        return obj
 
     def adjust(self, grads_finite: jax.Array) -> "DynamicLossScale":
         new = super().adjust(grads_finite)  # a plain jmp.DynamicLossScale

@@ -423,3 +423,22 @@ def test_fp16_dynamic_scaling_learns_where_unscaled_underflows(fp16_setup):
     assert nz_ref[0] > 0.99
     assert ref[-1] < 0.8 * ref[0]
     assert scaled[-1] < 0.5 * (unscaled[-1] + ref[-1])
+
+
+def test_dynamic_loss_scale_survives_placeholder_trees_and_orbax(tmp_path):
+    """Orbax maps the saved state to None placeholders (and jax to ShapeDtypeStructs): unflattening must not
+    validate the leaves. Regression: an fp16 run crashed at its first checkpoint save."""
+    import orbax.checkpoint as ocp
+
+    ls = make_loss_scale("dynamic", initial=2.0 ** 10, period=7, factor=4, min_scale=8.0)
+    placeholders = jax.tree.map(lambda x: None, ls)
+    assert isinstance(placeholders, type(ls)) and placeholders.loss_scale is None
+    abstract = jax.eval_shape(lambda: ls)
+    assert abstract.loss_scale.dtype == jnp.float32
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "ls", {"loss_scale": ls})
+    with ocp.StandardCheckpointer() as ckpt:
+        back = ckpt.restore(tmp_path / "ls", {"loss_scale": abstract})["loss_scale"]
+    assert (back.period, back.factor) == (7, 4)
+    assert float(back.loss_scale) == 2.0 ** 10 and float(back.min_loss_scale) == 8.0
+    assert float(back.adjust(jnp.array(False)).loss_scale) == 2.0 ** 8
