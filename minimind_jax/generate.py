@@ -273,21 +273,12 @@ class Generator:
         rows = _make_rows(sampling, limits, eos)
         return jnp.asarray(ids), jnp.asarray(mask), rows, max_len, max(limits), set(eos)
 
-    def _results(self, out: np.ndarray, eos: set[int], limits) -> list[GenerationResult]:
-        results = []
-        for row, limit in zip(out, limits):
-            toks = [int(t) for t in row if t != _NO_TOKEN][:limit]
-            reason = "stop" if toks and toks[-1] in eos else "length"
-            results.append(GenerationResult(toks, reason))
-        return results
+    @staticmethod
+    def _results(tokens: Sequence[Sequence[int]], eos: set[int]) -> list[GenerationResult]:
+        return [GenerationResult(list(t), "stop" if t and t[-1] in eos else "length") for t in tokens]
 
     # ------------------------------------------------------------------------------------------ running
-    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
-               sampling: SamplingParams | Sequence[SamplingParams] | None = None, *, eos_ids=None,
-               chunk: int = 1) -> Iterator[list[list[int]]]:
-        """Yield, after every ``chunk`` decode steps, each row's new tokens since the last yield (an empty list
-        for a row with nothing new). The tokens of a row end with its eos id when it stops on one."""
-        ids, mask, rows, max_len, steps, _ = self._prepare(prompts, max_new_tokens, sampling, eos_ids)
+    def _stream(self, ids, mask, rows: _Rows, max_len: int, steps: int, chunk: int) -> Iterator[list[list[int]]]:
         state = _prefill(self.params, ids, mask, rows, config=self.config, policy=self.policy, max_len=max_len)
         sent = 0
         while True:
@@ -300,26 +291,30 @@ class Generator:
             state = _decode(self.params, state, rows, jnp.int32(min(step + chunk, steps)), config=self.config,
                             policy=self.policy)
 
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
+               sampling: SamplingParams | Sequence[SamplingParams] | None = None, *, eos_ids=None,
+               chunk: int = 1) -> Iterator[list[list[int]]]:
+        """Yield, after every ``chunk`` decode steps, each row's new tokens since the last yield (an empty list
+        for a row with nothing new). The tokens of a row end with its eos id when it stops on one."""
+        ids, mask, rows, max_len, steps, _ = self._prepare(prompts, max_new_tokens, sampling, eos_ids)
+        return self._stream(ids, mask, rows, max_len, steps, chunk)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 64,
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None, *, eos_ids=None,
                  callback: Callable[[list[list[int]]], Any] | None = None) -> list[GenerationResult]:
         """Generate for every prompt (lists of ids); greedy unless ``sampling`` says otherwise. With a
         ``callback``, it receives each step's new tokens as :meth:`stream` yields them."""
         ids, mask, rows, max_len, steps, eos = self._prepare(prompts, max_new_tokens, sampling, eos_ids)
-        limits = np.asarray(rows.limit)
         if callback is not None:
             collected = [[] for _ in prompts]
-            for new in self.stream(prompts, max_new_tokens, sampling, eos_ids=eos_ids):
+            for new in self._stream(ids, mask, rows, max_len, steps, chunk=1):
                 callback(new)
                 for acc, toks in zip(collected, new):
                     acc.extend(toks)
-            out = np.full((len(prompts), max(map(len, collected)) or 1), _NO_TOKEN, np.int32)
-            for i, toks in enumerate(collected):
-                out[i, : len(toks)] = toks
-            return self._results(out, eos, limits)
+            return self._results(collected, eos)
         state = _prefill(self.params, ids, mask, rows, config=self.config, policy=self.policy, max_len=max_len)
         state = _decode(self.params, state, rows, jnp.int32(steps), config=self.config, policy=self.policy)
-        return self._results(np.asarray(state.out), eos, limits)
+        return self._results([[int(t) for t in row if t != _NO_TOKEN] for row in np.asarray(state.out)], eos)
 
 
 class TextStream:
@@ -344,6 +339,11 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         delta, self.text = text[len(self.text):], text
         return delta
+
+
+def default_eos_ids(config: ModelConfig, tokenizer) -> list[int]:
+    """The ids that end a reply: the model config's eos and the tokenizer's (they differ in some checkpoints)."""
+    return sorted({config.eos_token_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def load_params(path: str, dtype: str = "float32") -> tuple[ModelConfig, Any]:

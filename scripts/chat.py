@@ -163,7 +163,7 @@ def _messages(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minimind_jax.generate import Generator, load_params, tokenizer_for
+    from minimind_jax.generate import Generator, default_eos_ids, load_params, tokenizer_for
 
     try:
         if args.max_new_tokens < 1:
@@ -172,8 +172,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--prompts: no such file: {args.prompts}")
         config, params = load_params(args.ckpt)
         tok = tokenizer_for(args.ckpt, args.tokenizer)
-        eos = sorted({config.eos_token_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-        gen = Generator(params, config, args.policy, eos_ids=eos)
+        gen = Generator(params, config, args.policy, eos_ids=default_eos_ids(config, tok))
         session = ChatSession(gen, tok, args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

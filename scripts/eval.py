@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     if not args.data and not args.suite:
         print("error: nothing to do: give --data FILE and/or --suite", file=sys.stderr)
         return 2
-    from minimind_jax.generate import Generator, load_params, tokenizer_for
+    from minimind_jax.generate import Generator, default_eos_ids, load_params, tokenizer_for
     from minimind_jax.precision import get_policy
 
     out = {"ckpt": args.ckpt}
@@ -197,8 +197,7 @@ def main(argv=None) -> int:
                     prompts = [line.strip() for line in f if line.strip()]
             if not prompts:
                 raise ValueError(f"{args.prompts}: no prompts")
-            eos = sorted({config.eos_token_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
-            gen = Generator(params, config, policy, eos_ids=eos)
+            gen = Generator(params, config, policy, eos_ids=default_eos_ids(config, tok))
             out["suite"] = run_suite(gen, tok, prompts, args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         Generator,
         SamplingParams,
         TextStream,
+        default_eos_ids,
         load_params,
         tokenizer_for,
     )
@@ -77,10 +78,7 @@ def main(argv=None) -> int:
                        for p in args.prompt]
         else:
             prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in args.prompt]
-        eos = {config.eos_token_id}
-        if tok.eos_token_id is not None:
-            eos.add(tok.eos_token_id)
-        gen = Generator(params, config, args.policy, eos_ids=sorted(eos))
+        gen = Generator(params, config, args.policy, eos_ids=default_eos_ids(config, tok))
         print(f"loaded {args.ckpt} ({config.generation}, hidden {config.hidden_size}, {config.num_hidden_layers} "
               f"layers{', MoE' if config.use_moe else ''}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

@@ -101,14 +101,9 @@ def _resolve_init(cfg: TrainConfig, model_cfg: ModelConfig) -> str | None:
 def load_weights(path: str, model_cfg: ModelConfig | None, overrides: dict[str, Any]) -> tuple[ModelConfig, Any]:
     """Params (float32, numpy) and the config stored with them, from this project's checkpoint or anything the
     converter reads. Model overrides may only change runtime fields; anything else is an error."""
-    from minimind_jax.checkpoint import is_checkpoint, load_checkpoint
+    from minimind_jax.generate import load_params
 
-    if is_checkpoint(path):
-        loaded_cfg, params = load_checkpoint(path, dtype="float32", as_numpy=True)
-    else:
-        import convert
-
-        loaded_cfg, params = convert.load_torch(path, dtype="float32")
+    loaded_cfg, params = load_params(path, dtype="float32")
     params = jax.tree.map(np.asarray, params)
     conflicts = [f"{k}={v!r} (checkpoint: {getattr(loaded_cfg, k)!r})" for k, v in overrides.items()
                  if k not in RUNTIME_FIELDS and getattr(loaded_cfg, k) != _model_value(k, v)]
