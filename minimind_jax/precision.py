@@ -15,7 +15,8 @@ Whatever the compute dtype, RMSNorm, the attention and router softmaxes and the 
 (the same ops PyTorch's autocast keeps in float32); the model modules do that, not the policy.
 
 Loss scaling uses jmp's ``NoOpLossScale`` / ``StaticLossScale`` / ``DynamicLossScale`` (pytrees, so they
-live in the train state) and ``optax.apply_if_finite`` to skip updates whose gradients overflowed. The
+live in the train state) and ``optax.apply_if_finite`` (``skip_nonfinite``, applied by ``guarded_update``)
+to skip updates whose gradients overflowed. The
 order inside a train step is: scale the loss -> grad -> ``unscale`` -> finiteness check ->
 ``adjust`` the scale -> clip -> optimizer (the clip and the optimizer sit inside the optax chain that
 ``skip_nonfinite`` wraps, so clipping always sees unscaled gradients).
@@ -62,7 +63,20 @@ class DynamicLossScale(jmp.DynamicLossScale):
 
 
 LossScale = jmp.NoOpLossScale | jmp.StaticLossScale | jmp.DynamicLossScale
-all_finite = jmp.all_finite
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every leaf is finite (a bool scalar; True for an empty tree).
+
+    Why not ``jmp.all_finite``: its boolean ``all`` reductions run at a fraction of memory speed on
+    XLA:CPU (62 ms over minimind3's 64M gradients, against 15 ms for a float sum). Here each leaf is one
+    float sum of ``x * 0``, which is 0 for finite elements and NaN for inf / NaN ones.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    total = sum(jnp.sum(x.astype(jnp.float32) * 0.0) for x in leaves)
+    return jnp.isfinite(total)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -173,17 +187,72 @@ def scaled_value_and_grad(loss_fn: Callable[..., Any], loss_scale: LossScale, *,
     def f(params, *args):
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params, *args)
         grads = loss_scale.unscale(grads)
-        finite = jmp.all_finite(grads)
+        finite = all_finite(grads)
         return ((loss, aux) if has_aux else loss), grads, finite
 
     return f
 
 
+class _SkipNonFinite(optax.GradientTransformationExtraArgs):
+    """``optax.apply_if_finite``'s transformation, remembering the transformation it wraps (``inner``)."""
+
+
 def skip_nonfinite(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """Wrap ``tx`` so that an update with a non-finite gradient is skipped (params and optimizer state
     unchanged). The wrapper's state counts skipped steps (``total_notfinite``). Never gives up: the
-    dynamic loss scale, not this wrapper, decides how to recover."""
-    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    dynamic loss scale, not this wrapper, decides how to recover.
+
+    This is ``optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)``; the result also keeps ``tx`` as
+    ``.inner`` so that :func:`guarded_update` can put the update and ``apply_updates`` under one condition.
+    """
+    wrapped = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    out = _SkipNonFinite(wrapped.init, wrapped.update)
+    out.inner = tx
+    return out
+
+
+def guarded_update(tx: optax.GradientTransformation, grads, opt_state, params, finite: jax.Array):
+    """``tx.update`` then ``optax.apply_updates``: returns ``(new params, new optimizer state)``.
+
+    For a :func:`skip_nonfinite` transformation the whole update sits in one ``lax.cond`` on ``finite``
+    (the caller's finiteness check of ``grads``), with the same result and state as calling ``tx.update``.
+    Why: ``apply_if_finite`` conds over the optimizer update alone, so XLA cannot fuse it with
+    ``apply_updates`` and materialises every update; a minimind3 CPU step spent ~150 ms on that, against
+    ~40 ms for this.
+    """
+    inner = getattr(tx, "inner", None)
+    if inner is None:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def apply(args):
+        params, inner_state = args
+        updates, inner_state = inner.update(grads, inner_state, params)
+        return optax.apply_updates(params, updates), inner_state
+
+    params, inner_state = jax.lax.cond(finite, apply, lambda args: args, (params, opt_state.inner_state))
+    return params, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(finite, jnp.zeros([], jnp.int32), optax.safe_increment(opt_state.notfinite_count)),
+        last_finite=jnp.asarray(finite, jnp.bool_),
+        total_notfinite=jnp.where(finite, opt_state.total_notfinite, optax.safe_increment(opt_state.total_notfinite)),
+        inner_state=inner_state)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """PyTorch's ``clip_grad_norm_`` (what MiniMind calls): every gradient times
+    ``min(1, max_norm / (global_norm + 1e-6))``.
+
+    Why not ``optax.clip_by_global_norm``: it selects between ``g`` and ``g / norm * max_norm``, a
+    division per element that XLA:CPU does not fuse well (+115 ms a minimind3 step); here it is one
+    scalar multiply that fuses into the optimizer's pass.
+    """
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def skipped_steps(opt_state) -> jax.Array:

@@ -442,3 +442,73 @@ def test_dynamic_loss_scale_survives_placeholder_trees_and_orbax(tmp_path):
     assert (back.period, back.factor) == (7, 4)
     assert float(back.loss_scale) == 2.0 ** 10 and float(back.min_loss_scale) == 8.0
     assert float(back.adjust(jnp.array(False)).loss_scale) == 2.0 ** 8
+
+
+# ==================================================================== the engine's fused update path
+def test_all_finite_matches_jmp():
+    import jmp
+
+    from minimind_jax.precision import all_finite
+
+    ok = {"a": jnp.ones((3, 4)), "b": jnp.arange(5, dtype=jnp.bfloat16), "c": jnp.float32(3e38)}
+    assert bool(all_finite(ok)) and bool(jmp.all_finite(ok))
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        tree = {**ok, "a": ok["a"].at[2, 1].set(bad)}
+        assert not bool(jax.jit(all_finite)(tree)) and not bool(jmp.all_finite(tree))
+        tree = {**ok, "b": ok["b"].at[4].set(bad)}  # a bf16 leaf
+        assert not bool(all_finite(tree))
+    assert bool(all_finite({}))
+
+
+@pytest.mark.parametrize("norm", [0.3, 5.0])
+def test_clip_by_global_norm_is_torchs(norm):
+    """Our clip == ``torch.nn.utils.clip_grad_norm_`` (MiniMind's): scale by min(1, max / (norm + 1e-6)),
+    and equals optax's clip up to rounding."""
+    from minimind_jax.precision import clip_by_global_norm
+
+    rng = np.random.RandomState(0)
+    grads = {"w": rng.randn(7, 5).astype(np.float32), "b": rng.randn(5).astype(np.float32)}
+    total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+    grads = {k: v * np.float32(norm / total) for k, v in grads.items()}
+    ours, _ = clip_by_global_norm(1.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+    coef = min(1.0, 1.0 / (norm + 1e-6))
+    for k, g in grads.items():
+        np.testing.assert_allclose(np.asarray(ours[k]), g * coef, rtol=1e-6)
+    theirs, _ = optax.clip_by_global_norm(1.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+    chex.assert_trees_all_close(ours, theirs, rtol=2e-6)
+
+
+def test_guarded_update_equals_apply_if_finite():
+    """``guarded_update`` (one cond over update + apply) gives the params and the full optimizer state that
+    ``skip_nonfinite``'s own ``update`` + ``apply_updates`` give, on finite and on non-finite gradients
+    (skipped: params and moments untouched, counters bumped), over a few steps."""
+    from minimind_jax.precision import all_finite, clip_by_global_norm, guarded_update
+
+    tx = skip_nonfinite(optax.chain(clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1)))
+    plain = optax.apply_if_finite(tx.inner, 2**31 - 1)
+    params = _toy_params()
+    a_p, a_s = params, tx.init(params)
+    b_p, b_s = params, plain.init(params)
+
+    @jax.jit
+    def fused(p, s, g):
+        return guarded_update(tx, g, s, p, all_finite(g))
+
+    @jax.jit
+    def reference(p, s, g):
+        u, s = plain.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    rng = np.random.RandomState(3)
+    for i in range(6):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), jnp.float32), params)
+        if i in (2, 3):
+            g = {**g, "w": g["w"].at[1].set(jnp.nan if i == 2 else jnp.inf)}
+        before = a_p
+        a_p, a_s = fused(a_p, a_s, g)
+        b_p, b_s = reference(b_p, b_s, g)
+        chex.assert_trees_all_close((a_p, a_s), (b_p, b_s), rtol=1e-6, atol=1e-7)
+        if i in (2, 3):
+            chex.assert_trees_all_equal(a_p, before)
+    assert int(skipped_steps(a_s)) == 2 and int(a_s.notfinite_count) == 0 and bool(a_s.last_finite)
+    assert int(a_s.inner_state[1][0].count) == 4  # adam counted the four finite steps only

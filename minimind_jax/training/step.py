@@ -33,8 +33,10 @@ from minimind_jax.precision import (
     LossScale,
     Policy,
     all_finite,
+    clip_by_global_norm,
     current_scale,
     get_policy,
+    guarded_update,
     make_loss_scale,
     skip_nonfinite,
     skipped_steps,
@@ -75,7 +77,7 @@ def make_optimizer(learning_rate: float, total_steps: int, *, schedule: str = "m
         sched = minimind_schedule(learning_rate, total_steps, warmup_steps)
     else:
         sched = optax.constant_schedule(learning_rate)
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts = [clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return skip_nonfinite(optax.chain(*parts)), sched
 
@@ -132,8 +134,7 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         finite = all_finite(grads)
         new_scale = scale.adjust(finite)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = guarded_update(tx, grads, state.opt_state, state.params, finite)
         skipped = skipped_steps(opt_state)
         out = {
             "loss": loss,
