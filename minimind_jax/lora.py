@@ -224,7 +224,11 @@ def _interceptor(scale: float):
         if context.method_name == "__call__" and isinstance(module, Linear) and module.has_variable("params", "lora_A"):
             a = module.get_variable("params", "lora_A")
             b = module.get_variable("params", "lora_B")
-            low = matmul(matmul(args[0], a, module.policy), b, module.policy)  # (x A) B: never forms B A
+            x = args[0]
+            up = args[1] if len(args) > 1 else kwargs.get("up")
+            if up is not None:  # SwiGLU's down projection: the Linear's input is silu(gate) * up
+                x = nn.silu(x) * up
+            low = matmul(matmul(x, a, module.policy), b, module.policy)  # (x A) B: never forms B A
             out = out + (low * scale).astype(out.dtype)
         return out
 

@@ -220,6 +220,18 @@ def _plain_projection(x, w, out_dtype, w_out_in):
     return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def _plain_swiglu_projection(gate, up, w, out_dtype):
+    """What ``layers.swiglu_projection`` replaces: silu(gate) * up, the plain projection, and autodiff."""
+    return _plain_projection(jax.nn.silu(gate) * up, w, out_dtype, False)
+
+
+def _plain_paths(monkeypatch):
+    from minimind_jax.model import layers
+
+    monkeypatch.setattr(layers, "projection", _plain_projection)
+    monkeypatch.setattr(layers, "swiglu_projection", _plain_swiglu_projection)
+
+
 def _loss_and_grads(config, params, policy, ids, **jit_kw):
     def loss(p, ids):
         out = MiniMindLM(config, policy).apply({"params": p}, ids[:, :-1], train=True)
@@ -265,20 +277,41 @@ def test_fp32_custom_projection_matches_autodiff(monkeypatch, name, overrides):
     """float32 takes the custom projection too (for speed: see ``layers.projection``). Its backward dots
     are autodiff's own, so loss and grads equal the plain einsum's up to float32 summation order
     (relative L2 error per leaf < 1e-5)."""
-    from minimind_jax.model import layers
-
     config = tiny(name, **overrides)
     params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
     if config.scan_layers:
         params = to_scanned(params, config)
     ids = random_ids((3, 13), seed=4)
     loss, grads = _loss_and_grads(config, params, "fp32", ids)
-    monkeypatch.setattr(layers, "projection", _plain_projection)
+    _plain_paths(monkeypatch)
     plain_loss, plain_grads = _loss_and_grads(config, params, "fp32", ids)
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     assert abs(float(loss) - float(plain_loss)) < 1e-6 * abs(float(plain_loss))
     for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(grads, plain_grads)):
         assert err < 1e-5, f"{jax.tree_util.keystr(path)}: custom vs autodiff rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_projection_matches_autodiff(dtype):
+    """The SwiGLU down projection with the product recomputed in the backward pass: output and the three
+    gradients equal autodiff of ``(silu(gate) * up) @ w`` (float32: to rounding; bf16: to bf16 rounding of
+    the elementwise backward, which autodiff does in bf16 and ours in float32)."""
+    from minimind_jax.model.layers import swiglu_projection
+
+    rng = np.random.RandomState(2)
+    gate = jnp.asarray(rng.randn(2, 5, 24) * 2, dtype)
+    up = jnp.asarray(rng.randn(2, 5, 24), dtype)
+    w = jnp.asarray(rng.randn(24, 16) * 0.2, jnp.float32)
+    g = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b, c: swiglu_projection(a, b, c, jnp.float32), gate, up, w)
+    ref_y, ref_vjp = jax.vjp(lambda a, b, c: _plain_swiglu_projection(a, b, c, jnp.float32), gate, up, w)
+    grads, ref = jax.jit(vjp)(g), ref_vjp(g)
+    chex.assert_type(grads, [dtype, dtype, jnp.float32])
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=tol, atol=tol)
+    for ours, theirs in zip(grads, ref):
+        ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+        assert np.linalg.norm(ours - theirs) <= tol * np.linalg.norm(theirs)
 
 
 # bf16 tolerance: the custom backward and JAX's autodiff of the einsum round different intermediates to
@@ -292,8 +325,6 @@ BF16_REL_TOL = 2e-2
                                              ("tiny3", {"scan_layers": True, "remat_policy": "full"}),
                                              ("tiny3-moe", {"scan_layers": True, "remat_policy": "dots"})])
 def test_bf16_custom_projection_grads_match_autodiff(monkeypatch, name, overrides):
-    from minimind_jax.model import layers
-
     config = tiny(name, **overrides)
     params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
     if config.scan_layers:
@@ -301,7 +332,7 @@ def test_bf16_custom_projection_grads_match_autodiff(monkeypatch, name, override
     ids = random_ids((4, 17), seed=3)
     ref_loss, ref_grads = _loss_and_grads(config, params, "fp32", ids)
     loss, grads = _loss_and_grads(config, params, "bf16", ids)
-    monkeypatch.setattr(layers, "projection", _plain_projection)
+    _plain_paths(monkeypatch)
     plain_loss, plain_grads = _loss_and_grads(config, params, "bf16", ids)
 
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}  # the params' dtype

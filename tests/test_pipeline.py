@@ -176,11 +176,30 @@ def tag_rate(path, n=16, max_new=48):
     return sum(bool(TAG_STRUCTURE.search(t)) for t in texts) / n
 
 
-def test_reasoning_raises_the_tag_rate(pipeline):
+def tag_nll(path, n=16):
+    """Mean next-token loss on the reasoning tags' tokens (``</think>``, ``<answer>`` ...: the positions the
+    reason stage weights) of the first ``n`` reasoning records, teacher-forced."""
+    data = make_dataset("sft", [str(ROOT / "data" / "sample" / "reason.jsonl")], load_tokenizer(), 128, n,
+                        shuffle=False, special_token_weight=10.0)
+    batch = next(iter(data))
+    ids, labels = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["labels"])
+    is_tag = jnp.asarray(batch["loss_weights"] == 10.0)
+    config, params = load_checkpoint(path)
+    logp = jax.nn.log_softmax(_logits_fn(config, "fp32")(params, ids).astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+    return float(jnp.sum(jnp.where(is_tag, nll, 0.0)) / jnp.sum(is_tag))
+
+
+def test_reasoning_learns_the_tags(pipeline):
+    """The reason stage (tags weighted x10) makes the tag tokens far more likely, and greedy replies hold the
+    tag structure at least as often as before. (Asserting a rise of the greedy rate itself is too brittle for a
+    0.5M model after 40 steps: it moves between 0 and 3 of 16 with float32 rounding changes.)"""
     out, _ = pipeline
+    nll_before, nll_after = tag_nll(out / "dpo_64" / "weights"), tag_nll(out / "reason_64" / "weights")
+    assert nll_after < 0.7 * nll_before, (nll_before, nll_after)
     before, after = tag_rate(out / "dpo_64" / "weights"), tag_rate(out / "reason_64" / "weights")
-    assert after > before, (before, after)
-    print(f"\nreason: tag rate {before:.2f} -> {after:.2f}")
+    assert after >= before, (before, after)
+    print(f"\nreason: tag-token loss {nll_before:.2f} -> {nll_after:.2f}, greedy tag rate {before:.2f} -> {after:.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------- LoRA

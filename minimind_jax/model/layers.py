@@ -105,6 +105,52 @@ def _projection_bwd(out_dtype, w_out_in, w_dtype, res, g):
 _projection.defvjp(_projection_fwd, _projection_bwd)
 
 
+def swiglu_projection(gate: jax.Array, up: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    """``(silu(gate) * up) @ w`` (SwiGLU's down projection, ``w`` (in, out)) with the product recomputed in
+    the backward pass instead of saved.
+
+    Why: autodiff keeps the sigmoid, the silu and their product for the backward pass, three (tokens,
+    intermediate) tensors a layer (~28 MiB at minimind3's 4 x 256 in float32) on top of ``gate`` and ``up``;
+    here only ``gate``, ``up`` and the (cast) weight are saved. The backward dots are ``projection``'s: half
+    or float32 inputs, float32 accumulation, ``dw`` in ``w``'s dtype, a row-major copy of the product's
+    transpose (whose recomputation XLA fuses into that copy).
+    """
+    return _swiglu_projection(gate, up, w, jnp.dtype(out_dtype), jnp.dtype(w.dtype))
+
+
+def _silu_product(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _swiglu_projection(gate, up, w, out_dtype, w_dtype):
+    return _swiglu_projection_fwd(gate, up, w, out_dtype, w_dtype)[0]
+
+
+def _swiglu_projection_fwd(gate, up, w, out_dtype, w_dtype):
+    wc = w.astype(gate.dtype)
+    h = _silu_product(gate, up).reshape(-1, gate.shape[-1])
+    y = _dot(h, wc, (1, 0)).astype(out_dtype).reshape(*gate.shape[:-1], wc.shape[-1])
+    return y, (gate, up, wc)
+
+
+def _swiglu_projection_bwd(out_dtype, w_dtype, res, g):
+    gate, up, wc = res
+    dt = gate.dtype
+    g2 = g.reshape(-1, g.shape[-1]).astype(dt)
+    h2 = _silu_product(gate, up).reshape(-1, gate.shape[-1])
+    dw = _dot(_row_major_transpose(h2), g2, (1, 0))
+    dh = _dot(g2, wc, (1, 1)).reshape(gate.shape)  # float32
+    gf, uf = gate.astype(jnp.float32), up.astype(jnp.float32)
+    sig = jax.nn.sigmoid(gf)
+    d_gate = dh * uf * sig * (1.0 + gf * (1.0 - sig))  # d silu(x) / dx = s (1 + x (1 - s))
+    d_up = dh * gf * sig
+    return d_gate.astype(dt), d_up.astype(up.dtype), dw.astype(w_dtype)
+
+
+_swiglu_projection.defvjp(_swiglu_projection_fwd, _swiglu_projection_bwd)
+
+
 def param_init(config: ModelConfig) -> nn.initializers.Initializer:
     # MiniMind (PreTrainedModel._init_weights): Linear and Embedding weights ~ N(0, 0.02).
     return nn.initializers.normal(stddev=config.initializer_range)
@@ -119,9 +165,14 @@ class Linear(nn.Module):
     axes: Sequence[str | None] = ("embed", "mlp")
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, up: jax.Array | None = None) -> jax.Array:
+        """``x @ kernel``; with ``up``, SwiGLU's down projection ``(silu(x) * up) @ kernel`` through
+        :func:`swiglu_projection` (``x`` is then the gate)."""
         kernel = self.param("kernel", nn.with_logical_partitioning(param_init(self.config), tuple(self.axes)),
                             (x.shape[-1], self.features), self.policy.param_dtype)
+        if up is not None:
+            dt = jnp.dtype(self.policy.compute_dtype)
+            return swiglu_projection(x.astype(dt), up.astype(dt), kernel, dt)
         return matmul(x, kernel, self.policy)
 
 

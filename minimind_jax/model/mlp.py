@@ -21,4 +21,5 @@ class MLP(nn.Module):
         inter = self.intermediate_size or cfg.intermediate_size
         gate = Linear(inter, cfg, pol, ("embed", "mlp"), name="gate_proj")(x)
         up = Linear(inter, cfg, pol, ("embed", "mlp"), name="up_proj")(x)
-        return Linear(cfg.hidden_size, cfg, pol, ("mlp", "embed"), name="down_proj")(nn.silu(gate) * up)
+        # down(silu(gate) * up), with the product recomputed in the backward pass (see swiglu_projection)
+        return Linear(cfg.hidden_size, cfg, pol, ("mlp", "embed"), name="down_proj")(gate, up)
