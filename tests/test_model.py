@@ -232,6 +232,13 @@ def _plain_paths(monkeypatch):
     monkeypatch.setattr(layers, "swiglu_projection", _plain_swiglu_projection)
 
 
+def _model_case(name, overrides):
+    """(config, params) of a tiny preset with ``overrides``; scanned params when the config scans layers."""
+    config = tiny(name, **overrides)
+    params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
+    return config, (to_scanned(params, config) if config.scan_layers else params)
+
+
 def _loss_and_grads(config, params, policy, ids, **jit_kw):
     def loss(p, ids):
         out = MiniMindLM(config, policy).apply({"params": p}, ids[:, :-1], train=True)
@@ -277,10 +284,7 @@ def test_fp32_custom_projection_matches_autodiff(monkeypatch, name, overrides):
     """float32 takes the custom projection too (for speed: see ``layers.projection``). Its backward dots
     are autodiff's own, so loss and grads equal the plain einsum's up to float32 summation order
     (relative L2 error per leaf < 1e-5)."""
-    config = tiny(name, **overrides)
-    params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
-    if config.scan_layers:
-        params = to_scanned(params, config)
+    config, params = _model_case(name, overrides)
     ids = random_ids((3, 13), seed=4)
     loss, grads = _loss_and_grads(config, params, "fp32", ids)
     _plain_paths(monkeypatch)
@@ -325,10 +329,7 @@ BF16_REL_TOL = 2e-2
                                              ("tiny3", {"scan_layers": True, "remat_policy": "full"}),
                                              ("tiny3-moe", {"scan_layers": True, "remat_policy": "dots"})])
 def test_bf16_custom_projection_grads_match_autodiff(monkeypatch, name, overrides):
-    config = tiny(name, **overrides)
-    params = cached_params(tiny(name, **{k: v for k, v in overrides.items() if k == "tie_word_embeddings"}))
-    if config.scan_layers:
-        params = to_scanned(params, config)
+    config, params = _model_case(name, overrides)
     ids = random_ids((4, 17), seed=3)
     ref_loss, ref_grads = _loss_and_grads(config, params, "fp32", ids)
     loss, grads = _loss_and_grads(config, params, "bf16", ids)
