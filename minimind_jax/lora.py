@@ -216,7 +216,7 @@ def inject(base, adapters, scale: float):
 
 
 def _interceptor(scale: float):
-    from minimind_jax.model.layers import Linear, matmul
+    from minimind_jax.model.layers import Linear, matmul, silu_product
 
     def intercept(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -227,7 +227,7 @@ def _interceptor(scale: float):
             x = args[0]
             up = args[1] if len(args) > 1 else kwargs.get("up")
             if up is not None:  # SwiGLU's down projection: the Linear's input is silu(gate) * up
-                x = nn.silu(x) * up
+                x = silu_product(x, up)
             low = matmul(matmul(x, a, module.policy), b, module.policy)  # (x A) B: never forms B A
             out = out + (low * scale).astype(out.dtype)
         return out

@@ -118,7 +118,8 @@ def swiglu_projection(gate: jax.Array, up: jax.Array, w: jax.Array, out_dtype) -
     return _swiglu_projection(gate, up, w, jnp.dtype(out_dtype), jnp.dtype(w.dtype))
 
 
-def _silu_product(gate, up):
+def silu_product(gate, up):
+    """SwiGLU's ``silu(gate) * up``: the input of the down projection."""
     return jax.nn.silu(gate) * up
 
 
@@ -129,7 +130,7 @@ def _swiglu_projection(gate, up, w, out_dtype, w_dtype):
 
 def _swiglu_projection_fwd(gate, up, w, out_dtype, w_dtype):
     wc = w.astype(gate.dtype)
-    h = _silu_product(gate, up).reshape(-1, gate.shape[-1])
+    h = silu_product(gate, up).reshape(-1, gate.shape[-1])
     y = _dot(h, wc, (1, 0)).astype(out_dtype).reshape(*gate.shape[:-1], wc.shape[-1])
     return y, (gate, up, wc)
 
@@ -138,7 +139,7 @@ def _swiglu_projection_bwd(out_dtype, w_dtype, res, g):
     gate, up, wc = res
     dt = gate.dtype
     g2 = g.reshape(-1, g.shape[-1]).astype(dt)
-    h2 = _silu_product(gate, up).reshape(-1, gate.shape[-1])
+    h2 = silu_product(gate, up).reshape(-1, gate.shape[-1])
     dw = _dot(_row_major_transpose(h2), g2, (1, 0))
     dh = _dot(g2, wc, (1, 1)).reshape(gate.shape)  # float32
     gf, uf = gate.astype(jnp.float32), up.astype(jnp.float32)
