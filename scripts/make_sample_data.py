@@ -638,6 +638,32 @@ def check(out_dir: str) -> list[str]:
                 or not filecmp.cmp(os.path.join(tmp, name), os.path.join(out_dir, name), shallow=False)]
 
 
+def write_eval_samples(out_dir: str, n: int = 12) -> None:
+    """Multiple-choice samples for the offline lm-eval tasks (eval/ceval.jsonl, cmmlu.jsonl, arc.jsonl):
+    arithmetic questions with four numeric choices, in C-Eval's / CMMLU's (A-D letters) and ARC's layouts."""
+    rng = random.Random(1234)
+    rows = {"ceval": [], "cmmlu": [], "arc": []}
+    for kind in rows:
+        for _ in range(n):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            right = a + b
+            choices = rng.sample([c for c in range(max(0, right - 6), right + 7) if c != right], 3) + [right]
+            rng.shuffle(choices)
+            answer = choices.index(right)
+            if kind == "arc":
+                rows[kind].append({"id": f"arc-{len(rows[kind])}", "question": f"What is {a} plus {b}?",
+                                   "choices": {"text": [str(c) for c in choices], "label": list("ABCD")},
+                                   "answerKey": "ABCD"[answer]})
+            else:  # CMMLU capitalises its column names, C-Eval does not
+                q, ans = ("Question", "Answer") if kind == "cmmlu" else ("question", "answer")
+                rows[kind].append({"id": len(rows[kind]), q: f"{a}加{b}等于多少？",
+                                   **{k: str(c) for k, c in zip("ABCD", choices)}, ans: "ABCD"[answer]})
+    os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    for kind, records in rows.items():
+        with open(os.path.join(out_dir, "eval", f"{kind}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: data/sample)")
@@ -652,6 +678,7 @@ def main(argv=None) -> int:
         print(f"sample data in {args.out} is up to date ({len(FILES)} files identical)")
         return 0
     stats = write(args.out)
+    write_eval_samples(args.out)
     for name, (lines, size) in stats.items():
         print(f"{name:22s} {lines:6d} lines {size / 1024:9.1f} KiB")
     total = sum(s for _, s in stats.values())
