@@ -9,6 +9,10 @@ A bad line (malformed JSON, not an object, a missing field, a field of the wrong
 conversation) raises :class:`DataError` naming ``file:line``; with ``skip_bad_lines=True`` it is skipped and
 counted in :class:`ReadStats` instead (nothing is dropped silently). Blank lines are ignored (and counted as
 ``blank_lines``).
+
+MiniMind-3's files write a message's ``tools`` and ``tool_calls`` as JSON *strings*; they are accepted as
+lists or such strings (parsed when the record is read: :func:`normalize_record`), and a string that is not
+valid JSON is a bad line naming the field.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import numpy as np
 
 __all__ = [
     "DataError", "ReadStats", "JsonlSource", "STAGES", "ROLES", "canonical_stage", "validate_record",
-    "validate_conversation",
+    "validate_conversation", "normalize_conversation", "normalize_record", "JSON_LIST_FIELDS",
 ]
 
 STAGES = ("pretrain", "sft", "dpo")
 # other MiniMind data kinds that share the SFT format
 _STAGE_ALIASES = {"reason": "sft", "reasoning": "sft", "lora": "sft", "lora_identity": "sft"}
 ROLES = ("system", "user", "assistant", "tool")
+# message fields that hold lists, which MiniMind-3's files write as JSON strings
+JSON_LIST_FIELDS = ("tools", "functions", "tool_calls")
 MAX_REPORTED_BAD_LINES = 100
 
 
@@ -106,9 +112,49 @@ def validate_conversation(messages: Any, field: str) -> None:
         reasoning = m.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
             raise DataError(f"{where}.reasoning_content must be a string, got {_type_name(reasoning)}")
-        for key in ("tools", "functions", "tool_calls"):
-            if m.get(key) is not None and not isinstance(m[key], list):
-                raise DataError(f"{where}.{key} must be a list, got {_type_name(m[key])}")
+        for key in JSON_LIST_FIELDS:
+            value = _json_list(m.get(key), f"{where}.{key}")
+            if value is not None and not isinstance(value, list):
+                raise DataError(f"{where}.{key} must be a list (or a JSON string of one), got {_type_name(value)}")
+
+
+def _json_list(value: Any, where: str) -> Any:
+    """MiniMind-3's files carry ``tools`` / ``tool_calls`` as JSON strings (its dataset code ``json.loads`` them):
+    such a string is parsed; an empty string means absent; anything else is returned as is."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{where} is a string that is not valid JSON ({e})") from None
+
+
+def normalize_conversation(messages: list[dict], field: str) -> list[dict]:
+    """The (validated) messages with ``tools`` / ``functions`` / ``tool_calls`` given as JSON strings parsed into
+    lists and empty ones dropped, as MiniMind's SFT dataset reads them; other messages are returned unchanged."""
+    out = []
+    for i, m in enumerate(messages):
+        if any(isinstance(m.get(k), str) for k in JSON_LIST_FIELDS):
+            m = dict(m)
+            for key in JSON_LIST_FIELDS:
+                if isinstance(m.get(key), str):
+                    value = _json_list(m[key], f"{field}[{i}].{key}")
+                    if value is None:
+                        del m[key]
+                    else:
+                        m[key] = value
+        out.append(m)
+    return out
+
+
+def normalize_record(record: dict, stage: str) -> dict:
+    """A validated record in the form the transforms read (see :func:`normalize_conversation`)."""
+    fields = {"sft": ("conversations",), "dpo": ("chosen", "rejected")}.get(canonical_stage(stage), ())
+    if not any(isinstance(record.get(f), list) for f in fields):
+        return record
+    return {**record, **{f: normalize_conversation(record[f], f) for f in fields}}
 
 
 def validate_record(record: Any, stage: str) -> None:
@@ -199,7 +245,7 @@ class JsonlSource:
             handle.seek(int(self._offsets[index]))
             raw = handle.readline()
         try:
-            return _parse(raw)
+            return normalize_record(_parse(raw), self.stage)
         except DataError as e:  # the file changed after the scan
             raise DataError(f"{self.location(index)}: {e} (was the file modified while in use?)") from e
 

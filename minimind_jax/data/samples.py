@@ -17,7 +17,7 @@ MiniMind's current ``PretrainDataset`` / ``SFTDataset``.
 
 Augmentations (MiniMind's ``pre_processing_chat`` / ``post_processing_chat``; off by default): with
 ``add_system_prompt_prob`` a random system prompt from :data:`SYSTEM_PROMPTS` is put before conversations that
-open without one; with ``drop_empty_think_prob`` the empty ``<think>\\n\\n</think>\\n\\n`` blocks are removed
+open without one and carry no ``tools``; with ``drop_empty_think_prob`` the empty ``<think>\\n\\n</think>\\n\\n`` blocks are removed
 from the rendered text (MiniMind's defaults: 0.2 and 0.8). They draw from the ``rng`` passed in (the pipeline
 derives it from the seed, the epoch and the record's index), always the same number of draws per example.
 """
@@ -143,7 +143,9 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer, *, rng
     # the same draws for every example (whether or not they are used), so one example's choices never shift
     # another's
     draws = rng.random(3) if rng is not None else None
-    if add_system_prompt_prob and messages and messages[0].get("role") != "system":
+    # MiniMind's pre_processing_chat leaves a conversation that carries tools as it is
+    has_tools = any(m.get("tools") for m in messages)
+    if add_system_prompt_prob and messages and messages[0].get("role") != "system" and not has_tools:
         if draws[0] < add_system_prompt_prob:
             prompt = SYSTEM_PROMPTS[min(int(draws[1] * len(SYSTEM_PROMPTS)), len(SYSTEM_PROMPTS) - 1)]
             messages = [{"role": "system", "content": prompt}, *messages]
