@@ -4,12 +4,18 @@
     python scripts/eval.py --ckpt out/quickstart/sft_128/weights --data data/sample/sft.jsonl --suite
     python scripts/eval.py --ckpt MiniMind2/ --suite --greedy                 # MiniMind's eval: fixed questions
     python scripts/eval.py --ckpt ... --suite --prompts my_questions.txt --model_mode pretrain
+    python scripts/eval.py --ckpt ... --data data/sample/pretrain.jsonl --holdout 0.1   # the last 10 % of records
+    python scripts/eval.py --ckpt ... --tasks minimind_ceval,minimind_cmmlu,minimind_arc   # lm-eval, offline samples
+    python scripts/eval.py --ckpt ... --tasks arc_easy,piqa --limit 100                   # lm-eval tasks (hub)
 
 ``--data`` takes any of MiniMind's formats (pretrain ``{"text"}``, SFT / reasoning ``{"conversations"}``, DPO
 ``{"chosen", "rejected"}``: the loss is on the chosen replies), detected from the first record or given with
 ``--stage``. The loss is the next-token cross-entropy over the trained tokens (the whole text for pretrain, the
 assistant's replies for chat data), exactly as training computes it; every record counts (the last batch is
-padded, not dropped). ``--suite`` answers the prompts in one batch (MiniMind's eval questions by default).
+padded, not dropped); ``--holdout F`` scores only the last fraction F of the records (hold them out of
+training with the same split). ``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model
+(the ``eval`` extra): the shipped offline tasks (C-Eval-, CMMLU- and ARC-style multiple choice on the jsonl in
+``--task-data``), a task YAML file, or any task name lm-eval knows. ``--suite`` answers the prompts in one batch (MiniMind's eval questions by default).
 """
 
 import argparse
@@ -19,7 +25,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 # A fixed suite in the spirit of MiniMind's eval_llm.py: knowledge, reasoning, code, advice, Chinese and English.
 SUITE = [
@@ -43,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="score only the last FRACTION of the --data records (0 = all), e.g. 0.1")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: minimind_ceval, minimind_cmmlu, "
+                   "minimind_arc (offline), a task .yaml, or lm-eval's names (ceval-valid, cmmlu, arc_easy, piqa, ...)")
+    p.add_argument("--task-data", default=os.path.join(ROOT, "data", "sample", "eval"),
+                   help="directory of the offline tasks' jsonl (default: the bundled samples)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per prompt")
+    p.add_argument("--apply-chat-template", action="store_true", help="lm-eval: prompts through the chat template")
     p.add_argument("--suite", action="store_true", help="answer the prompt suite")
     p.add_argument("--prompts", default=None, help="the suite's prompts: a text file, one per line")
     p.add_argument("--model_mode", "--model-mode", default="chat", choices=["chat", "pretrain", "0", "1"],
@@ -82,7 +98,15 @@ def detect_stage(path: str) -> str:
     raise ValueError(f"{path}: no records")
 
 
-def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_size, max_records=0):
+def record_range(total: int, max_records: int = 0, holdout: float = 0.0) -> range:
+    """The records to score: the last ``holdout`` fraction (at least one) of the first ``max_records`` (0 = all)."""
+    n = min(max_records, total) if max_records else total
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"--holdout must be in [0, 1), got {holdout}")
+    return range(n - max(1, round(n * holdout)) if holdout else 0, n)
+
+
+def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_size, max_records=0, holdout=0.0):
     """(mean loss over trained tokens, trained tokens, records) of the files, batch by batch with a progress bar."""
     import jax
     import jax.numpy as jnp
@@ -105,7 +129,8 @@ def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_
         losses, mask = token_cross_entropy(model.apply({"params": p}, ids).logits, labels)
         return jnp.sum(losses), jnp.sum(mask)
 
-    n = len(source) if not max_records else min(max_records, len(source))
+    records = record_range(len(source), max_records, holdout)
+    n = len(records)
     total, tokens = 0.0, 0
     params = jax.device_put(policy.cast_to_param(params))
     with tqdm(total=n, desc="loss", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -114,7 +139,7 @@ def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_
             ids = np.zeros((batch_size, max_seq_len), np.int32)
             labels = np.full((batch_size, max_seq_len), IGNORE_INDEX, np.int32)  # padding rows train nothing
             for row in range(count):
-                arrays = transform(source[start + row], None).arrays
+                arrays = transform(source[records[start + row]], None).arrays
                 ids[row], labels[row] = arrays[ids_key], arrays[labels_key]
             s, m = batch_loss(params, ids, labels)
             total, tokens = total + float(s), tokens + int(m)
@@ -141,6 +166,8 @@ def run_suite(gen, tok, prompts, args):
                file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     results = gen.generate(ids, args.max_new_tokens, sampling, callback=lambda new: bar.update(1))
+    bar.total = bar.n  # every prompt ended before max_new_tokens: the bar ends full, not part way
+    bar.refresh()
     bar.close()
     seconds = time.perf_counter() - t0
     answers = []
@@ -159,10 +186,28 @@ def run_suite(gen, tok, prompts, args):
     return answers
 
 
+def run_tasks(args) -> dict:
+    """lm-eval's results (task -> metric -> value) for ``--tasks``, printed as lm-eval's table."""
+    try:
+        from lm_eval.utils import make_table
+
+        from minimind_jax.evaluation.harness import MiniMindJaxLM
+        from minimind_jax.evaluation.offline import evaluate
+    except ImportError as e:
+        raise ValueError(f"--tasks needs lm-evaluation-harness: pip install -e '.[eval]' ({e})") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    lm = MiniMindJaxLM(pretrained=args.ckpt, policy=args.policy, batch_size=args.batch_size, tokenizer=args.tokenizer)
+    results = evaluate(lm, tasks, data_dir=args.task_data, limit=args.limit, num_fewshot=args.num_fewshot,
+                       apply_chat_template=args.apply_chat_template)
+    print(make_table(results))
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in results["results"].items()}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.data and not args.suite:
-        print("error: nothing to do: give --data FILE and/or --suite", file=sys.stderr)
+    if not args.data and not args.suite and not args.tasks:
+        print("error: nothing to do: give --data FILE, --suite and/or --tasks", file=sys.stderr)
         return 2
     from minimind_jax.generate import Generator, default_eos_ids, load_params, tokenizer_for
     from minimind_jax.precision import get_policy
@@ -185,11 +230,12 @@ def main(argv=None) -> int:
                 raise ValueError(f"the --data files hold different formats: {stages}; evaluate them separately")
             stage = next(iter(stages.values()))
             loss, tokens, records = evaluate_loss(params, config, policy, tok, args.data, stage, args.max_seq_len,
-                                                  args.batch_size, args.max_records)
+                                                  args.batch_size, args.max_records, args.holdout)
             ppl = math.exp(min(loss, 700.0))
             print(f"{', '.join(args.data)} ({stage}, {records} records, {tokens} trained tokens, max_seq_len "
                   f"{args.max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
-            out.update(data=args.data, stage=stage, records=records, tokens=tokens, loss=loss, perplexity=ppl)
+            out.update(data=args.data, stage=stage, records=records, tokens=tokens, loss=loss, perplexity=ppl,
+                       holdout=args.holdout)
         if args.suite:
             prompts = SUITE
             if args.prompts:
@@ -199,6 +245,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"{args.prompts}: no prompts")
             gen = Generator(params, config, policy, eos_ids=default_eos_ids(config, tok))
             out["suite"] = run_suite(gen, tok, prompts, args)
+        if args.tasks:
+            out["tasks"] = run_tasks(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

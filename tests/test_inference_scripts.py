@@ -122,3 +122,35 @@ def test_eval_suite_and_errors(ckpt, tmp_path, capsys):
     assert ev.main(["--ckpt", str(path), "--data", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
     assert ev.main(["--ckpt", str(path)]) == 2
+
+
+def test_eval_holdout_scores_the_last_records(ckpt, tmp_path):
+    cfg, path = ckpt
+    data = str(ROOT / "data" / "sample" / "pretrain.jsonl")
+    ev = _script("eval")
+    assert list(ev.record_range(10, 0, 0.2)) == [8, 9] and list(ev.record_range(10, 4, 0.5)) == [2, 3]
+    lines = open(data, encoding="utf-8").read().splitlines()[2:4]
+    last_two = tmp_path / "last_two.jsonl"
+    last_two.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    reports = [tmp_path / "held.json", tmp_path / "direct.json"]
+    assert ev.main(["--ckpt", str(path), "--data", data, "--max-records", "4", "--holdout", "0.5", "--max_seq_len",
+                    "64", "--json", str(reports[0])]) == 0
+    assert ev.main(["--ckpt", str(path), "--data", str(last_two), "--max_seq_len", "64", "--json",
+                    str(reports[1])]) == 0
+    held, direct = (json.loads(r.read_text()) for r in reports)
+    assert held["records"] == 2 and held["tokens"] == direct["tokens"]
+    np.testing.assert_allclose(held["loss"], direct["loss"], rtol=1e-6)
+    assert ev.main(["--ckpt", str(path), "--data", data, "--holdout", "1.5"]) == 2
+
+
+def test_eval_tasks_runs_lm_eval_offline(ckpt, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    cfg, path = ckpt
+    ev = _script("eval")
+    report = tmp_path / "tasks.json"
+    assert ev.main(["--ckpt", str(path), "--tasks", "minimind_arc", "--limit", "4", "--json", str(report)]) == 0
+    arc = json.loads(report.read_text())["tasks"]["minimind_arc"]
+    assert 0.0 <= arc["acc,none"] <= 1.0 and "acc_norm,none" in arc
+    assert "minimind_arc" in capsys.readouterr().out
+    assert ev.main(["--ckpt", str(path), "--tasks", "no_such_task"]) == 2
+    assert "unknown task no_such_task" in capsys.readouterr().err
