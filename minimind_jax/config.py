@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -125,8 +126,15 @@ class ModelConfig:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "intermediate_size", "max_position_embeddings")
         for key in positive:
-            if int(getattr(self, key)) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{key} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value!r}")
+        for key in ("rms_norm_eps", "rope_theta", "rope_scaling_factor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a positive finite number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

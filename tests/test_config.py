@@ -500,9 +500,26 @@ def test_integral_floats_are_accepted_as_ints():
 
 
 def test_ints_are_accepted_as_floats():
-    c = ModelConfig.from_json(dict(MINIMIND3_JSON, rope_theta=10000, rms_norm_eps=0, dropout=0))
+    c = ModelConfig.from_json(dict(MINIMIND3_JSON, rope_theta=10000, rms_norm_eps=1, dropout=0))
     assert c.rope_theta == 10000.0 and isinstance(c.rope_theta, float)
-    assert c.rms_norm_eps == 0.0 and isinstance(c.rms_norm_eps, float)
+    assert c.rms_norm_eps == 1.0 and isinstance(c.rms_norm_eps, float)
+
+
+@pytest.mark.parametrize("key,value", [("rms_norm_eps", 0), ("rms_norm_eps", -1e-6), ("rms_norm_eps", float("nan")),
+                                       ("rope_theta", 0), ("rope_theta", float("inf")), ("rope_theta", -1.0)])
+def test_norm_eps_and_rope_theta_must_be_positive_finite(key, value):
+    with pytest.raises(ConfigError, match=rf"{key} must be a positive finite number"):
+        ModelConfig.from_json(dict(MINIMIND3_JSON, **{key: value}))
+    with pytest.raises(ConfigError, match=rf"{key} must be a positive finite number"):
+        ModelConfig.preset("tiny3", **{key: value})
+
+
+@pytest.mark.parametrize("key,value,message", [("intermediate_size", -4, "must be positive"),
+                                               ("head_dim", -2, "must be positive"),
+                                               ("intermediate_size", 64.5, "must be an integer")])
+def test_shape_fields_rejected(key, value, message):
+    with pytest.raises(ConfigError, match=rf"{key} {message}"):
+        ModelConfig.preset("tiny3", **{key: value})
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "mixtral", "qwen2"])
