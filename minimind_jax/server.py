@@ -18,8 +18,9 @@ finished. Requests that arrive while a batch runs wait for the next one.
 or text parts, assistant ``tool_calls``), ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` /
 ``max_completion_tokens``, ``stop``, ``seed``, ``tools`` / ``tool_choice`` (``"none"`` drops the tools, any
 other choice acts as ``"auto"``), ``stream`` / ``stream_options.include_usage``; as extensions ``top_k``,
-``repetition_penalty`` (MiniMind's sampling) and ``chat_template_kwargs`` (e.g. ``{"open_thinking": true}``:
-the generation prompt opens ``<think>``).
+``repetition_penalty`` (MiniMind's sampling) and ``chat_template_kwargs`` with only ``open_thinking`` /
+``enable_thinking`` (booleans: the generation prompt opens ``<think>``); any other template variable, a
+client's own ``chat_template`` among them, is refused.
 ``presence_penalty``, ``frequency_penalty``, ``user`` and the like are accepted and ignored; ``n > 1``,
 ``logprobs`` and JSON ``response_format`` are refused.
 
@@ -27,6 +28,12 @@ the generation prompt opens ``<think>``).
 ``reasoning_content`` (see :mod:`minimind_jax.chat_format`); when the request had ``tools``,
 ``<tool_call>`` blocks become ``tool_calls`` (``finish_reason: "tool_calls"``). ``usage`` counts the prompt
 and every generated token (the eos included).
+
+**Limits.** A body over ``max_body_bytes`` (8 MiB) gets 413 before it is read whole; JSON parsing and
+tokenising run off the event loop, and a prompt whose text has more bytes than the token limit could ever
+cover is refused before it is tokenised; the prompt may hold at most ``max_prompt_tokens`` (default: the
+context less one) tokens and prompt + ``max_tokens`` must fit the context (400 ``context_length_exceeded``
+naming the limit). A non-streaming client that disconnects cancels its row (checked every 0.25 s).
 
 **Errors.** Invalid requests get ``4xx`` with ``{"error": {"message", "type", "param", "code"}}``; a
 failure inside generation answers every request of that batch with ``500`` (or an ``error`` event if its
@@ -63,6 +70,8 @@ log = logging.getLogger("minimind_jax.server")
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MAX_STOP = 16
+TEMPLATE_KWARGS = ("open_thinking", "enable_thinking")  # the only chat_template_kwargs a request may set
+MAX_BODY_BYTES = 8 * 2 ** 20
 _END = object()  # worker shutdown sentinel
 
 
@@ -191,7 +200,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0)
+    top_k = _integer(body, "top_k", 0, 2 ** 31 - 1)
     penalty = _number(body, "repetition_penalty", 0.0, float("inf"), lo_open=True)
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
@@ -241,17 +250,29 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if tool_choice == "none":
         tools = None
 
-    template_kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(template_kwargs, dict) or not all(
-            isinstance(k, str) and k.isidentifier() and not k.startswith("_") for k in template_kwargs):
-        raise _bad("'chat_template_kwargs' must be an object with identifier keys", "chat_template_kwargs")
-    template_kwargs = dict(template_kwargs)
+    template_kwargs = _template_kwargs(body.get("chat_template_kwargs"))
     if "enable_thinking" in template_kwargs:  # Qwen's name for the same switch
         template_kwargs.setdefault("open_thinking", template_kwargs.pop("enable_thinking"))
 
     return ChatRequest(messages=messages, sampling=sampling, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stream=bool(stream), include_usage=bool(options.get("include_usage")), tools=tools,
                        template_kwargs=template_kwargs)
+
+
+def _template_kwargs(value: Any) -> dict:
+    """Only the thinking switch reaches the chat template: a client may not pass a template of its own
+    (``chat_template``), nor any other template variable."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+    for key, flag in value.items():
+        if key not in TEMPLATE_KWARGS:
+            raise _bad(f"chat_template_kwargs.{key} is not supported (allowed: {', '.join(TEMPLATE_KWARGS)})",
+                       f"chat_template_kwargs.{key}", "unsupported_value")
+        if not isinstance(flag, bool):
+            raise _bad(f"chat_template_kwargs.{key} must be a boolean", f"chat_template_kwargs.{key}", "invalid_type")
+    return dict(value)
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -370,6 +391,7 @@ class Engine:
         self.batch_sizes: list[int] = []  # real rows of every batch served (for tests and logs)
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._max_token_bytes: int | None = None  # the tokenizer's longest token, in bytes (found when first needed)
 
     # -- lifecycle
     def start(self) -> None:
@@ -453,20 +475,25 @@ class Engine:
                  time.perf_counter() - t0)
 
     # -- prompts
-    def prepare(self, request: ChatRequest, default_max_tokens: int) -> tuple[list[int], int, bool]:
+    def prepare(self, request: ChatRequest, default_max_tokens: int,
+                max_prompt_tokens: int | None = None) -> tuple[list[int], int, bool]:
         """(prompt ids, max new tokens, whether the prompt opened a think block) for a request; raises
-        :class:`APIError` (400) for a template error or a prompt that does not fit the context."""
+        :class:`APIError` (400) for a template error or a prompt that does not fit the context (or
+        ``max_prompt_tokens``). Runs off the event loop: tokenising a long prompt takes a while."""
+        context = self.generator.config.max_position_embeddings
+        limit = min(context - 1, max_prompt_tokens or context)
+        self._refuse_hopeless(request, limit)
         try:
             ids = self.tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, tools=request.tools, tokenize=True,
                 sanitize_control_tokens=True, **request.template_kwargs)
         except (TokenizerError, TypeError, jinja2.TemplateError) as e:
             raise _bad(f"cannot apply the chat template to these messages: {e}", "messages") from e
-        context = self.generator.config.max_position_embeddings
         n = len(ids)
-        if n >= context:
-            raise _bad(f"the prompt is {n} tokens; this model's context is {context} tokens", "messages",
-                       "context_length_exceeded")
+        if n > limit:
+            raise _bad(f"the prompt is {n} tokens; the limit is {limit} (this model's context is {context} tokens"
+                       f"{', --max-prompt-tokens ' + str(max_prompt_tokens) if max_prompt_tokens else ''})",
+                       "messages", "context_length_exceeded")
         if request.max_tokens is None:
             max_tokens = min(default_max_tokens, context - n)
         elif n + request.max_tokens > context:
@@ -477,15 +504,61 @@ class Engine:
         opened = prompt_opens_reasoning(self.tokenizer.decode(ids[-16:]))
         return ids, max_tokens, opened
 
+    def _refuse_hopeless(self, request: ChatRequest, limit: int) -> None:
+        """A prompt whose text has more bytes than ``limit`` tokens can ever cover (no token is longer than the
+        tokenizer's longest, in bytes) is refused before it is tokenised."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max(map(len, self.tokenizer.get_vocab()))
+        size = sum(len(str(m.get("content") or "").encode("utf-8", "surrogatepass")) for m in request.messages)
+        if size > limit * self._max_token_bytes:
+            raise _bad(f"the prompt's text is {size} bytes: more than the limit of {limit} tokens can hold",
+                       "messages", "context_length_exceeded")
+
 
 # ------------------------------------------------------------------------------------------------ the app
 
 
+async def read_body(request: Request, limit: int) -> Any:
+    """The request's JSON body, refused with 413 once it passes ``limit`` bytes (by its Content-Length, or while
+    it streams in) and parsed off the event loop."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise APIError(413, f"the request body is {int(length)} bytes; the limit is {limit}", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return await asyncio.to_thread(json.loads, b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = "too deeply nested" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json") from None
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def next_event(job: Job, request: Request, poll_s: float = 0.25):
+    """The job's next event; a client that has gone away cancels the job (its row stops at the next step)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=poll_s)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise ClientGone
+
+
 def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
-               default_max_tokens: int = 1024, batch_wait_s: float = 0.005, eos_ids: Sequence[int] | None = None):
+               default_max_tokens: int = 1024, batch_wait_s: float = 0.005, eos_ids: Sequence[int] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`, or anything with
     its ``config``, ``eos_ids`` and ``stream``) with ``tokenizer``'s chat template. The worker thread starts
-    with the app (its lifespan) and stops with it; ``app.state.engine`` is the :class:`Engine`."""
+    with the app (its lifespan) and stops with it; ``app.state.engine`` is the :class:`Engine`. Request bodies
+    over ``max_body_bytes`` get 413; prompts over ``max_prompt_tokens`` (default: the context) get 400."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
@@ -506,6 +579,10 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc):
+        return JSONResponse(APIError(499, "the client closed the connection").body(), status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -528,13 +605,9 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
-        req = parse_chat_request(body)
-        prompt_ids, max_tokens, opened = engine.prepare(req, default_max_tokens)
+        req = parse_chat_request(await read_body(request, max_body_bytes))
+        prompt_ids, max_tokens, opened = await asyncio.to_thread(engine.prepare, req, default_max_tokens,
+                                                                 max_prompt_tokens)
         job = Job(prompt_ids, max_tokens, req.sampling, stop=req.stop, parse_tools=req.tools is not None,
                   start_in_reasoning=opened, stream=req.stream, loop=asyncio.get_running_loop())
         engine.submit(job)
@@ -546,7 +619,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                     "total_tokens": len(prompt_ids) + completion}
 
         try:
-            first = await job.events.get()
+            first = await next_event(job, request)
         except asyncio.CancelledError:
             job.cancelled = True
             raise
@@ -557,7 +630,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
             reasoning, content = [], []
             try:
                 while True:
-                    event = await job.events.get()
+                    event = await next_event(job, request)
                     if event[0] == "delta":
                         reasoning.append(event[1])
                         content.append(event[2])

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients see (default: from --ckpt)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="new-token limit of a request that sets no max_tokens (capped by the context left)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, in tokens (default: the model's context less one)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted, in MiB (413 beyond)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -48,7 +51,8 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt)) or "minimind"
     app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                     max_body_bytes=int(args.max_body_mb * 2 ** 20))
     print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

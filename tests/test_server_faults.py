@@ -1,0 +1,108 @@
+"""The server under hostile or unlucky requests: body limits, template injection, hopeless prompts, absurd
+sampling values, clients that leave before their answer."""
+
+import http.client
+import json
+import socket
+import time
+
+import pytest
+
+from test_server import HELLO, ScriptedGenerator, _Server
+from minimind_jax.server import APIError, create_app, parse_chat_request
+from minimind_jax.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    gen = ScriptedGenerator(tok)
+    srv = _Server(create_app(gen, tok, "scripted", max_batch=8, max_body_bytes=64 * 1024, max_prompt_tokens=100))
+    yield srv, gen
+    srv.stop()
+
+
+def _post(server, body):
+    return server.raw("POST", "/v1/chat/completions", body=json.dumps(body).encode())
+
+
+def test_body_over_the_limit_is_413(server):
+    srv, _ = server
+    big = {"messages": [{"role": "user", "content": "x" * 100_000}]}
+    status, body = _post(srv, big)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    # without a Content-Length (chunked): refused while it streams in
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    payload = json.dumps(big).encode()
+    conn.request("POST", "/v1/chat/completions", body=iter([payload[i:i + 8192] for i in range(0, len(payload), 8192)]),
+                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413
+    conn.close()
+    assert srv.raw("GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("kwargs,param", [({"chat_template": "{{ 7 * 7 }}"}, "chat_template_kwargs.chat_template"),
+                                          ({"documents": []}, "chat_template_kwargs.documents"),
+                                          ({"continue_final_message": True}, "chat_template_kwargs.continue_final_message"),
+                                          ({"open_thinking": "yes"}, "chat_template_kwargs.open_thinking"),
+                                          ([], "chat_template_kwargs")])
+def test_only_the_thinking_switch_reaches_the_template(server, kwargs, param):
+    srv, gen = server
+    before = len(gen.batches)
+    status, body = _post(srv, {"messages": HELLO, "chat_template_kwargs": kwargs})
+    assert status == 400 and body["error"]["param"] == param, body
+    assert len(gen.batches) == before  # nothing was generated
+    status, body = _post(srv, {"messages": HELLO, "chat_template_kwargs": {"enable_thinking": True}})
+    assert status == 200
+
+
+def test_prompt_limits_name_the_limit(server, tok):
+    srv, _ = server
+    # over --max-prompt-tokens (100) but within the body limit
+    status, body = _post(srv, {"messages": [{"role": "user", "content": "word " * 300}]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and "limit is 100" in body["error"]["message"]
+    # far beyond what 100 tokens can hold: refused before tokenising
+    longest = max(map(len, tok.get_vocab()))
+    status, body = _post(srv, {"messages": [{"role": "user", "content": "z" * (100 * longest + 1)}]})
+    assert status == 400 and "bytes" in body["error"]["message"]
+
+
+def test_absurd_sampling_values_are_400(server):
+    srv, _ = server
+    for bad, param in [({"top_k": 10 ** 30}, "top_k"), ({"top_k": -1}, "top_k")]:
+        status, body = _post(srv, {"messages": HELLO, **bad})
+        assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_deeply_nested_json_is_400(server):
+    srv, _ = server
+    status, body = srv.raw("POST", "/v1/chat/completions", body=b"[" * 20_000 + b"]" * 20_000)
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+def test_non_streaming_client_that_leaves_stops_its_generation(server):
+    srv, gen = server
+    body = json.dumps({"messages": [{"role": "user", "content": "SLOW please"}], "max_tokens": 200}).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.monotonic() + 30
+    while not gen.batches or gen.batches[-1][1] < 2:  # its batch has started
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    record = gen.batches[-1]
+    sock.close()
+    time.sleep(1.5)  # the scripted SLOW answer takes 40 steps x 30 ms = 1.2 s when nobody stops it
+    assert record[1] < 40, record
+    assert srv.raw("GET", "/health")[0] == 200
+
+
+def test_parse_rejects_template_override():
+    with pytest.raises(APIError) as e:
+        parse_chat_request({"messages": HELLO, "chat_template_kwargs": {"chat_template": "x"}})
+    assert e.value.status == 400
