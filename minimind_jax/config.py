@@ -23,7 +23,8 @@ import os
 from typing import Any, Mapping
 
 GENERATIONS = ("minimind3", "minimind2")
-MOE_IMPLS = ("dense", "sorted")
+MOE_IMPLS = ("auto", "dense", "sorted")
+KERNELS = ("auto", "xla_cpu", "generic")  # see minimind_jax.model.kernels
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -99,7 +100,8 @@ class ModelConfig:
     # Implementation switches (not part of the architecture; checkpoints record them).
     scan_layers: bool = False
     remat_policy: str = "none"
-    moe_impl: str = "dense"
+    moe_impl: str = "auto"  # auto: dense with the XLA:CPU kernels, sorted (grouped matmul) elsewhere
+    kernels: str = "auto"  # auto: XLA:CPU specialisations when lowered for the CPU, plain einsums elsewhere
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -158,6 +160,8 @@ class ModelConfig:
             raise ConfigError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -264,7 +268,7 @@ class ModelConfig:
                 d["qk_norm"] = True
         d.update(rope_scaling_extra(self))
         d.update(scan_layers=self.scan_layers, remat_policy=self.remat_policy, moe_impl=self.moe_impl,
-                 initializer_range=self.initializer_range)
+                 kernels=self.kernels, initializer_range=self.initializer_range)
         return d
 
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
@@ -302,7 +306,7 @@ def rope_scaling_extra(config: ModelConfig) -> dict[str, Any]:
 _MINIMIND3_MARKERS = ("num_experts", "router_aux_loss_coef", "head_dim")
 _MINIMIND2_MARKERS = ("n_routed_experts", "aux_loss_alpha", "seq_aux", "n_shared_experts")
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-_OURS = {"scan_layers": bool, "remat_policy": str, "moe_impl": str, "initializer_range": float, "qk_norm": bool,
+_OURS = {"scan_layers": bool, "remat_policy": str, "moe_impl": str, "kernels": str, "initializer_range": float, "qk_norm": bool,
          "rope_scaling_factor": float, "rope_scaling_original_max": int, "rope_scaling_beta_fast": float,
          "rope_scaling_beta_slow": float, "rope_scaling_attention_factor": float}  # key: JSON type
 

@@ -216,7 +216,7 @@ def inject(base, adapters, scale: float):
 
 
 def _interceptor(scale: float):
-    from minimind_jax.model.layers import Linear, matmul, silu_product
+    from minimind_jax.model.layers import Linear, matmul
 
     def intercept(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
@@ -225,10 +225,8 @@ def _interceptor(scale: float):
             a = module.get_variable("params", "lora_A")
             b = module.get_variable("params", "lora_B")
             x = args[0]
-            up = args[1] if len(args) > 1 else kwargs.get("up")
-            if up is not None:  # SwiGLU's down projection: the Linear's input is silu(gate) * up
-                x = silu_product(x, up)
-            low = matmul(matmul(x, a, module.policy), b, module.policy)  # (x A) B: never forms B A
+            kernels = module.config.kernels  # (x A) B: never forms B A
+            low = matmul(matmul(x, a, module.policy, kernels=kernels), b, module.policy, kernels=kernels)
             out = out + (low * scale).astype(out.dtype)
         return out
 

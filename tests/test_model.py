@@ -213,25 +213,7 @@ def test_bf16_vs_fp32_logits_on_minimind3_preset(capsys):
     assert diff.mean() < 1e-2
 
 
-# ------------------------------------------------------------- half-precision projections (custom VJP)
-def _plain_projection(x, w, out_dtype, w_out_in):
-    """What ``layers.projection`` replaces: the einsum and JAX's own autodiff of it."""
-    spec = "...h,vh->...v" if w_out_in else "...i,io->...o"
-    return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
-
-
-def _plain_swiglu_projection(gate, up, w, out_dtype):
-    """What ``layers.swiglu_projection`` replaces: silu(gate) * up, the plain projection, and autodiff."""
-    return _plain_projection(jax.nn.silu(gate) * up, w, out_dtype, False)
-
-
-def _plain_paths(monkeypatch):
-    from minimind_jax.model import layers
-
-    monkeypatch.setattr(layers, "projection", _plain_projection)
-    monkeypatch.setattr(layers, "swiglu_projection", _plain_swiglu_projection)
-
-
+# ------------------------------------------------------------- gradients (kernels: tests/test_kernels.py)
 def _model_case(name, overrides):
     """(config, params) of a tiny preset with ``overrides``; scanned params when the config scans layers."""
     config = tiny(name, **overrides)
@@ -250,100 +232,6 @@ def _loss_and_grads(config, params, policy, ids, **jit_kw):
 def _rel_err(a, b):
     """Per-leaf relative L2 error |a - b| / |b| (a pytree of floats)."""
     return jax.tree.map(lambda a, b: float(jnp.linalg.norm((a - b).ravel()) / jnp.linalg.norm(b.ravel())), a, b)
-
-
-@pytest.mark.parametrize("layout", ["in_out", "out_in"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_projection_backward_is_exact_float32_accumulation(layout, dtype):
-    """Both backward dots take the half-precision operands and accumulate in float32: against a float64
-    product of the same (rounded) operands, dx is off by one final rounding to ``dtype`` and dw (returned
-    float32, the weight's dtype) by float32 summation only."""
-    from minimind_jax.model.layers import projection
-
-    rng = np.random.RandomState(0)
-    w_out_in = layout == "out_in"
-    x = jnp.asarray(rng.randn(3, 5, 48), dtype)
-    w = jnp.asarray(rng.randn(*((32, 48) if w_out_in else (48, 32))) * 0.1, jnp.float32)
-    g = jnp.asarray(rng.randn(3, 5, 32), jnp.float32)
-    y, vjp = jax.vjp(lambda x, w: projection(x, w, jnp.float32, w_out_in), x, w)
-    dx, dw = jax.jit(vjp)(g)
-    chex.assert_type([y, dx, dw], [jnp.float32, dtype, jnp.float32])
-    x64 = np.asarray(x, np.float64).reshape(-1, 48)
-    w64 = np.asarray(w.astype(dtype), np.float64)
-    w64 = w64.T if w_out_in else w64
-    g64 = np.asarray(g.astype(dtype), np.float64).reshape(-1, 32)
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, 32), x64 @ w64, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx, np.float64).reshape(-1, 48), g64 @ w64.T, rtol=1e-2, atol=1e-2)
-    want_dw = x64.T @ g64
-    np.testing.assert_allclose(np.asarray(dw), want_dw.T if w_out_in else want_dw, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name, overrides", [("tiny3", {}), ("tiny2-moe", {"scan_layers": True, "remat_policy": "full"}),
-                                             ("tiny2", {"tie_word_embeddings": False})])
-def test_fp32_custom_projection_matches_autodiff(monkeypatch, name, overrides):
-    """float32 takes the custom projection too (for speed: see ``layers.projection``). Its backward dots
-    are autodiff's own, so loss and grads equal the plain einsum's up to float32 summation order
-    (relative L2 error per leaf < 1e-5)."""
-    config, params = _model_case(name, overrides)
-    ids = random_ids((3, 13), seed=4)
-    loss, grads = _loss_and_grads(config, params, "fp32", ids)
-    _plain_paths(monkeypatch)
-    plain_loss, plain_grads = _loss_and_grads(config, params, "fp32", ids)
-    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-    assert abs(float(loss) - float(plain_loss)) < 1e-6 * abs(float(plain_loss))
-    for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(grads, plain_grads)):
-        assert err < 1e-5, f"{jax.tree_util.keystr(path)}: custom vs autodiff rel err {err:.2e}"
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swiglu_projection_matches_autodiff(dtype):
-    """The SwiGLU down projection with the product recomputed in the backward pass: output and the three
-    gradients equal autodiff of ``(silu(gate) * up) @ w`` (float32: to rounding; bf16: to bf16 rounding of
-    the elementwise backward, which autodiff does in bf16 and ours in float32)."""
-    from minimind_jax.model.layers import swiglu_projection
-
-    rng = np.random.RandomState(2)
-    gate = jnp.asarray(rng.randn(2, 5, 24) * 2, dtype)
-    up = jnp.asarray(rng.randn(2, 5, 24), dtype)
-    w = jnp.asarray(rng.randn(24, 16) * 0.2, jnp.float32)
-    g = jnp.asarray(rng.randn(2, 5, 16), jnp.float32)
-    y, vjp = jax.vjp(lambda a, b, c: swiglu_projection(a, b, c, jnp.float32), gate, up, w)
-    ref_y, ref_vjp = jax.vjp(lambda a, b, c: _plain_swiglu_projection(a, b, c, jnp.float32), gate, up, w)
-    grads, ref = jax.jit(vjp)(g), ref_vjp(g)
-    chex.assert_type(grads, [dtype, dtype, jnp.float32])
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=tol, atol=tol)
-    for ours, theirs in zip(grads, ref):
-        ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-        assert np.linalg.norm(ours - theirs) <= tol * np.linalg.norm(theirs)
-
-
-# bf16 tolerance: the custom backward and JAX's autodiff of the einsum round different intermediates to
-# bf16 (8-bit mantissa, relative rounding 2^-9 ~ 2e-3, compounded over a few layers), so the two
-# gradients agree to a relative L2 error of 2e-2 per leaf; and the custom gradients may be no further
-# from the float32 gradients than autodiff's are, up to 25 % + 2e-3.
-BF16_REL_TOL = 2e-2
-
-
-@pytest.mark.parametrize("name, overrides", [("tiny3", {}), ("tiny3-moe", {}), ("tiny2", {"tie_word_embeddings": False}),
-                                             ("tiny3", {"scan_layers": True, "remat_policy": "full"}),
-                                             ("tiny3-moe", {"scan_layers": True, "remat_policy": "dots"})])
-def test_bf16_custom_projection_grads_match_autodiff(monkeypatch, name, overrides):
-    config, params = _model_case(name, overrides)
-    ids = random_ids((4, 17), seed=3)
-    ref_loss, ref_grads = _loss_and_grads(config, params, "fp32", ids)
-    loss, grads = _loss_and_grads(config, params, "bf16", ids)
-    _plain_paths(monkeypatch)
-    plain_loss, plain_grads = _loss_and_grads(config, params, "bf16", ids)
-
-    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}  # the params' dtype
-    assert abs(float(loss) - float(plain_loss)) < 1e-3 * abs(float(plain_loss))
-    assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
-    for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(grads, plain_grads)):
-        assert err < BF16_REL_TOL, f"{jax.tree_util.keystr(path)}: custom vs autodiff rel err {err:.2e}"
-    custom_err, plain_err = _rel_err(grads, ref_grads), _rel_err(plain_grads, ref_grads)
-    for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(custom_err), jax.tree.leaves(plain_err)):
-        assert ours <= 1.25 * theirs + 2e-3, f"{jax.tree_util.keystr(path)}: vs fp32 {ours:.2e} > autodiff's {theirs:.2e}"
 
 
 def test_bf16_params_policy_gets_bf16_grads():

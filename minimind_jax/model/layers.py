@@ -1,4 +1,4 @@
-"""Building blocks: the policy-aware matmul, Linear, RMSNorm and rotary position embeddings.
+"""Building blocks: the policy-aware matmul (``x @ w``; its kernels live in :mod:`minimind_jax.model.kernels`), Linear, RMSNorm and rotary position embeddings.
 
 Every parameter is created with logical axis names (``nn.with_logical_partitioning``) so that
 ``minimind_jax.sharding`` can place it on a device mesh from one rules table, without touching this code.
@@ -6,7 +6,6 @@ Every parameter is created with logical axis names (``nn.with_logical_partitioni
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -16,140 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimind_jax.config import ModelConfig
+from minimind_jax.model import kernels as kernels_lib
 from minimind_jax.precision import Policy
 
 
-# The two projection layouts the model uses: spec -> whether the weight is stored (out, in) (the tied
-# embedding used as the LM head) rather than (in, out) (Linear kernels, expert weights).
-_PROJECTIONS = {"...i,io->...o": False, "...h,vh->...v": True}
+_LAYOUTS = {"...i,io->...o": False, "...h,vh->...v": True}  # spec -> w stored (out, in)
 
 
-def matmul(x: jax.Array, w: jax.Array, policy: Policy, spec: str = "...i,io->...o",
-           out_dtype=None) -> jax.Array:
-    """``einsum(spec, x, w)`` with both operands in the compute dtype and float32 accumulation.
-
-    Asking for a float32 result (``preferred_element_type``) keeps bf16/fp16 dots accurate and is also
-    the fast path on XLA:CPU (bf16-output dots are slower than fp32 ones there). The result is cast
-    back to the compute dtype (as PyTorch autocast returns it) unless ``out_dtype`` asks otherwise
-    (the logits stay float32).
-
-    The two projection layouts go through ``projection``, whose backward pass is written out (see
-    there), in every compute dtype; other specs keep the plain einsum and its autodiff.
-    """
-    dt = jnp.dtype(policy.compute_dtype)
-    out_dtype = jnp.dtype(out_dtype or dt)
-    if spec in _PROJECTIONS:
-        return projection(x.astype(dt), w, out_dtype, _PROJECTIONS[spec])
-    out = jnp.einsum(spec, x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
-    return out.astype(out_dtype)
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """A 2-D dot of two half-precision operands accumulated and returned in float32."""
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-
-def _row_major_transpose(a: jax.Array) -> jax.Array:
-    # The barrier makes XLA materialise the transpose: handed a transposed operand, XLA:CPU's
-    # layout assignment turns the weight-gradient dot into a float32 one (about half the speed).
-    return jax.lax.optimization_barrier(a.T)
-
-
-def projection(x: jax.Array, w: jax.Array, out_dtype, w_out_in: bool) -> jax.Array:
-    """``x @ w`` (``w`` (in, out)) or ``x @ w.T`` (``w_out_in``: ``w`` (out, in)) for ``x`` (..., in) in the
-    compute dtype; ``w`` in any dtype is cast to ``x.dtype`` once.
-
-    Why a custom VJP: the two backward dots are written out with float32 accumulation, ``dx = g @ w.T``
-    and ``dw = x.T @ g``, the latter fed a row-major copy of ``x.T``.
-
-    * bf16/fp16: autodiff of a half -> float32 dot runs most backward dots in float32 or with bf16
-      outputs, both slow on XLA:CPU. Here they take half-precision inputs. ``dw`` comes back in ``w``'s
-      own dtype straight from the float32 accumulator (float32 params get float32 gradients, never
-      rounded through bf16); ``dx`` in ``x``'s dtype. The half-precision weight is saved for the
-      backward pass, so each weight is cast once per step, not once per use.
-    * float32: the same dots as autodiff's, but XLA:CPU, left to itself, writes the transposed operand
-      of each weight-gradient dot from inside the elementwise fusion that produces it (SwiGLU's
-      backward, for one), a strided write that cost ~10 % of a minimind3 step; with the explicit
-      transpose of the layer input the step is ~15 % faster (``python scripts/bench.py train``).
-    """
-    return _projection(x, w, jnp.dtype(out_dtype), w_out_in, jnp.dtype(w.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _projection(x, w, out_dtype, w_out_in, w_dtype):
-    return _projection_fwd(x, w, out_dtype, w_out_in, w_dtype)[0]
-
-
-def _projection_fwd(x, w, out_dtype, w_out_in, w_dtype):
-    x2 = x.reshape(-1, x.shape[-1])
-    wc = w.astype(x.dtype)
-    y = _dot(x2, wc, (1, 1) if w_out_in else (1, 0))
-    y = y.astype(out_dtype).reshape(*x.shape[:-1], y.shape[-1])
-    return y, (x2, wc)
-
-
-def _projection_bwd(out_dtype, w_out_in, w_dtype, res, g):
-    x2, wc = res
-    g2 = g.reshape(-1, g.shape[-1]).astype(x2.dtype)
-    if w_out_in:  # y = x @ w.T, w (out, in)
-        dx = _dot(g2, wc, (1, 0))
-        dw = _dot(_row_major_transpose(g2), x2, (1, 0))
-    else:  # y = x @ w, w (in, out)
-        dx = _dot(g2, wc, (1, 1))
-        dw = _dot(_row_major_transpose(x2), g2, (1, 0))
-    dx = dx.astype(x2.dtype).reshape(*g.shape[:-1], x2.shape[-1])
-    return dx, dw.astype(w_dtype)
-
-
-_projection.defvjp(_projection_fwd, _projection_bwd)
-
-
-def swiglu_projection(gate: jax.Array, up: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
-    """``(silu(gate) * up) @ w`` (SwiGLU's down projection, ``w`` (in, out)) with the product recomputed in
-    the backward pass instead of saved.
-
-    Why: autodiff keeps the sigmoid, the silu and their product for the backward pass, three (tokens,
-    intermediate) tensors a layer (~28 MiB at minimind3's 4 x 256 in float32) on top of ``gate`` and ``up``;
-    here only ``gate``, ``up`` and the (cast) weight are saved. The backward dots are ``projection``'s: half
-    or float32 inputs, float32 accumulation, ``dw`` in ``w``'s dtype, a row-major copy of the product's
-    transpose (whose recomputation XLA fuses into that copy).
-    """
-    return _swiglu_projection(gate, up, w, jnp.dtype(out_dtype), jnp.dtype(w.dtype))
-
-
-def silu_product(gate, up):
-    """SwiGLU's ``silu(gate) * up``: the input of the down projection."""
-    return jax.nn.silu(gate) * up
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _swiglu_projection(gate, up, w, out_dtype, w_dtype):
-    return _swiglu_projection_fwd(gate, up, w, out_dtype, w_dtype)[0]
-
-
-def _swiglu_projection_fwd(gate, up, w, out_dtype, w_dtype):
-    wc = w.astype(gate.dtype)
-    h = silu_product(gate, up).reshape(-1, gate.shape[-1])
-    y = _dot(h, wc, (1, 0)).astype(out_dtype).reshape(*gate.shape[:-1], wc.shape[-1])
-    return y, (gate, up, wc)
-
-
-def _swiglu_projection_bwd(out_dtype, w_dtype, res, g):
-    gate, up, wc = res
-    dt = gate.dtype
-    g2 = g.reshape(-1, g.shape[-1]).astype(dt)
-    h2 = silu_product(gate, up).reshape(-1, gate.shape[-1])
-    dw = _dot(_row_major_transpose(h2), g2, (1, 0))
-    dh = _dot(g2, wc, (1, 1)).reshape(gate.shape)  # float32
-    gf, uf = gate.astype(jnp.float32), up.astype(jnp.float32)
-    sig = jax.nn.sigmoid(gf)
-    d_gate = dh * uf * sig * (1.0 + gf * (1.0 - sig))  # d silu(x) / dx = s (1 + x (1 - s))
-    d_up = dh * gf * sig
-    return d_gate.astype(dt), d_up.astype(up.dtype), dw.astype(w_dtype)
-
-
-_swiglu_projection.defvjp(_swiglu_projection_fwd, _swiglu_projection_bwd)
+def matmul(x: jax.Array, w: jax.Array, policy: Policy, spec: str = "...i,io->...o", out_dtype=None,
+           kernels: str = "auto") -> jax.Array:
+    """``x @ w`` (``spec`` ``...i,io->...o``) or ``x @ w.T`` (``...h,vh->...v``, the tied LM head) with both
+    operands in the policy's compute dtype and float32 accumulation, returned in the compute dtype unless
+    ``out_dtype`` asks otherwise (the logits stay float32). ``kernels`` picks the implementation
+    (:mod:`minimind_jax.model.kernels`); the value is the same whichever it is."""
+    if spec not in _LAYOUTS:
+        raise ValueError(f"matmul computes {' or '.join(_LAYOUTS)}, not {spec!r}")
+    return kernels_lib.linear(x, w, kernels, policy.compute_dtype, out_dtype, _LAYOUTS[spec])
 
 
 def param_init(config: ModelConfig) -> nn.initializers.Initializer:
@@ -166,15 +47,10 @@ class Linear(nn.Module):
     axes: Sequence[str | None] = ("embed", "mlp")
 
     @nn.compact
-    def __call__(self, x: jax.Array, up: jax.Array | None = None) -> jax.Array:
-        """``x @ kernel``; with ``up``, SwiGLU's down projection ``(silu(x) * up) @ kernel`` through
-        :func:`swiglu_projection` (``x`` is then the gate)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(param_init(self.config), tuple(self.axes)),
                             (x.shape[-1], self.features), self.policy.param_dtype)
-        if up is not None:
-            dt = jnp.dtype(self.policy.compute_dtype)
-            return swiglu_projection(x.astype(dt), up.astype(dt), kernel, dt)
-        return matmul(x, kernel, self.policy)
+        return matmul(x, kernel, self.policy, kernels=self.config.kernels)
 
 
 class RMSNorm(nn.Module):

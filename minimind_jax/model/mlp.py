@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from minimind_jax.config import ModelConfig
+from minimind_jax.model.kernels import silu_product
 from minimind_jax.model.layers import Linear
 from minimind_jax.precision import Policy
 
@@ -21,5 +22,4 @@ class MLP(nn.Module):
         inter = self.intermediate_size or cfg.intermediate_size
         gate = Linear(inter, cfg, pol, ("embed", "mlp"), name="gate_proj")(x)
         up = Linear(inter, cfg, pol, ("embed", "mlp"), name="up_proj")(x)
-        # down(silu(gate) * up), with the product recomputed in the backward pass (see swiglu_projection)
-        return Linear(cfg.hidden_size, cfg, pol, ("mlp", "embed"), name="down_proj")(gate, up)
+        return Linear(cfg.hidden_size, cfg, pol, ("mlp", "embed"), name="down_proj")(silu_product(gate, up, cfg.kernels))

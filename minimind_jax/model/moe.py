@@ -1,7 +1,8 @@
 """Mixture of experts: a float32 softmax router, top-k routed SwiGLU experts, optional shared experts, and
 MiniMind's load-balancing aux losses.
 
-Dispatch (``config.moe_impl``); both are exact (no token is ever dropped, unlike capacity-based
+Dispatch (``config.moe_impl``: ``auto`` (default) is ``dense`` on CPU and ``sorted`` on other platforms,
+resolved with the kernels, see :mod:`minimind_jax.model.kernels`); both are exact (no token is ever dropped, unlike capacity-based
 dispatch, which would change MiniMind's outputs whenever an expert overflows):
 
 * ``dense``: every expert runs on every token and a (tokens, experts) combine matrix that is zero
@@ -16,7 +17,8 @@ dispatch, which would change MiniMind's outputs whenever an expert overflows):
 Measured with ``python scripts/bench.py moe`` (2-core CPU, fp32, 1024 tokens, forward / forward+backward):
 minimind3-moe layer (4 experts, top-1) dense 446 / 1037 ms, sorted 423 / 1045 ms; minimind2-moe layer
 (top-2 + 1 shared) dense 296 / 902 ms, sorted 587 / 1225 ms. XLA:CPU's ragged_dot saves no FLOPs, so
-dense stays the default; re-measure on GPU before switching.
+dense stays the CPU choice; on a GPU ``sorted`` computes the active experts only (minimind3-moe: a
+quarter of dense's expert FLOPs).
 
 Expert weights are stacked: ``experts/gate_proj`` is (E, hidden, inter), ``experts/down_proj`` is
 (E, inter, hidden); the converter maps them to MiniMind's ``experts.{e}.gate_proj.weight``.
@@ -24,12 +26,15 @@ Expert weights are stacked: ``experts/gate_proj`` is (E, hidden, inter), ``exper
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from minimind_jax.config import ModelConfig
-from minimind_jax.model.layers import matmul, param_init
+from minimind_jax.model import kernels as kernels_lib
+from minimind_jax.model.layers import param_init
 from minimind_jax.precision import Policy
 
 
@@ -54,31 +59,13 @@ class ExpertBank(nn.Module):
         self.down_proj = self.param("down_proj", nn.with_logical_partitioning(init, down_axes),
                                     (self.num, inter, h), pol.param_dtype)
 
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gate_proj, up_proj, down_proj), stacked over the experts."""
+        return self.gate_proj, self.up_proj, self.down_proj
+
     def all_experts(self, x: jax.Array) -> jax.Array:
-        """Every expert on every token: x (n, h) -> (E, n, h).
-
-        One 2-D matmul per expert (E is small and static) rather than one batched einsum: XLA:CPU
-        rejects some batched bf16 x bf16 -> f32 dots after layout assignment ("Unsupported element
-        type for DotThunk"), and plain matmuls are its fastest path anyway.
-        """
-        pol = self.policy
-        outs = []
-        for e in range(self.num):
-            gate = matmul(x, self.gate_proj[e], pol)
-            up = matmul(x, self.up_proj[e], pol)
-            outs.append(matmul(nn.silu(gate) * up, self.down_proj[e], pol))
-        return jnp.stack(outs)
-
-    def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """Rows sorted by expert, ``group_sizes[e]`` rows for expert e: (m, h) -> (m, h)."""
-        dt = self.policy.compute_dtype
-
-        def gdot(a, w):
-            return jax.lax.ragged_dot(a.astype(dt), w.astype(dt), group_sizes,
-                                      preferred_element_type=jnp.float32).astype(dt)
-
-        hidden = nn.silu(gdot(x_sorted, self.gate_proj)) * gdot(x_sorted, self.up_proj)
-        return gdot(hidden, self.down_proj)
+        """Every expert on every token: x (n, h) -> (E, n, h)."""
+        return kernels_lib.all_experts(x, *self.weights(), self.config.kernels, self.policy.compute_dtype)
 
 
 def route(logits: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -126,15 +113,12 @@ class MoE(nn.Module):
         xf = x.reshape(b * t, h)
         router = self.param("gate", nn.with_logical_partitioning(param_init(cfg), ("embed", "router")),
                             (h, cfg.num_experts), pol.param_dtype)
-        # Router in float32 (autocast's deny list keeps softmax there; routing decisions must not flip).
-        logits = jnp.dot(xf.astype(jnp.float32), router.astype(jnp.float32))
+        # Router in float32 (autocast's deny list keeps softmax there; routing decisions must not flip), and
+        # at full float32 precision on GPUs too (not TF32, whose ~1e-3 rounding flips near-tied top-k).
+        logits = jnp.dot(xf.astype(jnp.float32), router.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         scores, weights, idx = route(logits, cfg)
         experts = ExpertBank(cfg.num_experts, cfg, pol, "expert", name="experts")
-        if cfg.moe_impl == "dense":
-            combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32))
-            y = jnp.einsum("ne,enh->nh", combine, experts.all_experts(xf).astype(jnp.float32))
-        else:
-            y = _sorted_dispatch(xf, weights, idx, experts, cfg.num_experts)
+        y = dispatch(xf, weights, idx, experts, cfg)
         if cfg.n_shared_experts:
             shared = ExpertBank(cfg.n_shared_experts, cfg, pol, "shared_expert", name="shared_experts")
             y = y + shared.all_experts(xf).astype(jnp.float32).sum(axis=0)
@@ -146,12 +130,34 @@ class MoE(nn.Module):
         return y, aux
 
 
-def _sorted_dispatch(xf, weights, idx, experts: ExpertBank, num_experts: int) -> jax.Array:
+def dispatch(xf, weights, idx, experts: ExpertBank, config: ModelConfig) -> jax.Array:
+    """The routed experts' weighted sum per token (float32 (n, h)), by ``config.moe_impl``; ``auto`` is
+    ``dense`` where the kernels are XLA:CPU's and ``sorted`` elsewhere (see :mod:`minimind_jax.model.kernels`)."""
+    dt = experts.policy.compute_dtype
+    dense = functools.partial(_dense_dispatch, kernels=config.kernels, compute_dtype=dt)
+    grouped = functools.partial(_sorted_dispatch, compute_dtype=dt)
+    args = (xf, weights, idx, *experts.weights())  # params read here, outside any platform branch
+    if config.moe_impl == "dense":
+        return dense(*args)
+    if config.moe_impl == "sorted":
+        return grouped(*args)
+    return kernels_lib.by_platform(config.kernels, dense, grouped, *args)
+
+
+def _dense_dispatch(xf, weights, idx, gate_w, up_w, down_w, kernels: str, compute_dtype) -> jax.Array:
+    """Every expert on every token, mixed by a (tokens, experts) combine matrix zero outside the top-k."""
+    combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(idx, gate_w.shape[0], dtype=jnp.float32))
+    outs = kernels_lib.all_experts(xf, gate_w, up_w, down_w, kernels, compute_dtype)
+    return jnp.einsum("ne,enh->nh", combine, outs.astype(jnp.float32))
+
+
+def _sorted_dispatch(xf, weights, idx, gate_w, up_w, down_w, compute_dtype) -> jax.Array:
+    """The (token, choice) rows sorted by expert through a grouped matmul, weighted and summed back."""
     n, k = idx.shape
     flat_expert = idx.reshape(-1)  # (n*k,), row r belongs to token r // k
     order = jnp.argsort(flat_expert, stable=True)
     token_of_row = order // k
-    group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    out = experts.grouped(xf[token_of_row], group_sizes).astype(jnp.float32)
-    out = out * weights.reshape(-1)[order][:, None]
+    group_sizes = jnp.bincount(flat_expert, length=gate_w.shape[0]).astype(jnp.int32)
+    out = kernels_lib.grouped_experts(xf[token_of_row], group_sizes, gate_w, up_w, down_w, compute_dtype)
+    out = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jax.ops.segment_sum(out, token_of_row, num_segments=n)

@@ -138,11 +138,11 @@ class MiniMindLM(nn.Module):
 
         h = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(h)
         if cfg.tie_word_embeddings:
-            logits = matmul(h, embed, pol, "...h,vh->...v", out_dtype=jnp.float32)
+            logits = matmul(h, embed, pol, "...h,vh->...v", out_dtype=jnp.float32, kernels=cfg.kernels)
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg), ("embed", "vocab")),
                               (cfg.hidden_size, cfg.vocab_size), pol.param_dtype)
-            logits = matmul(h, head, pol, out_dtype=jnp.float32)
+            logits = matmul(h, head, pol, out_dtype=jnp.float32, kernels=cfg.kernels)
         new_cache = KVCache(new_kv[0], new_kv[1], start + t) if cache is not None else None
         return ModelOutput(logits.astype(pol.output_dtype), aux, new_cache)
 

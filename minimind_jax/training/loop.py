@@ -53,7 +53,7 @@ from minimind_jax.training.step import (
 NEEDS_INIT = ("lora", "dpo")
 
 # model fields that change how a model runs, not its weights: a checkpoint's config may differ in these
-RUNTIME_FIELDS = ("remat_policy", "moe_impl", "dropout", "router_aux_loss_coef", "scan_layers")
+RUNTIME_FIELDS = ("remat_policy", "moe_impl", "kernels", "dropout", "router_aux_loss_coef", "scan_layers")
 
 
 class TrainingError(RuntimeError):
