@@ -5,7 +5,8 @@ Presets (``get_policy(name)``):
 =============  ===========  =============  ============  ==========================================
 name           params       compute        output        use
 =============  ===========  =============  ============  ==========================================
-``fp32``       float32      float32        float32       reference runs, CPU
+``fp32``       float32      float32        float32       reference runs, CPU (matmuls at ``highest``)
+``tf32``       float32      float32        float32       float32 with TF32 matmuls on NVIDIA GPUs
 ``bf16``       float32      bfloat16       float32       training on GPUs (the default there)
 ``fp16``       float32      float16        float32       training on older GPUs; needs loss scaling
 ``bf16-params``bfloat16     bfloat16       bfloat16      inference with half the weight memory
@@ -84,12 +85,18 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Dtypes at the model's boundaries: params are stored in ``param_dtype``, cast to ``compute_dtype``
-    where they are used, and the logits come out in ``output_dtype``."""
+    where they are used, and the logits come out in ``output_dtype``.
+
+    ``matmul_precision`` (``jax.default_matmul_precision`` around the model; ``None``: the backend's
+    default) is ``highest`` for ``fp32``: on NVIDIA GPUs the default precision of a float32 dot is TF32
+    (10-bit mantissa), so float32 would not mean float32 there. ``tf32`` opts into TF32 by name. On CPU
+    float32 dots are float32 whatever the setting."""
 
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
     output_dtype: Any = jnp.float32
     name: str = "custom"
+    matmul_precision: str | None = None
 
     def cast_to_param(self, tree):
         return _cast_floating(tree, self.param_dtype)
@@ -106,11 +113,13 @@ class Policy:
 
     def __str__(self) -> str:
         names = [jnp.dtype(d).name for d in (self.param_dtype, self.compute_dtype, self.output_dtype)]
-        return f"{self.name} (params={names[0]}, compute={names[1]}, output={names[2]})"
+        precision = f", matmul={self.matmul_precision}" if self.matmul_precision else ""
+        return f"{self.name} (params={names[0]}, compute={names[1]}, output={names[2]}{precision})"
 
 
 POLICIES: dict[str, Policy] = {
-    "fp32": Policy(jnp.float32, jnp.float32, jnp.float32, "fp32"),
+    "fp32": Policy(jnp.float32, jnp.float32, jnp.float32, "fp32", "highest"),
+    "tf32": Policy(jnp.float32, jnp.float32, jnp.float32, "tf32", "tensorfloat32"),
     "bf16": Policy(jnp.float32, jnp.bfloat16, jnp.float32, "bf16"),
     "fp16": Policy(jnp.float32, jnp.float16, jnp.float32, "fp16"),
     "bf16-params": Policy(jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, "bf16-params"),
@@ -121,7 +130,7 @@ DTYPE_FLAG_TO_POLICY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"
 
 
 def get_policy(policy: str | Policy) -> Policy:
-    """A preset by name (``fp32``, ``bf16``, ``fp16``, ``bf16-params``; MiniMind's ``--dtype`` names
+    """A preset by name (``fp32``, ``tf32``, ``bf16``, ``fp16``, ``bf16-params``; MiniMind's ``--dtype`` names
     ``float32`` / ``bfloat16`` / ``float16`` also work) or a ``Policy`` unchanged."""
     if isinstance(policy, Policy):
         return policy

@@ -512,3 +512,18 @@ def test_guarded_update_equals_apply_if_finite():
             chex.assert_trees_all_equal(a_p, before)
     assert int(skipped_steps(a_s)) == 2 and int(a_s.notfinite_count) == 0 and bool(a_s.last_finite)
     assert int(a_s.inner_state[1][0].count) == 4  # adam counted the four finite steps only
+
+
+# ------------------------------------------------------------------------------ matmul precision on GPUs
+@pytest.mark.parametrize("name, highest", [("fp32", True), ("tf32", False), ("bf16", False)])
+def test_fp32_policy_pins_highest_matmul_precision_for_cuda(name, highest):
+    """NVIDIA GPUs run float32 dots as TF32 by default: the fp32 policy lowers every dot of the model at
+    HIGHEST for CUDA (checked in the exported module, no GPU needed); ``tf32`` opts out by name."""
+    config = ModelConfig.preset("tiny3", vocab_size=128)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    fn = jax.jit(lambda p, ids: MiniMindLM(config, name).apply({"params": p}, ids).logits)
+    text = jax.export.export(fn, platforms=["cuda"])(params, ids).mlir_module()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all(("HIGHEST" in line) == highest for line in dots)
+    assert get_policy(name).compute_dtype == (jnp.bfloat16 if name == "bf16" else jnp.float32)

@@ -101,8 +101,12 @@ class MiniMindLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                  train: bool = False) -> ModelOutput:
-        cfg = self.config
         pol = get_policy(self.policy)
+        with jax.default_matmul_precision(pol.matmul_precision):  # None: the backend's default
+            return self._forward(pol, input_ids, attention_mask, position_ids, cache, train)
+
+    def _forward(self, pol, input_ids, attention_mask, position_ids, cache, train) -> ModelOutput:
+        cfg = self.config
         b, t = input_ids.shape
         start = cache.index if cache is not None else 0
         if position_ids is None:
