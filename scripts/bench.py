@@ -633,6 +633,57 @@ def bench_decode(args) -> None:
               f"first token {ref['prefill_s'] / run['prefill_s']:.2f}x faster; greedy tokens equal: {same}/{count}")
 
 
+def _timed_loglikelihood(lm) -> list[float]:
+    """Wrap ``lm.loglikelihood`` so each call appends its seconds to the returned list (lm-eval's own task
+    building and metrics are left out of the figure)."""
+    seconds, inner = [], lm.loglikelihood
+
+    def timed(requests, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return inner(requests, *a, **kw)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    lm.loglikelihood = timed
+    return seconds
+
+
+def bench_eval(args) -> None:
+    """lm-eval requests/s of the minimind-jax model vs lm-eval's hf model (transformers, fp32) on the same weights
+    (a random-init preset exported by the converter) and the bundled offline multiple-choice samples."""
+    import tempfile
+
+    import convert
+    from lm_eval.models.huggingface import HFLM  # optional: the eval extra
+
+    from minimind_jax import ModelConfig, init_params
+    from minimind_jax.evaluation.harness import MiniMindJaxLM
+    from minimind_jax.evaluation.offline import evaluate
+    from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    config = ModelConfig.preset(args.preset)
+    tasks = ["minimind_ceval", "minimind_cmmlu", "minimind_arc"]
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample", "eval")
+    with tempfile.TemporaryDirectory() as root:
+        tmp = os.path.join(root, "hf")
+        convert.save_torch(init_params(config, jax.random.key(0)), config, tmp, format="hf", dtype="float32",
+                           tokenizer=DEFAULT_TOKENIZER_DIR)
+        models = {"minimind-jax": MiniMindJaxLM(pretrained=tmp, batch_size=args.batch),
+                  "hf": HFLM(pretrained=tmp, batch_size=args.batch, dtype="float32", device="cpu")}
+        figures = {}
+        for name, lm in models.items():
+            timed = _timed_loglikelihood(lm)
+            for _ in range(1 + args.repeats):  # the first run of minimind-jax includes its compiles
+                out = evaluate(lm, tasks, data_dir=data, log_samples=True)
+            n = sum(len(s["resps"]) for samples in out["samples"].values() for s in samples)
+            warm = float(np.median(timed[1:] or timed))
+            figures[name] = n / warm
+            print(f"{name:13s} {n} loglikelihood requests (time in the model's loglikelihood): first run "
+                  f"{timed[0]:.2f} s, then median {warm:.2f} s -> {figures[name]:.1f} requests/s")
+    print(f"minimind-jax / hf: {figures['minimind-jax'] / figures['hf']:.2f}x ({args.preset}, batch {args.batch})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -676,6 +727,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile-top", type=int, default=20, help="lines of the profile's breakdown")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run per process
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("eval", help="lm-eval requests/s: minimind-jax vs lm-eval's hf model (the eval extra)")
+    p.add_argument("--preset", default="minimind3")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(fn=bench_eval)
     p = sub.add_parser("decode", help="KV-cache generation throughput (optionally vs transformers' generate)")
     p.add_argument("--preset", default="minimind3")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])

@@ -105,15 +105,12 @@ class MiniMindJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         seqs = [self._window(ctx, cont) for _, ctx, cont in requests]
         with tqdm(total=len(seqs), desc="loglikelihood", disable=disable_tqdm) as bar:
-            scores = self.scorer.score(seqs, progress=bar.update)
-        out = []
-        for (key, _, cont), s in zip(requests, scores):
-            n = len(cont)
-            answer = (float(s.logprobs[-n:].sum()), bool(s.greedy[-n:].all()))
+            answers = self.scorer.loglikelihoods(seqs, [len(cont) for _, _, cont in requests])
+            bar.update(len(seqs))
+        for (key, _, _), answer in zip(requests, answers):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
-            out.append(answer)
-        return out
+        return answers
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log p over every token of each text, in lm-eval's disjoint windows of ``max_length``."""
