@@ -2,7 +2,7 @@
 """Train a byte-level BPE tokenizer on MiniMind jsonl data and write a Hugging Face tokenizer directory.
 
   python scripts/train_tokenizer.py --data data/sample/*.jsonl [--vocab_size 6400] [--min_frequency 2] \\
-      [--out minimind_jax/assets/tokenizer]
+      [--out out/tokenizer]
 
 The text is taken from every MiniMind format, detected per line: pretrain ``{"text"}``, SFT / reasoning / LoRA
 ``{"conversations": [...]}`` (every message's ``content`` and ``reasoning_content``, plus ``tool_calls`` as JSON),
@@ -27,7 +27,8 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO, "minimind_jax", "assets", "tokenizer")
+# the shipped tokenizer (minimind_jax/assets/tokenizer) is replaced only when --out names it
+DEFAULT_OUT = os.path.join("out", "tokenizer")
 
 # The added tokens of MiniMind-3's tokenizer (jingyaogong/minimind, model/tokenizer_config.json), in id order:
 # the first SPECIAL_COUNT are special tokens (skipped by decode(skip_special_tokens=True)), the rest are ordinary
@@ -241,7 +242,8 @@ def train_files(paths: Sequence[str], out_dir: str, vocab_size: int = 6400, min_
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="jsonl files (any MiniMind format)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: minimind_jax/assets/tokenizer)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: out/tokenizer; the shipped one is "
+                        "minimind_jax/assets/tokenizer)")
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--model_max_length", type=int, default=MODEL_MAX_LENGTH)

@@ -223,6 +223,17 @@ def test_train_tiny_tokenizer(trainer, tmp_path):
         trainer.train(["x"], vocab_size=100, show_progress=False)
 
 
+def test_train_tokenizer_without_out_leaves_the_shipped_one(trainer, tmp_path, monkeypatch):
+    data = tmp_path / "mini.jsonl"
+    data.write_text("\n".join((SAMPLE / "sft.jsonl").read_text(encoding="utf-8").splitlines()[:50]) + "\n",
+                    encoding="utf-8")
+    shipped = (TOKENIZER / "tokenizer.json").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert trainer.main(["--data", str(data), "--vocab_size", "300", "--quiet"]) == 0
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").is_file()
+    assert (TOKENIZER / "tokenizer.json").stat().st_mtime_ns == shipped
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Our chat template against MiniMind-3's
 

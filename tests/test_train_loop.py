@@ -209,6 +209,9 @@ def test_flags_keep_minimind_names_and_meaning():
     (["model.hidden_sise=4"], "model.hidden_sise: not a model field"),
     (["--config", "no/such.yaml"], "config file not found: no/such.yaml"),
     (["--policy", "bf16-params"], "inference"),
+    (["learning_rate=inf"], "learning_rate: must be a finite number"),
+    (["--learning_rate", "nan"], "learning_rate: must be a finite number"),
+    (["grad_clip=nan"], "grad_clip: must be a finite number"),
 ])
 def test_bad_settings_are_named(argv, match):
     with pytest.raises(TrainConfigError, match=match):

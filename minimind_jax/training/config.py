@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -145,6 +146,11 @@ class TrainConfig:
             bad("max_steps", f"must be positive, got {self.max_steps}")
         if self.from_resume not in (0, 1):
             bad("from_resume", f"must be 0 or 1, got {self.from_resume}")
+        for key in ("learning_rate", "grad_clip", "weight_decay", "adam_b1", "adam_b2", "adam_eps", "dpo_beta",
+                    "distill_alpha", "distill_temperature", "special_token_weight"):
+            value = getattr(self, key, 0.0)
+            if not math.isfinite(value):
+                bad(key, f"must be a finite number, got {value}")
         if self.learning_rate <= 0:
             bad("learning_rate", f"must be positive, got {self.learning_rate}")
         if self.grad_clip < 0:
