@@ -109,7 +109,9 @@ def test_rolling_perplexity_equals_eval_script(models, tmp_path):
 
 
 def test_unknown_task_is_a_clear_error(models, tmp_path):
-    ours, _, _ = models
+    ours, _, hf_dir = models
+    # lm-eval's CLI passes its own --batch_size (default 1); the one in --model_args wins
+    assert MiniMindJaxLM.create_from_arg_string(f"pretrained={hf_dir},batch_size=4", {"batch_size": 1}).batch_size == 4
     assert set(TASKS) <= set(available_tasks())
     with pytest.raises(ValueError, match="unknown task no_such_task"):
         evaluate(ours, ["no_such_task"])

@@ -54,6 +54,17 @@ class MiniMindJaxLM(TemplateLM):
         self.add_bos_token = _bool(add_bos_token)
         self.pretrained = str(pretrained)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's CLI passes its own ``--batch_size`` (default 1) next to ``--model_args``; a value given in
+        ``--model_args`` wins."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
     # ------------------------------------------------------------------------------------------ tokens
     @property
     def eot_token_id(self) -> int:
