@@ -30,6 +30,16 @@
       prefill), compile time, peak RSS and the weight-read bandwidth the decode achieves (every step reads all
       weights) against this machine's measured memory bandwidth; ``--vs-torch`` runs transformers' ``generate``
       (Qwen3ForCausalLM, the same weights, greedy) and prints the ratios and whether the greedy tokens match.
+
+  python scripts/bench.py flops [--preset minimind3 minimind3-moe] [--batch 4] [--seq 256] [--kernels generic] [--memory]
+      XLA's cost_analysis FLOPs of the compiled fp32 train step beside the analytical count (6 x active params x
+      tokens + attention); for MoE also the count with every expert on every token (what XLA:CPU reports for
+      ragged_dot); ``--memory`` adds XLA's memory analysis (temp / argument / output bytes)
+
+  python scripts/bench.py gpu [--steps 10] [--json gpu_check.json]
+      on one GPU: minimind3 (bf16), minimind3-moe and a ~1B preset for a few steps each (tok/s, MFU against the
+      GPU table's peak of the dtype, peak device memory, compile time), then decoding; writes one JSON
+      (``scripts/gpu_check.sh`` runs it)
 """
 
 from __future__ import annotations
@@ -684,6 +694,103 @@ def bench_eval(args) -> None:
     print(f"minimind-jax / hf: {figures['minimind-jax'] / figures['hf']:.2f}x ({args.preset}, batch {args.batch})")
 
 
+def _gpu_1b_config():
+    """A ~1B-parameter minimind-3 (Qwen3-style) shape: hidden 2048, 24 layers, 16 heads, 8 kv heads."""
+    from minimind_jax import ModelConfig
+
+    return ModelConfig.preset("minimind3", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=8, head_dim=128, intermediate_size=5632)
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_flops(args) -> None:
+    """XLA's cost analysis of the compiled train step (``kernels=generic``: the plain einsums, no CPU-only
+    VJPs) against the analytical model FLOPs of ``train_flops_per_token``; for MoE presets the analytical
+    count is of the active experts, while XLA:CPU counts every expert of a ``ragged_dot``."""
+    from minimind_jax import ModelConfig, param_count
+
+    for preset in args.preset:
+        config = ModelConfig.preset(preset, kernels=args.kernels)
+        state, step_fn, batch_fn = _jax_train_step(config, "fp32", args.batch, args.seq)
+        compiled = step_fn.lower(state, batch_fn()).lowered.compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla = float(cost.get("flops", float("nan")))
+        tokens = args.batch * args.seq
+        analytical = train_flops_per_token(config, args.seq) * tokens
+        total, active = param_count(config)
+        print(f"flops {preset} ({total / 1e6:.1f}M params, {active / 1e6:.1f}M active), kernels={args.kernels}, "
+              f"batch {args.batch} x seq {args.seq}, fp32 train step, device {jax.devices()[0].platform}")
+        print(f"  XLA cost_analysis {xla / 1e9:,.1f} GFLOP | analytical (6 x active params x tokens + attention) "
+              f"{analytical / 1e9:,.1f} GFLOP | ratio {xla / analytical:.3f}")
+        if config.use_moe:
+            dense = analytical + 6 * tokens * (total - active)
+            print(f"  MoE: analytical with every routed expert on every token {dense / 1e9:,.1f} GFLOP "
+                  f"(XLA:CPU counts ragged_dot as that; a GPU's grouped matmul does the active count)")
+        if args.memory:
+            mem = compiled.memory_analysis()
+            print(f"  memory_analysis: temp {mem.temp_size_in_bytes / 2**20:,.1f} MiB, arguments "
+                  f"{mem.argument_size_in_bytes / 2**20:,.1f} MiB, output {mem.output_size_in_bytes / 2**20:,.1f} MiB")
+
+
+# (name, config factory, policy, batch, seq) of the GPU check: a few steps each.
+def _gpu_runs():
+    from minimind_jax import ModelConfig
+
+    return [("minimind3", lambda: ModelConfig.preset("minimind3"), "bf16", 16, 1024),
+            ("minimind3-moe", lambda: ModelConfig.preset("minimind3-moe"), "bf16", 16, 1024),
+            ("1b", _gpu_1b_config, "bf16", 8, 2048)]
+
+
+def bench_gpu(args) -> None:
+    """Training steps of minimind3 (bf16), minimind3-moe and a ~1B preset on device 0 (tok/s, MFU against
+    the dtype's peak in the GPU table, peak device memory, compile time), then KV-cache decoding; all figures
+    also written to ``args.json``. Meant for one NVIDIA GPU (``scripts/gpu_check.sh``)."""
+    import json
+    import types
+
+    from minimind_jax import param_count
+
+    peaks = matmul_peak_tflops()
+    report = {"device": jax.devices()[0].device_kind, "peak_tflops": peaks, "train": [], "decode": {}}
+    for name, make, policy, batch, seq in _gpu_runs():
+        config = make()
+        run_args = types.SimpleNamespace(batch=batch, seq=seq, steps=args.steps, warmup=2, profile=None)
+        res = _train_jax(config, policy, run_args)
+        step_s = float(np.median(res["times"]))
+        tokens = batch * seq
+        tflops = train_flops_per_token(config, seq) * tokens / step_s / 1e12
+        peak = peaks["bf16" if policy != "fp32" else "fp32"]
+        row = {"name": name, "params_m": param_count(config)[0] / 1e6, "active_m": param_count(config)[1] / 1e6,
+               "policy": policy, "batch": batch, "seq": seq, "tokens_per_s": tokens / step_s, "step_s": step_s,
+               "model_tflops": tflops, "mfu": tflops / peak, "compile_s": res["compile_s"],
+               "peak_device_bytes": _device_peak_bytes(), "loss": res["loss"]}
+        report["train"].append(row)
+        hbm = row["peak_device_bytes"]
+        print(f"train {name:14s} {policy} {batch}x{seq}: {row['tokens_per_s']:,.0f} tok/s | MFU {row['mfu']:.1%} "
+              f"({tflops:.0f} TFLOP/s of {peak:.0f}) | peak HBM {(hbm or 0) / 2**30:.1f} GiB | compile "
+              f"{row['compile_s']:.1f} s", flush=True)
+    from minimind_jax import ModelConfig
+
+    dec_args = types.SimpleNamespace(batch=[1, 8], prompt=16, new=64, iters=3)
+    for dtype in ("float32", "bfloat16"):
+        res = _decode_jax(ModelConfig.preset("minimind3"), dtype, dec_args)
+        for batch, r in res.items():
+            decode_s = r["total_s"] - r["prefill_s"]
+            tok_s = batch * (dec_args.new - 1) / decode_s
+            report["decode"][f"{dtype}-b{batch}"] = {"tokens_per_s": tok_s, "prefill_s": r["prefill_s"],
+                                                     "compile_s": r["compile_s"]}
+            print(f"decode minimind3 {dtype} batch {batch}: {tok_s:,.0f} tok/s | prefill {r['prefill_s'] * 1e3:.1f} ms "
+                  f"| compile {r['compile_s']:.1f} s", flush=True)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.json}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -744,6 +851,17 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds allowed to each run (process)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.set_defaults(fn=bench_decode)
+    p = sub.add_parser("flops", help="XLA cost-analysis FLOPs of the train step vs the analytical count")
+    p.add_argument("--preset", nargs="+", default=["minimind3", "minimind3-moe"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--kernels", default="generic", choices=["auto", "xla_cpu", "generic"])
+    p.add_argument("--memory", action="store_true", help="also print XLA's memory analysis of the step")
+    p.set_defaults(fn=bench_flops)
+    p = sub.add_parser("gpu", help="the GPU check: train minimind3 / minimind3-moe / ~1B, then decode (one GPU)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", default="gpu_check.json")
+    p.set_defaults(fn=bench_gpu)
     args = parser.parse_args(argv)
     args.fn(args)
     return 0
