@@ -143,13 +143,12 @@ def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tu
     for index, (prompt, new) in enumerate(zip(rows, generated)):
         eos = set(generator.eos_ids)
         finish = "stop" if new and new[-1] in eos else "length"
-        new = [t for t in new if t not in eos]
-        text, stopped = _cut(tokenizer.decode(new), req.stop)
+        text, stopped = _cut(tokenizer.decode([t for t in new if t not in eos]), req.stop)
         finish = "stop" if stopped else finish
         prompt_text = tokenizer.decode(prompt) if req.echo else ""
         logprobs = None
         if need_scores:
-            ids = prompt + new
+            ids = prompt + new  # an eos it stopped on keeps its log-prob, as lm-eval's parser expects
             scores = scorer.score([ids], top=req.logprobs)[0]
             logprobs = _logprobs_block(tokenizer, ids, scores, 0 if req.echo else len(prompt), req.logprobs)
         choices.append({"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish})

@@ -119,3 +119,40 @@ def test_unknown_task_is_a_clear_error(models, tmp_path):
         task_configs([str(tmp_path / "missing.yaml")])
     with pytest.raises(FileNotFoundError, match="ceval.jsonl"):
         task_configs(["minimind_ceval"], data_dir=tmp_path)
+
+
+def test_local_completions_against_our_server_gives_the_same_numbers(models):
+    """lm-eval's local-completions model, over HTTP on 127.0.0.1, against the completions route."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from minimind_jax.completions import completions_router
+
+    ours, _, hf_dir = models
+    app = FastAPI()
+    app.include_router(completions_router(ours.generator, ours.tokenizer, "tiny"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        remote = LocalCompletionsAPI(base_url=f"http://127.0.0.1:{port}/v1/completions", model="tiny",
+                                     tokenizer_backend="huggingface", tokenizer=str(hf_dir), max_retries=1,
+                                     max_length=ours.max_length)
+        pairs = [("The sky is", " blue"), ("Question: What is 3 plus 4?\nAnswer:", " 7"), ("你好", "，世界")]
+        got = remote.loglikelihood(_requests("loglikelihood", pairs))
+        want = ours.loglikelihood(_requests("loglikelihood", pairs))
+        np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4)
+        assert [g[1] for g in got] == [w[1] for w in want]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
