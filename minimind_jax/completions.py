@@ -158,8 +158,13 @@ def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tu
 def completions_router(generator, tokenizer, model_name: str = "minimind", *, batch_size: int = 8) -> APIRouter:
     """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer)."""
     router = APIRouter()
-    scorer = Scorer(generator.params, generator.config, generator.policy, batch_size=batch_size)
+    scorers: list[Scorer] = []  # built on first use: a scripted test generator has no params
     lock = asyncio.Lock()  # one completion at a time on the device
+
+    def scorer() -> Scorer:
+        if not scorers:
+            scorers.append(Scorer(generator.params, generator.config, generator.policy, batch_size=batch_size))
+        return scorers[0]
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -173,7 +178,7 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
         except CompletionError as e:
             return JSONResponse(e.body(), status_code=e.status)
         async with lock:
-            choices, completion_tokens = await asyncio.to_thread(complete, req, generator, scorer, tokenizer)
+            choices, completion_tokens = await asyncio.to_thread(complete, req, generator, scorer(), tokenizer)
         prompt_tokens = sum(len(p) for p in req.prompts)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": choices,

@@ -61,6 +61,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
+from minimind_jax.completions import completions_router
 from minimind_jax.generate import SamplingParams, TextStream
 from minimind_jax.tokenizer import TokenizerError
 
@@ -593,6 +594,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     async def _unexpected(request, exc):
         log.exception("unexpected error")
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
+
+    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch))
 
     @app.get("/health")
     async def health():

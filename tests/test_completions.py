@@ -83,3 +83,15 @@ def test_bad_requests_are_400s(served):
     for body in ({"prompt": []}, {"prompt": [[1, 99999]]}, {"prompt": "x", "stop": 3}, {"prompt": "x", "n": 0}):
         assert client.post("/v1/completions", json=body).status_code == 400
     assert client.post("/v1/completions", content=b"{not json").status_code == 400
+
+
+def test_the_server_app_serves_completions(served):
+    from minimind_jax.server import create_app
+
+    _, cfg, params, tok = served
+    with TestClient(create_app(Generator(params, cfg), tok, "tiny")) as client:
+        r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:],
+                                   _direct_logprobs(cfg, params, [1, 5, 9])[0], atol=1e-5)
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
