@@ -58,10 +58,13 @@ def evaluate(model, tasks: list[str], *, data_dir=None, limit: int | None = None
     from lm_eval.tasks import TaskManager
 
     configs = task_configs(tasks, data_dir)
-    known = TaskManager()
-    unknown = [t for t in configs if isinstance(t, str) and t not in known.all_tasks]
+    names = [t for t in configs if isinstance(t, str)]
+    # indexing lm-eval's thousands of task files takes seconds: only when a task is named by lm-eval's name
+    manager = TaskManager(include_defaults=bool(names))
+    unknown = [t for t in names if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown task {', '.join(unknown)}: not a shipped task ({', '.join(available_tasks())}), "
                          "a .yaml task file, or a task lm-eval knows")
     return lm_eval.simple_evaluate(model=model, tasks=configs, limit=limit, num_fewshot=num_fewshot,
-                                   apply_chat_template=apply_chat_template, log_samples=log_samples)
+                                   apply_chat_template=apply_chat_template, log_samples=log_samples,
+                                   task_manager=manager)
