@@ -263,3 +263,23 @@ def test_bf16_custom_projection_under_sharding(scan):
     assert abs(float(s_loss) - float(loss)) < 1e-4
     for path, err in jax.tree_util.tree_leaves_with_path(_rel_err(s_grads, grads)):
         assert err < 2e-3, f"{jax.tree_util.keystr(path)}: sharded vs one device rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_loop_updates_the_kv_cache_in_place(scan):
+    """The compiled decode loop never copies or re-stacks the whole KV cache per token: the new keys and
+    values go into the loop-carried buffer with in-place dynamic-update-slices."""
+    from minimind_jax.generate import SamplingParams, _decode, _make_rows, _prefill
+
+    config, policy = tiny("tiny3", scan_layers=scan), get_policy("fp32")
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), policy))
+    rows = _make_rows([SamplingParams()], [8], [2])
+    prompt = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    state = jax.eval_shape(lambda p, ids, m: _prefill(p, ids, m, rows, config=config, policy=policy, max_len=96),
+                           params, prompt, prompt)
+    hlo = _decode.lower(params, state, rows, jnp.int32(8), config=config, policy=policy).compile().as_text()
+    full = f"f32[{config.num_hidden_layers},1,96,{config.num_key_value_heads},{config.head_dim}]"
+    whole_cache = [line for line in hlo.splitlines() if f"= {full}" in line
+                   and (" copy(" in line or " concatenate(" in line)]
+    assert any(f"= {full}" in line and "dynamic-update-slice" in line for line in hlo.splitlines())
+    assert not whole_cache, whole_cache[:2]

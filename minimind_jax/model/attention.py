@@ -41,6 +41,7 @@ class Attention(nn.Module):
     config: ModelConfig
     policy: Policy
     train: bool = False
+    layer: int | None = None  # the cache holds every layer (unscanned model): this layer's index in it
 
     @nn.compact
     def __call__(self, x, cos, sin, bias, layer_cache=None, cache_index=None):
@@ -57,12 +58,8 @@ class Attention(nn.Module):
 
         new_cache = None
         if layer_cache is not None:
-            ck, cv = layer_cache
-            idx = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), idx)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), idx)
-            new_cache = (ck, cv)
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+            k, v, new_cache = _write_and_read(layer_cache, k, v, cache_index, self.layer)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
 
         # GQA without repeating K/V: queries grouped as (kv_head, group).
         g = nh // nkv
@@ -77,3 +74,24 @@ class Attention(nn.Module):
         out = nn.Dropout(cfg.dropout, name="resid_dropout")(out, deterministic=not self.train)
         return out, new_cache
 
+
+
+def _write_and_read(layer_cache, k, v, slot, layer: int | None):
+    """Write the new keys / values (b, t, kv, d) at ``slot`` of the cache and return (keys, values, new cache).
+
+    ``layer`` None: ``layer_cache`` is this layer's (b, L, kv, d) pair (scanned model: ``nn.scan`` slices it)
+    and the "new cache" only the new entries, which the model writes into the all-layer cache in one update
+    after the scan (re-stacking whole per-layer caches as the scan's output copied the cache). ``layer`` i: it is the all-layer (layers, b, L, kv, d) pair,
+    updated in place at layer i and read back; the new cache is the updated pair. Writing before reading
+    lets XLA update the loop-carried buffer in place (re-stacking per-layer caches copied the whole cache
+    every decoded token).
+    """
+    ck, cv = layer_cache
+    k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+    if layer is None:
+        ck = jax.lax.dynamic_update_slice(ck, k, (0, slot, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v, (0, slot, 0, 0))
+        return ck, cv, (k, v)
+    ck = jax.lax.dynamic_update_slice(ck, k[None], (layer, 0, slot, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v[None], (layer, 0, slot, 0, 0))
+    return ck[layer], cv[layer], (ck, cv)

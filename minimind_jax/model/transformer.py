@@ -55,12 +55,13 @@ class Block(nn.Module):
     config: ModelConfig
     policy: Policy
     train: bool = False
+    layer: int | None = None  # unscanned: the index of this layer in the all-layer KV cache
 
     @nn.compact
     def __call__(self, carry, layer_cache, cos, sin, bias, cache_index):
         cfg, pol = self.config, self.policy
         h, aux = carry
-        attn_out, new_cache = Attention(cfg, pol, self.train, name="self_attn")(
+        attn_out, new_cache = Attention(cfg, pol, self.train, self.layer, name="self_attn")(
             RMSNorm(cfg.rms_norm_eps, pol, name="input_layernorm")(h), cos, sin, bias, layer_cache, cache_index)
         h = h + attn_out
         x = RMSNorm(cfg.rms_norm_eps, pol, name="post_attention_layernorm")(h)
@@ -129,16 +130,15 @@ class MiniMindLM(nn.Module):
                 block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-            (h, aux), new_kv = scanned(cfg, pol, train, name="layers")((h, aux), layer_cache, cos, sin, bias, start)
+            (h, aux), entries = scanned(cfg, pol, train, name="layers")((h, aux), layer_cache, cos, sin, bias, start)
+            if cache is not None:  # the new entries of every layer (layers, b, t, kv, d), in one in-place update
+                new_kv = tuple(jax.lax.dynamic_update_slice(buf, new, (0, 0, start, 0, 0))
+                               for buf, new in zip((cache.k, cache.v), entries))
         else:
-            new_k, new_v = [], []
+            new_kv = (cache.k, cache.v) if cache is not None else None  # updated in place, layer by layer
             for i in range(cfg.num_hidden_layers):
-                layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-                (h, aux), kv = block(cfg, pol, train, name=f"layers_{i}")((h, aux), layer_cache, cos, sin, bias, start)
-                if kv is not None:
-                    new_k.append(kv[0])
-                    new_v.append(kv[1])
-            new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+                (h, aux), new_kv = block(cfg, pol, train, layer=i, name=f"layers_{i}")(
+                    (h, aux), new_kv, cos, sin, bias, start)
 
         h = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(h)
         if cfg.tie_word_embeddings:
