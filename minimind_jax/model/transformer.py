@@ -44,9 +44,10 @@ class KVCache:
 
 @flax.struct.dataclass
 class ModelOutput:
-    logits: jax.Array  # (batch, seq, vocab) in the policy's output dtype
+    logits: jax.Array | None  # (batch, seq, vocab) in the policy's output dtype (None with return_hidden)
     aux_loss: jax.Array  # float32 scalar: sum over MoE layers (0 for Dense and in evaluation)
     cache: KVCache | None = None
+    hidden: jax.Array | None = None  # with return_hidden: the final normed hidden states, before the head
 
 
 class Block(nn.Module):
@@ -94,6 +95,9 @@ class MiniMindLM(nn.Module):
     * ``cache``: a ``KVCache``; the new keys/values are written at ``cache.index`` and the returned
       ``ModelOutput.cache`` has ``index`` advanced by seq.
     * ``train=True`` enables dropout (needs an ``rngs={"dropout": key}``) and the MoE aux loss.
+    * ``return_hidden=True`` skips the LM head: ``ModelOutput.hidden`` holds the final normed hidden states
+      (compute dtype) and ``logits`` is None, for losses that apply the head chunk by chunk
+      (``training.losses.token_log_probs`` with ``lm_head(params, config)``).
     """
 
     config: ModelConfig
@@ -101,12 +105,12 @@ class MiniMindLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                 train: bool = False) -> ModelOutput:
+                 train: bool = False, return_hidden: bool = False) -> ModelOutput:
         pol = get_policy(self.policy)
         with jax.default_matmul_precision(pol.matmul_precision):  # None: the backend's default
-            return self._forward(pol, input_ids, attention_mask, position_ids, cache, train)
+            return self._forward(pol, input_ids, attention_mask, position_ids, cache, train, return_hidden)
 
-    def _forward(self, pol, input_ids, attention_mask, position_ids, cache, train) -> ModelOutput:
+    def _forward(self, pol, input_ids, attention_mask, position_ids, cache, train, return_hidden) -> ModelOutput:
         cfg = self.config
         b, t = input_ids.shape
         start = cache.index if cache is not None else 0
@@ -141,14 +145,25 @@ class MiniMindLM(nn.Module):
                     (h, aux), new_kv, cos, sin, bias, start)
 
         h = RMSNorm(cfg.rms_norm_eps, pol, name="norm")(h)
+        new_cache = KVCache(new_kv[0], new_kv[1], start + t) if cache is not None else None
+        if not cfg.tie_word_embeddings:
+            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg), ("embed", "vocab")),
+                              (cfg.hidden_size, cfg.vocab_size), pol.param_dtype)
+        if return_hidden:
+            return ModelOutput(None, aux, new_cache, hidden=h)
         if cfg.tie_word_embeddings:
             logits = matmul(h, embed, pol, "...h,vh->...v", out_dtype=jnp.float32, kernels=cfg.kernels)
         else:
-            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg), ("embed", "vocab")),
-                              (cfg.hidden_size, cfg.vocab_size), pol.param_dtype)
             logits = matmul(h, head, pol, out_dtype=jnp.float32, kernels=cfg.kernels)
-        new_cache = KVCache(new_kv[0], new_kv[1], start + t) if cache is not None else None
         return ModelOutput(logits.astype(pol.output_dtype), aux, new_cache)
+
+
+def lm_head(params, config: ModelConfig) -> tuple[jax.Array, bool]:
+    """The LM head's weight and whether it is stored (vocab, hidden) (the tied embedding) rather than
+    (hidden, vocab): ``logits = hidden @ w`` or ``hidden @ w.T``."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"], True
+    return params["lm_head"], False
 
 
 def init_params(config: ModelConfig, rng: jax.Array, policy: Policy | str = "fp32", seq_len: int = 8):
