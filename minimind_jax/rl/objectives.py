@@ -68,9 +68,11 @@ def group_advantages(rewards: jax.Array, group_size: int) -> jax.Array:
 
 def policy_token_loss(logp, old_logp, ref_logp, advantages, *, loss_type: str = "cispo", beta: float = 0.1,
                       epsilon: float = 0.2, epsilon_high: float = 5.0) -> jax.Array:
-    """GRPO's or CISPO's per-token loss (B, R); ``advantages`` is per rollout (B,)."""
+    """GRPO's or CISPO's per-token loss (B, R); ``advantages`` is per rollout (B,). ``old_logp=None``: the
+    first update on these rollouts, whose sampling policy is the current one (ratio exactly 1)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     kl = k3_kl(ref_logp, logp)
     ratio = jnp.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -84,6 +86,7 @@ def policy_token_loss(logp, old_logp, ref_logp, advantages, *, loss_type: str = 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The policy loss (a scalar) and its metrics: KL to the reference (k3, token mean), the fraction of tokens
     whose ratio left ``[1 - eps, 1 + eps]`` and the largest ``|log ratio|``."""
+    old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     loss = sequence_mean(policy_token_loss(logp, old_logp, ref_logp, advantages, **kwargs), mask)
     log_ratio = logp - old_logp
     eps = kwargs.get("epsilon", 0.2)
@@ -133,7 +136,9 @@ def whiten(advantages: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Arr
 
 
 def ppo_policy_loss(logp, old_logp, ref_logp, advantages, mask, *, clip: float = 0.2, kl_coef: float = 0.02):
-    """PPO's clipped surrogate (token mean) plus ``kl_coef`` times the k3 KL to the reference; and its metrics."""
+    """PPO's clipped surrogate (token mean) plus ``kl_coef`` times the k3 KL to the reference; and its metrics.
+    ``old_logp=None``: the first pass over these rollouts (ratio exactly 1)."""
+    old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     ratio = jnp.exp(logp - old_logp)
     surrogate = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip))
     kl_ref = token_mean(k3_kl(ref_logp, logp), mask)
