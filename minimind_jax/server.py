@@ -4,7 +4,10 @@
 is the command line around it.
 
 Endpoints: ``POST /v1/chat/completions`` (plain JSON or Server-Sent Events with ``"stream": true``),
-``GET /v1/models``, ``GET /health``.
+``GET /v1/models``, ``GET /health`` (model name, parameter count, queue length), and the chat page at
+``GET /`` (static HTML/CSS/JS in ``minimind_jax/static``: streamed replies, thinking shown apart and
+collapsible, a stop button that aborts the request, which cancels its row). Any ``model`` name is accepted
+and answered as the served model (one model per server).
 
 **Batching.** Every request becomes a :class:`Job` in one queue. A single worker thread takes the first job
 waiting, plus whatever else is queued (up to ``max_batch``), and runs them as one left-padded batch through
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.resources
 import json
 import logging
 import queue
@@ -55,9 +59,10 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import jax
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
@@ -519,6 +524,14 @@ class Engine:
 # ------------------------------------------------------------------------------------------------ the app
 
 
+def _parameter_count(generator) -> int | None:
+    """The number of parameters the generator serves (None when it holds no params tree)."""
+    params = getattr(generator, "params", None)
+    if params is None:
+        return None
+    return int(sum(getattr(leaf, "size", 0) for leaf in jax.tree_util.tree_leaves(params)))
+
+
 async def read_body(request: Request, limit: int) -> Any:
     """The request's JSON body, refused with 413 once it passes ``limit`` bytes (by its Content-Length, or while
     it streams in) and parsed off the event loop."""
@@ -597,9 +610,23 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
 
     app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch))
 
+    parameters = _parameter_count(generator)
+    static = importlib.resources.files("minimind_jax") / "static"
+    pages = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+    @app.get("/")
+    async def chat_page():
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static_file(name: str):
+        if name not in pages:
+            raise APIError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(str(static / name), media_type=pages[name])
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queued": engine.pending}
+        return {"status": "ok", "model": model_name, "parameters": parameters, "queued": engine.pending}
 
     @app.get("/v1/models")
     async def models():

@@ -1,9 +1,11 @@
 """Serve a checkpoint through an OpenAI-compatible HTTP API (chat completions, streaming or not).
 
-    python scripts/serve_openai_api.py --ckpt out/sft/weights
+    python scripts/serve_openai_api.py --ckpt out/quickstart/sft_128/weights
     python scripts/serve_openai_api.py --ckpt MiniMind2/ --policy bf16-params --port 8998 --max-batch 16
 
-Then any OpenAI client works against http://127.0.0.1:8998/v1 (the API key is not checked):
+Open the printed URL for the chat page, or point any OpenAI client at http://127.0.0.1:8998/v1 (the API
+key is not checked; any ``model`` name is accepted and answered as the served model, named after the run
+directory):
 
     curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "stream": true}'
@@ -18,6 +20,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A quiet start: no C++ (XLA/TSL) info lines and no absl/libtpu chatter from the TPU probe on CPU/GPU machines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TPU_MIN_LOG_LEVEL", "2")
+
+
+def served_name(ckpt: str) -> str:
+    """The model id clients see: the run directory's name (``out/quickstart/sft_128/weights`` -> ``sft_128``),
+    the checkpoint's own name when it is not a ``weights`` / ``state`` directory inside a run."""
+    path = os.path.normpath(os.path.abspath(ckpt))
+    base = os.path.basename(path)
+    if base in ("weights", "state", "final") or base.startswith("step_"):
+        base = os.path.basename(os.path.dirname(path)) or base
+    return os.path.splitext(base)[0] or "minimind"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compiler"):  # backend probing at start-up
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import uvicorn
 
     from minimind_jax.generate import Generator
@@ -49,12 +66,14 @@ def main(argv=None) -> None:
 
     generator = Generator.from_checkpoint(args.ckpt, policy=args.policy)
     tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
-    name = args.model_name or os.path.basename(os.path.normpath(args.ckpt)) or "minimind"
+    name = args.model_name or served_name(args.ckpt)
     app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
                      default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                      max_body_bytes=int(args.max_body_mb * 2 ** 20))
     print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}) "
           f"on http://{args.host}:{args.port}/v1", flush=True)
+    print(f"chat page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

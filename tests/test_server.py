@@ -13,6 +13,8 @@ import threading
 import time
 import types
 
+import jax
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -191,9 +193,11 @@ def test_invalid_requests_get_openai_errors(model):
 
 
 def test_models_and_health(model):
-    server, _ = model
+    server, gen = model
     assert [m.id for m in server.client.models.list()] == ["tiny3"]
-    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "tiny3", "queued": 0})
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(gen.params))
+    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "tiny3", "parameters": n_params,
+                                                  "queued": 0})
 
 
 # ---------------------------------------------------------------------------------------------- a scripted model

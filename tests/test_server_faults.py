@@ -106,3 +106,41 @@ def test_parse_rejects_template_override():
     with pytest.raises(APIError) as e:
         parse_chat_request({"messages": HELLO, "chat_template_kwargs": {"chat_template": "x"}})
     assert e.value.status == 400
+
+
+def _get(srv, path):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
+def test_chat_page_and_health(server):
+    srv, _ = server
+    status, page = _get(srv, "/")
+    assert status == 200 and b'<script src="/static/app.js">' in page
+    status, js = _get(srv, "/static/app.js")
+    assert status == 200 and b"innerHTML" not in js and b"textContent" in js
+    assert _get(srv, "/static/server.py")[0] == 404
+    status, body = srv.raw("GET", "/health")
+    assert status == 200 and body["model"] == "scripted"
+
+
+def test_any_model_name_is_answered_as_the_served_model(server):
+    status, body = _post(server[0], {"model": "gpt-4o", "messages": HELLO, "max_tokens": 3})
+    assert status == 200 and body["model"] == "scripted"
+
+
+def test_served_name_is_the_run_directory():
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("serve_openai_api", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "serve_openai_api.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.served_name("out/quickstart/sft_128/weights") == "sft_128"
+    assert mod.served_name("out/quickstart/sft_128/weights/") == "sft_128"
+    assert mod.served_name("MiniMind2") == "MiniMind2"
