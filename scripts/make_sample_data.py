@@ -3,7 +3,7 @@
 
   python scripts/make_sample_data.py [--out data/sample] [--check]
 
-Writes five files, each line one JSON object in exactly MiniMind's schema:
+Writes eight files, each line one JSON object in exactly MiniMind's schema:
 
 * ``pretrain.jsonl``       ``{"text": ...}``: hand-written English / Chinese prose, the Zen of Python, templated
                            English and Chinese stories and facts, and blocks of checkable task text
@@ -17,6 +17,14 @@ Writes five files, each line one JSON object in exactly MiniMind's schema:
                            ``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`` (the thinking shows the
                            worked steps: column addition with carries, borrowing, ...).
 * ``lora_identity.jsonl``  SFT-format conversations teaching the model its name (MiniMind-JAX).
+* ``sft_tools.jsonl``      MiniMind-3's tool-use SFT format: a system message with ``tools`` as a JSON *string*,
+                           an assistant turn with ``tool_calls`` as a JSON string, a ``tool`` turn with the
+                           result, the final answer (some with ``reasoning_content``).
+* ``rlaif.jsonl``          MiniMind's RL prompt format: ``{"conversations": [user, assistant ""], "gt"}``, the
+                           empty assistant message is the slot to generate; the tasks (arithmetic, copying,
+                           sorting ...) are checkable against ``gt``.
+* ``agent_rl.jsonl``       MiniMind-3's agent-RL format: system (tools as a JSON string), user, assistant slot,
+                           plus ``gt``: the values the final answer must contain (calculator / unit conversion).
 
 Everything comes from text written in this file, ``this`` (the Zen of Python) and seeded ``random.Random``
 generators (string seeds, one per file; ``randrange`` / ``choice`` / ``shuffle`` give the same results on every
@@ -42,7 +50,8 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "data", "sample")
-FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "reason.jsonl", "lora_identity.jsonl")
+FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "reason.jsonl", "lora_identity.jsonl", "sft_tools.jsonl",
+         "rlaif.jsonl", "agent_rl.jsonl")
 SEED = "minimind-jax-sample-v1"
 
 N_PRETRAIN = 4000
@@ -50,6 +59,9 @@ N_SFT = 1500
 N_DPO = 300
 N_REASON = 300
 N_IDENTITY = 100
+N_TOOLS = 200
+N_RLAIF = 300
+N_AGENT = 200
 
 MODEL_NAME = "MiniMind-JAX"
 
@@ -609,8 +621,78 @@ def make_identity(rng: random.Random) -> list[dict]:
     return out
 
 
+def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required}}}
+
+
+# MiniMind-3's mocked agent tools (names and arguments as in its train_agent.py)
+CALCULATOR = _tool("calculate_math", "计算数学表达式", {"expression": {"type": "string"}}, ["expression"])
+CONVERTER = _tool("unit_converter", "单位换算", {"value": {"type": "number"}, "from_unit": {"type": "string"},
+                                             "to_unit": {"type": "string"}}, ["value", "from_unit", "to_unit"])
+UNIT_FACTORS = {("km", "miles"): 0.621371, ("miles", "km"): 1.60934, ("kg", "pounds"): 2.20462,
+                ("pounds", "kg"): 0.453592, ("meters", "feet"): 3.28084, ("feet", "meters"): 0.3048}
+TOOL_SYSTEM = "# Tools\n你可以调用以下工具来回答问题。"
+
+
+def _jdump(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def tool_task(rng: random.Random) -> tuple[str, dict, str, str]:
+    """(question, the call, the tool's result, the final answer) for a calculator or unit-conversion task."""
+    if rng.random() < 0.6:
+        a, b = rng.randint(2, 999), rng.randint(2, 99)
+        op = rng.choice(["+", "-", "*"])
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        q = rng.choice([f"{a} {op} {b} 等于多少？", f"What is {a} {op} {b}?", f"请帮我算一下 {a}{op}{b}。"])
+        return q, {"name": "calculate_math", "arguments": {"expression": f"{a} {op} {b}"}}, str(value), str(value)
+    (src, dst), factor = rng.choice(sorted(UNIT_FACTORS.items()))
+    v = rng.randint(1, 200)
+    value = round(v * factor, 4)
+    q = rng.choice([f"{v} {src} 是多少 {dst}？", f"Convert {v} {src} to {dst}."])
+    call = {"name": "unit_converter", "arguments": {"value": v, "from_unit": src, "to_unit": dst}}
+    return q, call, str(value), f"{value} {dst}"
+
+
+def make_sft_tools(rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(N_TOOLS):
+        q, call, result, answer = tool_task(rng)
+        extra = {"reasoning_content": f"需要调用 {call['name']}。"} if rng.random() < 0.3 else {}
+        final = f"结果是 {answer}。" if rng.random() < 0.5 else f"The answer is {answer}."
+        out.append({"conversations": [
+            msg("system", TOOL_SYSTEM, tools=_jdump([CALCULATOR, CONVERTER])), msg("user", q),
+            msg("assistant", "", tool_calls=_jdump([call]), **extra),
+            msg("tool", _jdump({"result": result})), msg("assistant", final)]})
+    return out
+
+
+def make_rlaif(rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(N_RLAIF):
+        kind = rng.choice(["add", "sub", "mul", "copy", "sort", "reverse"])
+        t = {"add": task_add, "sub": task_sub, "mul": task_mul, "copy": task_copy, "sort": task_sort,
+             "reverse": task_reverse}[kind](rng)
+        zh = rng.random() < 0.3
+        gt = t.answer.split("=")[-1] if kind in ("add", "sub", "mul") else t.answer
+        out.append({"conversations": [msg("user", t.prompt_zh if zh else t.prompt_en), msg("assistant", "")],
+                    "gt": gt})
+    return out
+
+
+def make_agent_rl(rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(N_AGENT):
+        q, _call, result, _answer = tool_task(rng)
+        out.append({"conversations": [msg("system", TOOL_SYSTEM, tools=_jdump([CALCULATOR, CONVERTER])),
+                                      msg("user", q), msg("assistant", "")], "gt": [result]})
+    return out
+
+
 MAKERS = {"pretrain.jsonl": make_pretrain, "sft.jsonl": make_sft, "dpo.jsonl": make_dpo,
-          "reason.jsonl": make_reason, "lora_identity.jsonl": make_identity}
+          "reason.jsonl": make_reason, "lora_identity.jsonl": make_identity, "sft_tools.jsonl": make_sft_tools,
+          "rlaif.jsonl": make_rlaif, "agent_rl.jsonl": make_agent_rl}
 
 
 def build() -> dict[str, list[dict]]:
@@ -619,7 +701,7 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(out_dir: str) -> dict[str, tuple[int, int]]:
-    """Write the five files into ``out_dir``; returns {file: (lines, bytes)}."""
+    """Write the files into ``out_dir``; returns {file: (lines, bytes)}."""
     os.makedirs(out_dir, exist_ok=True)
     stats = {}
     for name, records in build().items():

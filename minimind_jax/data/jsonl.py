@@ -31,9 +31,10 @@ __all__ = [
     "validate_conversation", "normalize_conversation", "normalize_record", "JSON_LIST_FIELDS",
 ]
 
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "rlaif", "agent")
 # other MiniMind data kinds that share the SFT format
-_STAGE_ALIASES = {"reason": "sft", "reasoning": "sft", "lora": "sft", "lora_identity": "sft"}
+_STAGE_ALIASES = {"reason": "sft", "reasoning": "sft", "lora": "sft", "lora_identity": "sft", "distill": "sft",
+                  "grpo": "rlaif", "ppo": "rlaif", "agent_rl": "agent"}  # RL prompts: see rl_prompts.py
 ROLES = ("system", "user", "assistant", "tool")
 # message fields that hold lists, which MiniMind-3's files write as JSON strings
 JSON_LIST_FIELDS = ("tools", "functions", "tool_calls")
@@ -151,7 +152,7 @@ def normalize_conversation(messages: list[dict], field: str) -> list[dict]:
 
 def normalize_record(record: dict, stage: str) -> dict:
     """A validated record in the form the transforms read (see :func:`normalize_conversation`)."""
-    fields = {"sft": ("conversations",), "dpo": ("chosen", "rejected")}.get(canonical_stage(stage), ())
+    fields = {"dpo": ("chosen", "rejected")}.get(canonical_stage(stage), ("conversations",))
     if not any(isinstance(record.get(f), list) for f in fields):
         return record
     return {**record, **{f: normalize_conversation(record[f], f) for f in fields}}
@@ -167,15 +168,38 @@ def validate_record(record: Any, stage: str) -> None:
             raise DataError("missing the field 'text'")
         if not isinstance(record["text"], str):
             raise DataError(f"field 'text' must be a string, got {_type_name(record['text'])}")
-    elif stage == "sft":
+    elif stage in ("sft", "rlaif", "agent"):
         if "conversations" not in record:
             raise DataError("missing the field 'conversations'")
         validate_conversation(record["conversations"], "conversations")
+        if stage != "sft":
+            _validate_prompt(record, stage)
     else:
         for field in ("chosen", "rejected"):
             if field not in record:
                 raise DataError(f"missing the field {field!r}")
             validate_conversation(record[field], field)
+
+
+def _validate_prompt(record: dict, stage: str) -> None:
+    """RL records: the last message is the assistant slot the policy generates (MiniMind keeps
+    ``conversations[:-1]`` as the prompt), after at least one message; agent records carry ``gt``, the list of
+    values the final answer must contain (a string or number is taken as a list of one)."""
+    conversations = record["conversations"]
+    if conversations[-1]["role"] != "assistant":
+        raise DataError(f"conversations[-1] must be the assistant message to generate (the prompt is everything "
+                        f"before it), got role {conversations[-1]['role']!r}")
+    if len(conversations) < 2:
+        raise DataError("conversations has no prompt before the assistant message to generate")
+    if stage == "agent" and "gt" not in record:
+        raise DataError("missing the field 'gt' (the values the final answer must contain)")
+    gt = record.get("gt")
+    if gt is None and stage == "rlaif":
+        return
+    for i, value in enumerate(gt if isinstance(gt, list) else [gt]):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            where = f"gt[{i}]" if isinstance(gt, list) else "gt"
+            raise DataError(f"field {where!r} must be a string or a number, got {_type_name(value)}")
 
 
 class JsonlSource:

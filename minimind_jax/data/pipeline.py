@@ -78,6 +78,9 @@ def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt
         return lambda record, rng: encode_sft(
             record, tokenizer, max_seq_len, markers=markers, rng=rng, add_system_prompt_prob=add_system_prompt_prob,
             drop_empty_think_prob=drop_empty_think_prob)
+    if stage in ("rlaif", "agent"):
+        raise ValueError(f"{stage} records are prompts for RL rollouts, not training rows: read them with "
+                         "minimind_jax.data.rl_prompts (RLPromptSource / iter_rl_prompts)")
     if add_system_prompt_prob:
         raise ValueError("add_system_prompt_prob does not apply to DPO data (MiniMind adds none there)")
     return lambda record, rng: encode_dpo(record, tokenizer, max_seq_len, markers=markers, rng=rng,
