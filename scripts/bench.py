@@ -198,10 +198,12 @@ def bench_data(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ train
-# Dense peak TFLOP/s per device by device_kind substring: (float32 as JAX runs it by default, i.e. TF32
-# tensor cores on Ampere and later, bf16). Looked up only on GPUs; CPUs are measured.
-_GPU_PEAK_TFLOPS = {"H200": (494.0, 989.0), "H100": (494.0, 989.0), "A100": (156.0, 312.0),
-                    "L40S": (183.0, 362.0), "L4": (60.0, 121.0), "A10": (62.5, 125.0), "V100": (15.7, 125.0)}
+# Dense peak TFLOP/s per device by device_kind substring: (float32 without tensor cores, as the fp32 policy
+# runs at matmul precision "highest"; TF32 tensor cores, the tf32 policy; bf16). Looked up only on GPUs;
+# CPUs are measured (there tf32 = fp32).
+_GPU_PEAK_TFLOPS = {"H200": (67.0, 494.0, 989.0), "H100": (67.0, 494.0, 989.0), "A100": (19.5, 156.0, 312.0),
+                    "L40S": (91.6, 183.0, 362.0), "L4": (30.3, 60.0, 121.0), "A10": (31.2, 62.5, 125.0),
+                    "V100": (15.7, 15.7, 125.0)}
 
 
 def peak_rss_bytes() -> int:
@@ -223,9 +225,9 @@ def matmul_peak_tflops() -> dict[str, float]:
     the table above on GPUs, measured on CPUs (best of two square sizes, median of 5 jitted runs)."""
     device = jax.devices()[0]
     if device.platform == "gpu":
-        for name, (fp32, bf16) in _GPU_PEAK_TFLOPS.items():
+        for name, (fp32, tf32, bf16) in _GPU_PEAK_TFLOPS.items():
             if name in device.device_kind:
-                return {"fp32": fp32, "bf16": bf16, "source": f"table ({device.device_kind})"}
+                return {"fp32": fp32, "tf32": tf32, "bf16": bf16, "source": f"table ({device.device_kind})"}
     peaks = {}
     for label, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         best = 0.0
@@ -235,8 +237,14 @@ def matmul_peak_tflops() -> dict[str, float]:
             _, t = timeit(dot, a, a, iters=5)
             best = max(best, 2 * n ** 3 / t / 1e12)
         peaks[label] = best
+    peaks["tf32"] = peaks["fp32"]
     peaks["source"] = f"measured ({device.platform}, {os.cpu_count()} cores, jitted square matmuls)"
     return peaks
+
+
+def peak_for_policy(peaks: dict, policy: str) -> float:
+    """The matmul peak a policy's dots run at: fp32 (precision highest), tf32, else half precision (bf16)."""
+    return peaks[policy if policy in ("fp32", "tf32") else "bf16"]
 
 
 def train_flops_per_token(config, seq: int) -> float:
@@ -764,7 +772,7 @@ def bench_gpu(args) -> None:
         step_s = float(np.median(res["times"]))
         tokens = batch * seq
         tflops = train_flops_per_token(config, seq) * tokens / step_s / 1e12
-        peak = peaks["bf16" if policy != "fp32" else "fp32"]
+        peak = peak_for_policy(peaks, policy)
         row = {"name": name, "params_m": param_count(config)[0] / 1e6, "active_m": param_count(config)[1] / 1e6,
                "policy": policy, "batch": batch, "seq": seq, "tokens_per_s": tokens / step_s, "step_s": step_s,
                "model_tflops": tflops, "mfu": tflops / peak, "compile_s": res["compile_s"],
