@@ -152,3 +152,16 @@ def test_tool_records_through_the_pipeline(tmp_path, ours):
     assert batch["input_ids"].shape == (2, 128)
     np.testing.assert_array_equal(batch["input_ids"][0],
                                   encode_sft(JsonlSource(path, "sft")[0], ours, 128).arrays["input_ids"])
+
+
+def test_sample_tool_records_equal_minimind(hf, ours):
+    # the shipped MiniMind-3-format tool-use file (tools / tool_calls as JSON strings, some reasoning_content)
+    path = pathlib.Path(__file__).resolve().parents[1] / "data" / "sample" / "sft_tools.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    src = JsonlSource(path, "sft")
+    picked = [i for i, line in enumerate(lines) if "reasoning_content" in line][:2] + [0, 1]
+    for i in picked:
+        _, ids, labels = minimind_sample(hf, json.loads(lines[i])["conversations"], 400)
+        out = encode_sft(src[i], ours, 400)
+        np.testing.assert_array_equal(out.arrays["input_ids"], ids)
+        np.testing.assert_array_equal(out.arrays["labels"], labels)
