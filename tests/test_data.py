@@ -436,3 +436,12 @@ def test_endless_and_argument_checks(tok, numbered):
         make_dataset("pretrain", numbered, tok, 8, 1, drop_empty_think_prob=0.5)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         make_dataset("pretrain", numbered.parent / "missing.jsonl", tok, 8, 1)
+
+
+def test_utf8_bom_on_line_one_and_directory_as_path(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    src = JsonlSource(path, "pretrain")
+    assert [src[0]["text"], src[1]["text"]] == ["first", "second"] and src.location(0).endswith("bom.jsonl:1")
+    with pytest.raises(DataError, match=r"is a directory"):
+        JsonlSource(tmp_path, "pretrain")

@@ -39,6 +39,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # message fields that hold lists, which MiniMind-3's files write as JSON strings
 JSON_LIST_FIELDS = ("tools", "functions", "tool_calls")
 MAX_REPORTED_BAD_LINES = 100
+_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -217,12 +218,17 @@ class JsonlSource:
         self.stats = ReadStats(files=len(self.paths))
         file_ids, offsets, line_numbers = [], [], []
         for file_id, path in enumerate(self.paths):
+            if os.path.isdir(path):
+                raise DataError(f"{path}: is a directory, not a jsonl file (give the files in it, or a "
+                                "directory made by scripts/prepare_data.py)")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"data file not found: {path}")
             with open(path, "rb") as f:
                 offset = 0
                 for line_no, raw in enumerate(f, start=1):
                     start, offset = offset, offset + len(raw)
+                    if start == 0 and raw.startswith(_BOM):  # a UTF-8 byte-order mark (Windows editors)
+                        start, raw = len(_BOM), raw[len(_BOM):]
                     self.stats.lines += 1
                     if not raw.strip():
                         self.stats.blank_lines += 1
