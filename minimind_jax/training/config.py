@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ import yaml
 from minimind_jax.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
+# configs/ sits at the top of a source checkout; an installed wheel carries it as data files
+# (pyproject.toml [tool.setuptools.data-files]) under <prefix>/share/minimind-jax/configs
+INSTALLED_CONFIG_DIR = Path(sysconfig.get_path("data")) / "share" / "minimind-jax" / "configs"
+CONFIG_DIR = REPO_ROOT / "configs" if (REPO_ROOT / "configs").is_dir() else INSTALLED_CONFIG_DIR
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
 LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
@@ -332,8 +336,10 @@ def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
 
     values: dict[str, Any] = {}
     stage_file = CONFIG_DIR / f"{stage}.yaml"
-    if stage_file.is_file():
-        _apply(values, _read_yaml(stage_file), str(stage_file))
+    if not stage_file.is_file():  # training with the dataclass defaults instead would silently differ from MiniMind
+        raise TrainConfigError(f"stage {stage}: its defaults file {stage_file} does not exist (configs/ missing "
+                               "from this install?)")
+    _apply(values, _read_yaml(stage_file), str(stage_file))
     for where, raw in file_layers:
         _apply(values, raw, where)
     _apply(values, flags, "command line")
