@@ -9,7 +9,15 @@ The only package that knows PyTorch tensor names and layouts:
 """
 
 from convert.api import Report, hf_config, load_torch, save_torch
-from convert.mapping import MappingError, expected_torch_shapes, params_to_torch, torch_to_params
+from convert.io import read_tensors, write_pth
+from convert.mapping import (
+    MappingError,
+    expected_param_shapes,
+    expected_torch_shapes,
+    layer_table,
+    params_to_torch,
+    torch_to_params,
+)
 
-__all__ = ["MappingError", "Report", "expected_torch_shapes", "hf_config", "load_torch", "params_to_torch",
-           "save_torch", "torch_to_params"]
+__all__ = ["MappingError", "Report", "expected_param_shapes", "expected_torch_shapes", "hf_config", "layer_table",
+           "load_torch", "params_to_torch", "read_tensors", "save_torch", "torch_to_params", "write_pth"]

@@ -16,26 +16,26 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from convert import dtypes as dt
+from convert.api import Report, load_torch, save_torch
+from convert.io import read_source_config, read_tensors
+from minimind_jax import MiniMindLM
+from minimind_jax.checkpoint import flatten_params, is_checkpoint, load_checkpoint, save_checkpoint
 
 EXPECTED_ERRORS = (ValueError, FileExistsError, FileNotFoundError, RuntimeError, OSError)
 
 
 def _is_project_checkpoint(path: str) -> bool:
-    from minimind_jax.checkpoint import is_checkpoint
-
     return is_checkpoint(path)
 
 
 def _load_any(path: str, config=None, dtype=None, report=None):
     """(config, params) from this project's checkpoint or any PyTorch source."""
-    from convert.api import load_torch
-
     if _is_project_checkpoint(path):
-        from minimind_jax.checkpoint import load_checkpoint
-
         cfg, params = load_checkpoint(path, dtype=None if dtype in (None, "auto") else dtype, as_numpy=True)
         if report is not None:
             report.source, report.config_source = path, f"{path}/config.json (minimind-jax checkpoint)"
@@ -44,9 +44,6 @@ def _load_any(path: str, config=None, dtype=None, report=None):
 
 
 def cmd_to_jax(args) -> int:
-    from convert.api import Report, load_torch
-    from minimind_jax.checkpoint import save_checkpoint
-
     t0 = time.perf_counter()
     report = Report()
     cfg, params = load_torch(args.src, config=args.config, dtype=args.dtype,
@@ -63,8 +60,6 @@ def cmd_to_jax(args) -> int:
 
 
 def cmd_to_torch(args) -> int:
-    from convert.api import Report, save_torch
-
     t0 = time.perf_counter()
     load_report = Report()
     # Our checkpoint loads in its stored dtypes and the export casts (and reports) once; a PyTorch source
@@ -93,11 +88,7 @@ def cmd_to_torch(args) -> int:
 
 def _tensors_for_inspect(path: str):
     """(name -> array, config or None, description)."""
-    from convert.io import read_source_config, read_tensors
-
     if _is_project_checkpoint(path):
-        from minimind_jax.checkpoint import flatten_params, load_checkpoint
-
         cfg, params = load_checkpoint(path, as_numpy=True)
         return {k: np.asarray(v) for k, v in flatten_params(params)}, cfg, "minimind-jax checkpoint"
     tensors = read_tensors(path)
@@ -153,11 +144,6 @@ def _tied(tensors) -> str:
 
 
 def _compare_precision(path: str, seq: int = 64) -> None:
-    import jax
-    import jax.numpy as jnp
-
-    from minimind_jax import MiniMindLM
-
     cfg, params = _load_any(path, dtype="float32")
     ids = jnp.asarray(np.random.RandomState(0).randint(3, cfg.vocab_size, (1, seq)), jnp.int32)
     logits = {}

@@ -18,7 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from convert.dtypes import TABLE, DTypeError, name_of
 
@@ -105,8 +107,6 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
     not used for the data: it copies out of a memory map whose pages stay resident until the file is
     closed, so a whole checkpoint would count twice in the process's memory.
     """
-    from safetensors import safe_open
-
     try:
         with safe_open(os.fspath(file), framework="numpy"):
             pass
@@ -181,7 +181,6 @@ def _read_pth(file: Path) -> dict[str, np.ndarray]:
 
 def torch_to_numpy(t) -> np.ndarray:
     """A CPU torch tensor as numpy without changing a bit (bf16 via an int16 view)."""
-    import ml_dtypes
     import torch
 
     t = t.detach().cpu().contiguous()
@@ -261,8 +260,6 @@ def write_pth(file: Path, tensors: Mapping[str, np.ndarray]) -> None:
         import torch
     except ImportError:
         raise RuntimeError("writing .pth files needs PyTorch: pip install -e '.[torch]'") from None
-    import ml_dtypes
-
     state = {}
     with warnings.catch_warnings():  # read-only numpy buffers are fine: torch.save only reads them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

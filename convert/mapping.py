@@ -16,6 +16,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from minimind_jax.checkpoint import CheckpointError, check_params, flatten_params, shape_problems
 from minimind_jax.config import ModelConfig
 
 
@@ -110,8 +111,6 @@ def _check_params(params: Mapping, config: ModelConfig) -> None:
     """Refuse params that are not exactly ``config``'s tree: exporting them would silently drop layers,
     experts or an untied head (only the paths the config names are read) or write wrongly shaped tensors.
     The check itself is the checkpoint module's (one definition of "params match a config")."""
-    from minimind_jax.checkpoint import CheckpointError, check_params, flatten_params
-
     try:
         flat = flatten_params(params)
         check_params({p: tuple(np.shape(x)) for p, x in flat}, {p: np.asarray(x).dtype for p, x in flat},
@@ -122,8 +121,6 @@ def _check_params(params: Mapping, config: ModelConfig) -> None:
 
 def _check_keys(state_dict: Mapping[str, np.ndarray], config: ModelConfig) -> None:
     expected = expected_torch_shapes(config, include_lm_head=True)
-    from minimind_jax.checkpoint import shape_problems
-
     optional = frozenset({"lm_head.weight"} if config.tie_word_embeddings else ())
     names = set(state_dict)
     missing = set(expected) - names - optional

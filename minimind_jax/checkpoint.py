@@ -44,8 +44,11 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
+from minimind_jax import __version__
 from minimind_jax.config import ConfigError, ModelConfig
+from minimind_jax.model import init_params
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,6 @@ def param_layout(config: ModelConfig) -> str:
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every leaf path of the model's params tree for ``config`` and its shape (from ``jax.eval_shape`` of
     the model's own init: nothing is computed or compiled)."""
-    from minimind_jax.model import init_params  # the model package imports nothing from here
-
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     return {path: tuple(leaf.shape) for path, leaf in flatten_params(abstract)}
 
@@ -197,10 +198,6 @@ def _jsonable(name: str, value) -> Any:
 
 def build_manifest(params: Mapping, config: ModelConfig, *, source: Any = None, extra: Mapping | None = None) -> dict:
     """The ``manifest.json`` contents for ``params`` (already checked against ``config``)."""
-    import orbax.checkpoint as ocp
-
-    from minimind_jax import __version__
-
     dtypes: dict[str, int] = {}
     num_params = 0
     for _, leaf in flatten_params(params):
@@ -336,8 +333,6 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _orbax_checkpointer():
-    import orbax.checkpoint as ocp
-
     # Synchronous on purpose: each call returns with the files on disk / the arrays read (the async
     # flavours would need wait_until_finished()).
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
@@ -357,8 +352,6 @@ def _save_params(directory: Path, params: dict) -> None:
     0.6 s of CPU, against +0.3-0.6x and 3.3 s with compression (701 MiB on disk instead of 757 MiB), and
     +0.9x (jax leaves) or +1.8x (numpy leaves) with the default ``StandardCheckpointHandler``.
     """
-    import orbax.checkpoint as ocp
-
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()))  # never used (leaves are numpy); silences a warning
@@ -535,8 +528,6 @@ def _restore_params(params_dir: Path, config: ModelConfig) -> list[tuple[str, np
     """Read orbax's metadata, check the tree against ``config`` before reading any data, then restore as
     numpy in batches of about ``_RESTORE_BATCH_BYTES`` (orbax partial restores of the same files).
     Orbax / tensorstore failures become ``CheckpointError`` naming the directory."""
-    import orbax.checkpoint as ocp
-
     where = str(params_dir.parent)
     ckptr = _orbax_checkpointer()
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minimind_jax import weights
 from minimind_jax.config import ModelConfig
 from minimind_jax.model.transformer import KVCache, MiniMindLM
 from minimind_jax.precision import Policy, get_policy
+from minimind_jax.tokenizer import load_tokenizer
 
 __all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "greedy_generate"]
 
@@ -233,7 +236,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str, policy: Policy | str = "fp32", **kwargs) -> Generator:
         """A generator for this project's checkpoint directory or anything the converter reads."""
-        config, params = load_params(path)
+        config, params = weights.load(path)
         return cls(params, config, policy, **kwargs)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -346,15 +349,8 @@ def default_eos_ids(config: ModelConfig, tokenizer) -> list[int]:
     return sorted({config.eos_token_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def load_params(path: str, dtype: str = "float32") -> tuple[ModelConfig, Any]:
-    """(config, params) from this project's checkpoint directory or anything the converter reads."""
-    from minimind_jax.checkpoint import is_checkpoint, load_checkpoint
-
-    if is_checkpoint(path):
-        return load_checkpoint(path, dtype=dtype, as_numpy=True)
-    import convert
-
-    return convert.load_torch(path, dtype=dtype)
+# the loader every script uses; this name is kept for callers that import it from here
+load_params = weights.load
 
 
 def greedy_generate(params, config: ModelConfig, prompt_ids, max_new_tokens: int = 32, *,
@@ -367,10 +363,6 @@ def greedy_generate(params, config: ModelConfig, prompt_ids, max_new_tokens: int
 def tokenizer_for(path: str | None = None, tokenizer_dir: str | None = None):
     """The tokenizer to use with a checkpoint: ``tokenizer_dir`` if given, else the checkpoint's own (a
     directory holding ``tokenizer.json``, as the converter's ``--tokenizer`` writes), else the bundled one."""
-    import os
-
-    from minimind_jax.tokenizer import load_tokenizer
-
     if tokenizer_dir:
         return load_tokenizer(tokenizer_dir)
     if path and os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):

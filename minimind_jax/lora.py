@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy bfloat16 for the merged weights' casts)
 import numpy as np
+from safetensors.numpy import save_file
 
+import convert
+from minimind_jax import weights
+from minimind_jax.checkpoint import save_checkpoint
 from minimind_jax.config import ModelConfig
+from minimind_jax.model.layers import Linear, matmul
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -94,9 +102,7 @@ class LoraConfig:
 
 # ------------------------------------------------------------------------------------------------ targets
 def _base_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    from convert.mapping import expected_param_shapes
-
-    return expected_param_shapes(config)
+    return convert.expected_param_shapes(config)
 
 
 def _kind(path: tuple[str, ...]) -> str | None:
@@ -178,8 +184,6 @@ def _leaves(adapters) -> list[tuple[tuple[str, ...], dict]]:
 
 def init_adapters(config: ModelConfig, lora: LoraConfig, seed: int = 0, dtype=np.float32) -> dict:
     """Fresh adapters (numpy): A ~ N(0, 0.02), B = 0, one generator per leaf seeded by (seed, path)."""
-    import zlib
-
     shapes = _base_shapes(config)
     adapters: dict = {}
     for path in target_paths(config, lora.targets):
@@ -216,8 +220,6 @@ def inject(base, adapters, scale: float):
 
 
 def _interceptor(scale: float):
-    from minimind_jax.model.layers import Linear, matmul
-
     def intercept(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module = context.module
@@ -267,10 +269,8 @@ def merge(base, adapters, scale: float):
 # ------------------------------------------------------------------------------------------------ files
 def _module_names(config: ModelConfig) -> dict[tuple[tuple[str, ...], int | None, int | None], str]:
     """(path inside a layer, layer, expert) -> MiniMind module name (``model.layers.{i}.{...}``)."""
-    from convert.mapping import layer_table
-
     out = {}
-    for suffix, path, _transpose, e in layer_table(config):
+    for suffix, path, _transpose, e in convert.layer_table(config):
         if _kind(path) is None:
             continue
         module = suffix[: -len(".weight")]
@@ -371,13 +371,9 @@ def save_adapters(out_dir: str | os.PathLike, adapters, config: ModelConfig, lor
                   pth: str | None = None, source: Any = None) -> Path:
     """This project's adapter directory (``adapter.safetensors`` float32 in MiniMind's names +
     ``adapter_config.json``); ``pth`` also writes MiniMind's float16 ``.pth`` of that name inside it."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     tensors = adapter_tensors(adapters, config, np.float32)
@@ -385,12 +381,8 @@ def save_adapters(out_dir: str | os.PathLike, adapters, config: ModelConfig, lor
     meta = {**lora.to_dict(), "params": count_params(adapters), "model": config.to_dict(), "source": source}
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     if pth:
-        from convert.io import write_pth
-
-        write_pth(tmp / pth, adapter_tensors(adapters, config, np.float16))
+        convert.write_pth(tmp / pth, adapter_tensors(adapters, config, np.float16))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -401,8 +393,6 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig, *, alpha: float 
     """Adapters from this project's adapter directory (rank / alpha / targets from its config) or from any file
     of MiniMind's names (``.pth`` (needs torch) or ``.safetensors``; rank from the shapes, alpha = ``alpha`` or
     the rank, MiniMind's no-scaling). Returns (adapters, LoraConfig)."""
-    from convert.io import read_tensors
-
     p = Path(path)
     if not p.exists():
         raise LoraError(f"{p}: no such adapter file or directory")
@@ -415,7 +405,7 @@ def load_adapters(path: str | os.PathLike, config: ModelConfig, *, alpha: float 
         file = p / ADAPTER_FILE
     else:
         file = p
-    adapters, rank = adapters_from_tensors(read_tensors(file), config, where=str(file), dtype=dtype)
+    adapters, rank = adapters_from_tensors(convert.read_tensors(file), config, where=str(file), dtype=dtype)
     if meta and meta.get("rank") != rank:
         raise LoraError(f"{p / ADAPTER_CONFIG}: rank {meta.get('rank')} but the tensors have rank {rank}")
     if alpha is None:
@@ -432,29 +422,21 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     adapter directory or MiniMind's ``.pth``) -> full weights in ``out``: this project's checkpoint
     (``format="jax"``) or, through the converter, MiniMind's layout (``minimind``, ``pth`` adds its ``.pth``) or
     a Hugging Face directory (``hf``)."""
-    from minimind_jax.training.loop import load_weights
-
     if format not in ("jax", "minimind", "hf"):
         raise LoraError(f"format must be jax, minimind or hf, got {format!r}")
-    config, params = load_weights(os.fspath(base), None, {})
+    config, params = weights.load(base)
     adapters, lcfg = load_adapters(adapter, config, alpha=alpha)
     log(f"base: {base} ({config.generation}, hidden {config.hidden_size}); adapter: {adapter} (rank {lcfg.rank}, "
         f"scale {lcfg.scale:g}, {count_params(adapters):,} params on {len(_leaves(adapters))} tensors)")
     merged = merge(params, adapters, lcfg.scale)
     if format == "jax":
-        from minimind_jax.checkpoint import save_checkpoint
-
         if dtype != "float32":
-            import ml_dtypes  # noqa: F401
-
             log(f"casting every tensor to {dtype}")
             merged = jax.tree.map(lambda x: np.asarray(x).astype(dtype), merged)
         path = save_checkpoint(out, merged, config, source={"merged": {"base": os.fspath(base),
                                                                       "adapter": os.fspath(adapter),
                                                                       **lcfg.to_dict()}}, force=force)
     else:
-        import convert
-
         report = convert.Report()
         path = convert.save_torch(merged, config, out, format=format, dtype=dtype, pth=pth, tokenizer=tokenizer,
                                   force=force, report=report)

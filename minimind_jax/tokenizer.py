@@ -40,7 +40,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+import numpy as np
 import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "render_chat_template"]
@@ -555,12 +561,6 @@ def _clean_up_tokenization(text: str) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _compile(template: str):
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     class GenerationTag(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` (marks assistant text for transformers' assistant mask):
         accepted and rendered as its body."""
@@ -627,8 +627,6 @@ def _compile(template: str):
 @functools.lru_cache(maxsize=32)
 def _template_literal_text(template: str) -> str:
     """The template's literal text and string constants, NUL-joined (so a search can't match across two)."""
-    import jinja2.nodes
-
     ast = _compile(template).environment.parse(template)
     literals = {node.data for node in ast.find_all(jinja2.nodes.TemplateData)}
     literals |= {node.value for node in ast.find_all(jinja2.nodes.Const) if isinstance(node.value, str)}
@@ -698,13 +696,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return _plain(value.item())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, np.generic):
+        return _plain(value.item())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):

@@ -163,14 +163,15 @@ def _messages(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from minimind_jax.generate import Generator, default_eos_ids, load_params, tokenizer_for
+    from minimind_jax import weights
+    from minimind_jax.generate import Generator, default_eos_ids, tokenizer_for
 
     try:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.prompts and not os.path.isfile(args.prompts):
             raise FileNotFoundError(f"--prompts: no such file: {args.prompts}")
-        config, params = load_params(args.ckpt)
+        config, params = weights.load(args.ckpt)
         tok = tokenizer_for(args.ckpt, args.tokenizer)
         gen = Generator(params, config, args.policy, eos_ids=default_eos_ids(config, tok))
         session = ChatSession(gen, tok, args)

@@ -53,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from minimind_jax import weights
     from minimind_jax.generate import (
         Generator,
         SamplingParams,
         TextStream,
         default_eos_ids,
-        load_params,
         tokenizer_for,
     )
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         t0 = time.perf_counter()
-        config, params = load_params(args.ckpt)
+        config, params = weights.load(args.ckpt)
         tok = tokenizer_for(args.ckpt, args.tokenizer)
         if args.prompt_ids:
             prompts = args.prompt_ids

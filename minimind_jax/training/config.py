@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import PRESETS, ConfigError, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # configs/ sits at the top of a source checkout; an installed wheel carries it as data files
@@ -103,7 +104,7 @@ class TrainConfig:
     progress: bool = True  # the progress bar (off: one log line every log_interval)
     tensorboard: bool = True
     plot: bool = True
-    peak_tflops: float | None = None  # per device, for MFU; default: known GPUs, measured on CPU
+    peak_tflops: float | None = None  # per device, for MFU; default: the published figure of known GPUs, else no MFU
     sample_prompt: str | None = None  # greedy sample printed at the end ("" to skip)
     sample_tokens: int = 40
     # --- post-training stages (MiniMind's defaults; configs/<stage>.yaml sets each stage's own)
@@ -187,8 +188,6 @@ class TrainConfig:
         for key in self.model:
             if key not in model_fields:
                 bad(f"model.{key}", f"not a model field; the fields are {', '.join(sorted(model_fields))}")
-        from minimind_jax.config import PRESETS
-
         if self.preset not in PRESETS:
             bad("preset", f"unknown preset {self.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
 
@@ -308,8 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse the command line (``argv``) into a validated ``TrainConfig``."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -361,8 +358,6 @@ def from_dict(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The model to build when not starting from a checkpoint (preset or file, then overrides)."""
-    from minimind_jax.config import ConfigError
-
     overrides = dict(cfg.model)
     if "use_moe" in overrides:
         overrides["use_moe"] = bool(overrides["use_moe"])

@@ -16,11 +16,13 @@ Run directory ``{out_dir}/{run_name}`` (run_name defaults to MiniMind's ``{stage
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,32 +30,42 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+import convert
+from minimind_jax import lora
 from minimind_jax import sharding as shd
-from minimind_jax.config import ModelConfig
-from minimind_jax.precision import get_policy
+from minimind_jax import weights
+from minimind_jax.checkpoint import save_checkpoint
+from minimind_jax.config import ModelConfig, param_count
+from minimind_jax.data import make_dataset
+from minimind_jax.generate import greedy_generate
+from minimind_jax.model.transformer import init_params
+from minimind_jax.precision import get_policy, make_loss_scale
+from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.training import config as tconfig
+from minimind_jax.training import state_io
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import (
     MetricsLogger,
     flops_per_token,
-    peak_tflops_per_device,
+    stated_peak,
     plot_loss,
 )
 from minimind_jax.training.stages import build_stage
 from minimind_jax.training.step import (
     TrainState,
+    abstract_with_shardings,
     init_train_state,
     jit_train_step,
     make_optimizer,
     make_train_step,
+    state_shardings,
 )
 
 # stages that start from trained weights (MiniMind: LoRA and DPO from the SFT model)
 NEEDS_INIT = ("lora", "dpo")
-
-# model fields that change how a model runs, not its weights: a checkpoint's config may differ in these
-RUNTIME_FIELDS = ("remat_policy", "moe_impl", "kernels", "dropout", "router_aux_loss_coef", "scan_layers")
 
 
 class TrainingError(RuntimeError):
@@ -78,84 +90,6 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------ weights
-def _resolve_init(cfg: TrainConfig, model_cfg: ModelConfig) -> str | None:
-    if cfg.init:
-        if not os.path.exists(cfg.init):
-            raise TrainConfigError(f"--init {cfg.init}: no such file or directory")
-        return cfg.init
-    fw = cfg.from_weight
-    if fw in (None, "", "none"):
-        return None
-    if os.path.exists(fw):
-        return fw
-    name = f"{fw}_{model_cfg.hidden_size}{'_moe' if model_cfg.use_moe else ''}"
-    candidates = [Path(cfg.out_dir) / name / "weights", Path(cfg.out_dir) / f"{name}.pth"]
-    for c in candidates:
-        if c.exists():
-            return str(c)
-    raise TrainConfigError(f"--from_weight {fw}: found none of {', '.join(map(str, candidates))} "
-                           f"(train that stage first, or give a path)")
-
-
-def load_weights(path: str, model_cfg: ModelConfig | None, overrides: dict[str, Any]) -> tuple[ModelConfig, Any]:
-    """Params (float32, numpy) and the config stored with them, from this project's checkpoint or anything the
-    converter reads. Model overrides may only change runtime fields; anything else is an error."""
-    from minimind_jax.generate import load_params
-
-    loaded_cfg, params = load_params(path, dtype="float32")
-    params = jax.tree.map(np.asarray, params)
-    conflicts = [f"{k}={v!r} (checkpoint: {getattr(loaded_cfg, k)!r})" for k, v in overrides.items()
-                 if k not in RUNTIME_FIELDS and getattr(loaded_cfg, k) != _model_value(k, v)]
-    if conflicts:
-        raise TrainConfigError(f"{path}: the checkpoint is a different model than asked for: {', '.join(conflicts)}")
-    runtime = {k: _model_value(k, v) for k, v in overrides.items() if k in RUNTIME_FIELDS}
-    new_cfg = loaded_cfg.replace(**runtime) if runtime else loaded_cfg
-    if new_cfg.scan_layers != loaded_cfg.scan_layers:
-        from convert.mapping import params_to_torch, torch_to_params
-
-        params = torch_to_params(params_to_torch(params, loaded_cfg), new_cfg)
-    return new_cfg, params
-
-
-def _model_value(key, value):
-    return bool(value) if key == "use_moe" else value
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _manager(state_dir: Path, cfg: TrainConfig):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=cfg.async_checkpointing,
-                                           cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(state_dir.absolute(), options=options)
-
-
-def _save(manager, step: int, state: TrainState, data_iter, meta: dict, *, force: bool = False) -> None:
-    import grain
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=grain.checkpoint.CheckpointSave(data_iter),
-                                               meta=ocp.args.JsonSave(meta)), force=force)
-
-
-def _read_meta(manager, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def _restore(manager, step: int, abstract_state, data_iter):
-    import grain
-    import orbax.checkpoint as ocp
-
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored["state"]
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 def train(cfg: TrainConfig) -> RunResult:
     """Run one stage as ``cfg`` says. Returns what happened (also written to the run directory)."""
@@ -172,14 +106,14 @@ def train(cfg: TrainConfig) -> RunResult:
     resume_step = None
     manager = None
     if state_dir.is_dir():
-        manager = _manager(state_dir, cfg)
+        manager = state_io.manager(state_dir, cfg)
         resume_step = manager.latest_step()
     init_params_np = None
     meta_prev = None
     if cfg.from_resume and resume_step is not None:
-        meta_prev = _read_meta(manager, resume_step)
+        meta_prev = state_io.read_meta(manager, resume_step)
         saved_cfg = ModelConfig(**meta_prev["model"])
-        overrides = {k: _model_value(k, v) for k, v in cfg.model.items()}
+        overrides = {k: weights.model_value(k, v) for k, v in cfg.model.items()}
         conflicts = [f"{k}={v!r} (run: {getattr(saved_cfg, k)!r})" for k, v in overrides.items()
                      if getattr(saved_cfg, k) != v]
         if conflicts:
@@ -200,12 +134,12 @@ def train(cfg: TrainConfig) -> RunResult:
             for f in ("metrics.jsonl", "loss.png"):
                 (run_dir / f).unlink(missing_ok=True)
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
-        init_path = _resolve_init(cfg, model_cfg)
+        init_path = _weights_call(weights.resolve_init, cfg.init, cfg.from_weight, cfg.out_dir, model_cfg)
         if cfg.stage in NEEDS_INIT and not init_path:
             raise TrainConfigError(f"--stage {cfg.stage} starts from trained weights (MiniMind: the SFT model): give "
                                    "--from_weight sft or --init CHECKPOINT")
         if init_path:
-            model_cfg, init_params_np = load_weights(init_path, model_cfg, cfg.model)
+            model_cfg, init_params_np = _weights_call(weights.load, init_path, overrides=cfg.model)
             _log(f"weights: {init_path}")
 
     # ---- the stage's extra models: a distillation teacher, LoRA's adapter settings
@@ -214,19 +148,14 @@ def train(cfg: TrainConfig) -> RunResult:
         teacher_cfg, teacher_params = _load_teacher(cfg, model_cfg, keep=meta_prev is None)
     lora_cfg = None
     if cfg.stage == "lora":
-        from minimind_jax.lora import LoraConfig, LoraError, target_paths
-
-        lora_cfg = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        lora_cfg = lora.LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         try:
-            target_paths(model_cfg, cfg.lora_targets)
-        except LoraError as e:
+            lora.target_paths(model_cfg, cfg.lora_targets)
+        except lora.LoraError as e:
             raise TrainConfigError(str(e)) from None
     stage = build_stage(cfg, model_cfg, policy, teacher_cfg)
 
     # ---- data and tokenizer (errors name the file before anything compiles)
-    from minimind_jax.data import make_dataset
-    from minimind_jax.tokenizer import load_tokenizer
-
     for p in cfg.data_path:
         if not os.path.exists(p):
             raise TrainConfigError(f"data_path: {p}: no such file or directory")
@@ -250,8 +179,6 @@ def train(cfg: TrainConfig) -> RunResult:
                             special_token_weight=cfg.special_token_weight if cfg.stage == "reason" else None)
     batches = len(pipeline)
     if nproc > 1:  # shards may differ by a record: every process must run the same number of steps
-        from jax.experimental import multihost_utils
-
         batches = int(np.min(multihost_utils.process_allgather(np.int64(batches))))
     steps_in_data = batches // cfg.accumulation_steps
     if steps_in_data < 1:
@@ -279,7 +206,7 @@ def train(cfg: TrainConfig) -> RunResult:
             param_sharding = jax.tree.map(lambda _: shd.replicated(mesh), params_shape)
         abstract, state_sharding = _abstract_state(params_shape, frozen_shape, tx, cfg, policy, mesh, param_sharding,
                                                    frozen_sharding)
-        state = _restore(manager, resume_step, abstract, data_iter)
+        state = state_io.restore(manager, resume_step, abstract, data_iter)
         start_step = int(state.step)
         before = meta_prev.get("mesh", "?")
         now = shd.describe_mesh(mesh)
@@ -306,7 +233,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if jax.process_index() == 0:
         tconfig.dump_yaml(cfg, run_dir / "train_config.yaml")
     if manager is None:
-        manager = _manager(state_dir, cfg)
+        manager = state_io.manager(state_dir, cfg)
     meta = {"model": dataclasses.asdict(model_cfg), "train": cfg.to_dict(), "stage": cfg.stage, "policy": policy.name,
             "mesh": shd.describe_mesh(mesh), "devices": jax.device_count(), "total_steps": total_steps}
     if lora_cfg is not None:
@@ -315,16 +242,15 @@ def train(cfg: TrainConfig) -> RunResult:
         meta["teacher"] = {"path": cfg.teacher, "model": dataclasses.asdict(teacher_cfg), "policy": cfg.teacher_policy}
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, enabled=jax.process_index() == 0)
 
-    from minimind_jax.config import param_count
-
     total, active = param_count(model_cfg)
     tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len * stage.sequences_per_example
     fpt = flops_per_token(model_cfg, cfg.max_seq_len)
-    peak = cfg.peak_tflops or peak_tflops_per_device(dtype="bfloat16" if policy.name != "fp32" else "float32")
+    peak, peak_text = stated_peak(policy, cfg.peak_tflops)
     _log(f"stage {cfg.stage}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), policy {policy}, "
          f"mesh {shd.describe_mesh(mesh)}, {total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x"
          f"{cfg.max_seq_len} tokens, run dir {run_dir}")
     _log(_describe_trainables(cfg, state))
+    _log(f"MFU: {peak_text}")
 
     # ---- loop
     stopped = "done"
@@ -344,7 +270,10 @@ def train(cfg: TrainConfig) -> RunResult:
     step = start_step
     try:
         while step < total_steps:
-            batch = _next_batch(data_iter, cfg.accumulation_steps, stage.batch_keys)
+            batch = _next_batch(data_iter, cfg.accumulation_steps, stage.data_keys or stage.batch_keys)
+            host_metrics = {}
+            if stage.prepare is not None:
+                batch, host_metrics = stage.prepare(batch, state, step)
             device_batch = shd.shard_batch(batch, batch_sharding)
             t0 = time.perf_counter()
             state, metrics = step_fn(state, device_batch)
@@ -368,6 +297,7 @@ def train(cfg: TrainConfig) -> RunResult:
             elapsed = time.perf_counter() - window_t
             tps = window_tokens / elapsed if window_tokens and elapsed > 0 else float("nan")
             row = {k: float(v) for k, v in metrics.items() if k not in ("finite",)}
+            row.update({k: float(v) for k, v in host_metrics.items()})
             row["tokens_per_s"] = tps
             row["tflops_per_device"] = tps * fpt / 1e12 / jax.device_count() if window_tokens else float("nan")
             if peak:
@@ -380,7 +310,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 if bar is None:
                     _log(f"step {step}/{total_steps} {_postfix(row)}")
             if step % cfg.save_interval == 0 and step < total_steps:
-                _save(manager, step, state, data_iter, {**meta, "step": step})
+                state_io.save(manager, step, state, data_iter, {**meta, "step": step})
                 last_saved = step
             if interrupted["flag"]:
                 stopped = "interrupted"
@@ -394,7 +324,7 @@ def train(cfg: TrainConfig) -> RunResult:
             bar.close()
 
     if stopped != "nonfinite" and last_saved != step:
-        _save(manager, step, state, data_iter, {**meta, "step": step}, force=True)
+        state_io.save(manager, step, state, data_iter, {**meta, "step": step}, force=True)
         last_saved = step
     manager.wait_until_finished()
     manager.close()
@@ -406,10 +336,8 @@ def train(cfg: TrainConfig) -> RunResult:
                        opt_state=state.opt_state)
     host_params = _to_host(state.params) if stopped == "done" else None  # collective: every process
     if stopped == "done" and cfg.stage == "lora":
-        from minimind_jax.lora import merge
-
         _export_adapters(run_dir, host_params, model_cfg, cfg, lora_cfg, step)
-        host_params = merge(_to_host(state.frozen), host_params, lora_cfg.scale)  # the sample runs the adapted model
+        host_params = lora.merge(_to_host(state.frozen), host_params, lora_cfg.scale)  # the sample runs the adapted model
     elif stopped == "done":
         _export_weights(run_dir, host_params, model_cfg, cfg, step)
     if cfg.plot and jax.process_index() == 0:
@@ -431,9 +359,6 @@ def train(cfg: TrainConfig) -> RunResult:
 
 def _abstract_state(params_shape, frozen_shape, tx, cfg, policy, mesh, param_sharding, frozen_sharding):
     """The TrainState's shapes, dtypes and (this mesh's) shardings, for restoring without initialising."""
-    from minimind_jax.precision import make_loss_scale
-    from minimind_jax.training.step import abstract_with_shardings, state_shardings
-
     kind = cfg.loss_scale if cfg.loss_scale != "auto" else ("dynamic" if policy.needs_loss_scaling else "none")
 
     def make(params, frozen):
@@ -449,9 +374,7 @@ def _abstract_state(params_shape, frozen_shape, tx, cfg, policy, mesh, param_sha
 def _load_teacher(cfg: TrainConfig, student_cfg: ModelConfig, keep: bool = True):
     """The distillation teacher: (config, params in the teacher policy's storage dtype, or None if not ``keep``)."""
     path = cfg.teacher
-    if not os.path.exists(path):
-        raise TrainConfigError(f"--teacher {path}: no such file or directory")
-    teacher_cfg, params = load_weights(path, None, {})
+    teacher_cfg, params = _weights_call(weights.load, path, what="--teacher")
     if teacher_cfg.vocab_size != student_cfg.vocab_size:
         raise TrainConfigError(f"--teacher {path}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
                                f"{student_cfg.vocab_size}; teacher and student must share the tokenizer")
@@ -459,22 +382,24 @@ def _load_teacher(cfg: TrainConfig, student_cfg: ModelConfig, keep: bool = True)
     # every teacher weight is cast to the compute dtype where it is used: storing it so gives the same logits
     # with half the memory under bf16
     store = np.dtype(tpol.compute_dtype)
-    from minimind_jax.config import param_count
-
     _log(f"teacher: {path} ({param_count(teacher_cfg)[0] / 1e6:.2f}M params, {teacher_cfg.generation}"
          f"{' MoE' if teacher_cfg.use_moe else ''}), policy {tpol.name}, stored as {store.name}")
     if not keep:
         return teacher_cfg, None
-    import ml_dtypes  # noqa: F401  (numpy bfloat16)
+    return teacher_cfg, weights.cast(params, store)
 
-    return teacher_cfg, jax.tree.map(lambda x: np.asarray(x).astype(store), params)
+
+def _weights_call(fn, *args, **kwargs):
+    """``fn`` of ``minimind_jax.weights``, its errors as configuration errors."""
+    try:
+        return fn(*args, **kwargs)
+    except weights.WeightsError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def _trainables(cfg: TrainConfig, model_cfg: ModelConfig, policy, base, lora_cfg, teacher_params):
     """(trained params, frozen params) of a fresh run: host arrays, or params=None for MiniMind's init."""
     if cfg.stage == "lora":
-        from minimind_jax import lora
-
         if cfg.lora_init:
             try:
                 adapters, loaded = lora.load_adapters(cfg.lora_init, model_cfg, alpha=cfg.lora_alpha)
@@ -491,7 +416,7 @@ def _trainables(cfg: TrainConfig, model_cfg: ModelConfig, policy, base, lora_cfg
         return base, jax.tree.map(np.array, base)  # the reference: a copy of the initial weights
     if cfg.stage == "distill":
         if base is None:
-            base = jax.tree.map(np.asarray, __import__("minimind_jax").init_params(model_cfg, jax.random.key(cfg.seed),
+            base = jax.tree.map(np.asarray, init_params(model_cfg, jax.random.key(cfg.seed),
                                                                                   policy))
         return base, teacher_params
     return base, None
@@ -499,14 +424,10 @@ def _trainables(cfg: TrainConfig, model_cfg: ModelConfig, policy, base, lora_cfg
 
 def _state_shapes(cfg: TrainConfig, model_cfg: ModelConfig, policy, lora_cfg, teacher_cfg):
     """(params, frozen) shapes of the run's TrainState, for restoring it."""
-    from minimind_jax.model.transformer import init_params
-
     model = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0), policy))
     if cfg.stage == "lora":
-        from minimind_jax.lora import init_adapters
-
         adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                init_adapters(model_cfg, lora_cfg, seed=0))
+                                lora.init_adapters(model_cfg, lora_cfg, seed=0))
         return adapters, model
     if cfg.stage == "dpo":
         return model, model
@@ -534,9 +455,6 @@ def _describe_trainables(cfg: TrainConfig, state: TrainState) -> str:
 
 def _export_adapters(run_dir: Path, adapters, model_cfg: ModelConfig, cfg: TrainConfig, lora_cfg, step: int) -> None:
     """LoRA: the adapters alone (small) in ``<run>/adapter/``, with MiniMind's float16 .pth when torch is there."""
-    import importlib.util
-
-    from minimind_jax.lora import count_params, save_adapters
 
     if jax.process_index() != 0:
         return
@@ -544,9 +462,9 @@ def _export_adapters(run_dir: Path, adapters, model_cfg: ModelConfig, cfg: Train
     if importlib.util.find_spec("torch") is not None:
         pth = f"{cfg.lora_name}_{model_cfg.hidden_size}{'_moe' if model_cfg.use_moe else ''}.pth"
     base = cfg.init or cfg.from_weight
-    out = save_adapters(run_dir / "adapter", adapters, model_cfg, lora_cfg, pth=pth,
+    out = lora.save_adapters(run_dir / "adapter", adapters, model_cfg, lora_cfg, pth=pth,
                         source={"stage": "lora", "step": step, "base": base})
-    _log(f"adapter: {out} ({count_params(adapters):,} params{', MiniMind .pth: ' + pth if pth else ''}); merge with: "
+    _log(f"adapter: {out} ({lora.count_params(adapters):,} params{', MiniMind .pth: ' + pth if pth else ''}); merge with: "
          f"python scripts/merge_lora.py --base BASE --adapter {out} --out OUT")
 
 
@@ -556,16 +474,12 @@ def _next_batch(it, accum: int, keys) -> dict[str, np.ndarray]:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int):
     if not cfg.progress or jax.process_index() != 0:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
                 desc=cfg.stage, mininterval=0.5)
 
@@ -588,15 +502,11 @@ def _postfix(row: dict) -> str:
 
 
 def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainConfig, step: int) -> None:
-    from minimind_jax.checkpoint import save_checkpoint
-
     out = run_dir / "weights"
     if jax.process_count() > 1:
         # this project's checkpoint writer is single-process (orbax would wait for the other hosts): process 0
         # writes MiniMind's safetensors layout instead, which --init, --from_weight and the converter read
         if jax.process_index() == 0:
-            import convert
-
             convert.save_torch(params, model_cfg, out, format="minimind", dtype="float32", force=True)
             _log(f"weights: {out} (MiniMind safetensors layout)")
         return
@@ -608,15 +518,11 @@ def _export_weights(run_dir: Path, params, model_cfg: ModelConfig, cfg: TrainCon
 def _to_host(tree):
     """Full numpy copies of (possibly sharded, possibly multi-host) arrays."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 def _sample(params, model_cfg: ModelConfig, policy, tokenizer, cfg: TrainConfig) -> str:
-    from minimind_jax.generate import greedy_generate
-
     prompt = cfg.sample_prompt
     if prompt is None:
         prompt = "你好" if cfg.stage == "pretrain" else None

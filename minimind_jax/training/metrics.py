@@ -16,23 +16,49 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 
 from minimind_jax.config import ModelConfig, param_count
+from minimind_jax.precision import Policy
 
-# Dense bf16 peak TFLOP/s per device, for MFU (the figures the vendors publish, without sparsity).
-GPU_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "A10": 125.0,
-    "L4": 121.0,
-    "RTX 4090": 165.0,
-    "RTX 3090": 71.0,
-    "V100": 125.0,
-    "T4": 65.0,
+# Dense peak TFLOP/s per device as the vendors publish them (no sparsity), by device_kind substring (first
+# match wins: A100 before A10, L40S before L4), per dtype the matmuls run in: "float32" is the fp32 policy
+# (dots at precision HIGHEST: CUDA cores, no TF32), "tf32" the tf32 policy's tensor cores, bfloat16 / float16
+# the tensor cores. H100 / H200 are the SXM figures.
+PEAK_TFLOPS = {
+    "H200": {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4},
+    "H100": {"float32": 67.0, "tf32": 494.7, "bfloat16": 989.4, "float16": 989.4},
+    "A100": {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0, "float16": 312.0},
+    "L40S": {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.0, "float16": 362.0},
+    "L4": {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0, "float16": 121.0},
+    "A10": {"float32": 31.2, "tf32": 62.5, "bfloat16": 125.0, "float16": 125.0},
+    "V100": {"float32": 15.7, "float16": 125.0},
 }
+
+
+def matmul_dtype(policy: Policy) -> str:
+    """The PEAK_TFLOPS column a policy's matmuls run at."""
+    if policy.name == "tf32":
+        return "tf32"
+    return jnp.dtype(policy.compute_dtype).name
+
+
+def stated_peak(policy: Policy, setting: float | None = None) -> tuple[float | None, str]:
+    """(peak TFLOP/s per device for MFU, where it comes from): ``setting`` if given, else the table's figure
+    for device 0's kind and the policy's matmul dtype; (None, why) when there is none (CPUs, unknown GPUs)."""
+    if setting:
+        return float(setting), f"{setting:g} TFLOP/s per device (peak_tflops setting)"
+    dev = jax.devices()[0]
+    dtype = matmul_dtype(policy)
+    for name, peaks in PEAK_TFLOPS.items():
+        if dev.platform == "gpu" and name in dev.device_kind:
+            if dtype in peaks:
+                return peaks[dtype], f"{peaks[dtype]:g} TFLOP/s per device ({name} dense {dtype}, published)"
+            break
+    return None, f"off (no stated {dtype} peak for {dev.device_kind}; set peak_tflops to report MFU)"
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -43,38 +69,6 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6.0 * (active - lookup) + attention
-
-
-def peak_tflops_per_device(measure_cpu: bool = True, dtype: str = "float32") -> float | None:
-    """A known GPU's peak, or (CPU) a quick measurement of a large jitted matmul; None if unknown."""
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-        kind = dev.device_kind
-        for name, tflops in GPU_PEAK_TFLOPS.items():
-            if name in kind:
-                return tflops
-        return None
-    if dev.platform == "cpu" and measure_cpu:
-        return measure_matmul_tflops(dtype)
-    return None
-
-
-def measure_matmul_tflops(dtype: str = "float32", n: int = 1024, repeats: int = 8) -> float:
-    """TFLOP/s of a jitted (n x n) @ (n x n) matmul on the default device (bf16 inputs accumulate in fp32)."""
-    import time
-
-    import jax.numpy as jnp
-
-    dt = jnp.dtype(dtype)
-    a = jnp.ones((n, n), dt)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
 
 
 class MetricsLogger:
@@ -91,12 +85,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:  # an optional nicety: the jsonl has everything
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+            self._tb = SummaryWriter(str(self.run_dir / "tb"))
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -121,13 +110,8 @@ class MetricsLogger:
 
 
 def _plain(v):
-    try:
-        import numpy as np
-
-        if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "dtype"):
-            v = np.asarray(v).item()
-    except Exception:
-        pass
+    if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "dtype"):
+        v = np.asarray(v).item()
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
@@ -150,7 +134,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path | None:
     """Draw loss (and lr) against step from ``metrics.jsonl``; a resumed run's rows replace the overlapping
-    ones. Returns the PNG's path, or None without matplotlib or data."""
+    ones. Returns the PNG's path, or None without data."""
     rows = read_metrics(metrics_path)
     by_step = {}
     for r in rows:
@@ -158,21 +142,13 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title
             by_step[r["step"]] = r
     if not by_step:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     steps = sorted(by_step)
     losses = [by_step[s]["loss"] for s in steps]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)  # no pyplot: no GUI backend, no global figure registry
+    ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
     window = max(1, len(steps) // 30)  # a running mean over ~1/30 of the run
     if window > 1:
-        import numpy as np
-
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"loss (mean of {window})")
     ax.set_xlabel("optimizer step")
@@ -188,6 +164,5 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title
     out = Path(out_png)
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, out)
     return out

@@ -35,7 +35,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
+import numpy as np
 
+from minimind_jax.lora import LoraConfig
+from minimind_jax.model.transformer import MiniMindLM
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -62,6 +65,13 @@ class Stage:
     normalizer: Callable[[Mapping[str, jax.Array]], jax.Array]
     batch_keys: tuple[str, ...] = ("input_ids", "labels")
     sequences_per_example: int = 1  # DPO: a chosen and a rejected sequence (tokens/s counts both)
+    # the keys read from the data pipeline, when they differ from batch_keys (e.g. prompts for a rollout)
+    data_keys: tuple[str, ...] | None = None
+    # host-side batch builder run before each jitted step: prepare(data_batch, state, step) ->
+    # (batch with batch_keys, {metric: float}); data_batch holds numpy arrays [accumulation, batch, ...] of
+    # data_keys, state is the run's current TrainState (params on the devices, frozen models in state.frozen);
+    # its metrics join the step's row in metrics.jsonl. None: the data batch is the training batch.
+    prepare: Callable[..., tuple[dict[str, np.ndarray], dict[str, float]]] | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -81,8 +91,6 @@ def get_stage(name: str) -> Stage:
 
 def eval_apply(config, policy) -> Callable:
     """``apply(params, input_ids)`` in evaluation mode (no dropout, no aux loss) under ``policy``."""
-    from minimind_jax.model.transformer import MiniMindLM
-
     model = MiniMindLM(config, policy)
     return lambda params, input_ids: model.apply({"params": params}, input_ids)
 
@@ -103,8 +111,6 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None) -> Sta
                                  eval_apply(teacher_config, cfg.teacher_policy))
         return Stage("distill", "sft", loss, count_trained_tokens)
     if name == "lora":
-        from minimind_jax.lora import LoraConfig
-
         scale = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).scale
         return Stage("lora", "sft", make_lora_loss(scale), count_trained_tokens)
     raise ValueError(f"unknown stage {name!r}")

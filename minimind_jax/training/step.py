@@ -23,6 +23,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -213,8 +214,6 @@ def _put(tree, sharding):
 
 def _place(x, sharding):
     """A host or single-device array -> a global array with ``sharding`` (every process holds the same values)."""
-    import numpy as np
-
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
