@@ -509,9 +509,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny2-moe": dict(generation="minimind2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=512, use_moe=True, num_experts=4,
                       num_experts_per_tok=2, n_shared_experts=1),
-    # The CPU demo / default training model: ~1M parameters.
-    "small3": dict(generation="minimind3", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, intermediate_size=384, max_position_embeddings=1024),
 }
 
 
