@@ -3,7 +3,7 @@
   to-jax   SRC OUT [--config CONFIG_JSON] [--dtype auto|float32|bfloat16|float16] [--scan-layers] [--force]
   to-torch SRC OUT [--format minimind|hf] [--dtype float32|bfloat16|float16] [--pth [NAME]]
                    [--tokenizer DIR] [--clip-fp16] [--force]
-  inspect  PATH [--compare-precision] [--all]
+  inspect  PATH [--compare-precision]
 
 SRC / PATH: a .safetensors file, a Hugging Face directory (model.safetensors or a sharded index), a MiniMind
 .pth state dict, or (to-torch, inspect) this project's checkpoint directory.

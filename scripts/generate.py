@@ -1,9 +1,9 @@
 """Generate text from a checkpoint (this project's checkpoint directory, or anything the converter reads).
 
-    python scripts/generate.py --ckpt out/quickstart/weights --prompt "The sun is"
+    python scripts/generate.py --ckpt out/quickstart/pretrain_128/weights --prompt "The sun is"
     python scripts/generate.py --ckpt MiniMind2/ --prompt "你好" --prompt "Hello" --temperature 0.85 --top-p 0.85
     python scripts/generate.py --ckpt model.safetensors --prompt-ids 1,2,3 --greedy --print-ids
-    python scripts/generate.py --ckpt out/sft/weights --chat --prompt "What is JAX?"
+    python scripts/generate.py --ckpt out/quickstart/sft_128/weights --chat --prompt "What is JAX?"
 
 Several --prompt run as one left-padded batch. Without --chat the prompt is continued as plain text (MiniMind's
 pretrain mode: the bos token, then the prompt); with --chat it is a user message in the chat template.

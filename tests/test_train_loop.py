@@ -201,6 +201,13 @@ def test_flags_keep_minimind_names_and_meaning():
     assert (pre.learning_rate, pre.accumulation_steps, pre.grad_clip) == (5e-4, 8, 1.0)
 
 
+def test_abbreviated_flags_are_rejected(capsys):
+    with pytest.raises(SystemExit):  # argparse would otherwise read --max_step as --max_steps
+        resolve(["--max_step", "3"])
+    assert "unrecognized arguments: --max_step" in capsys.readouterr().err
+    assert resolve(["--max_steps", "3"]).max_steps == 3
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--dtype", "float8"], "dtype: 'float8' is not one of"),
     (["--stage", "rlhf"], "unknown stage 'rlhf'"),

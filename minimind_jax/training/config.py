@@ -281,7 +281,7 @@ MODEL_FLAGS = {"hidden_size": int, "num_hidden_layers": int, "use_moe": int}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train a MiniMind model (any stage) with JAX.",
+        prog="train.py", description="Train a MiniMind model (any stage) with JAX.", allow_abbrev=False,
         epilog="Extra settings: key=value (any TrainConfig key, or model.<field>=value). "
                "Without --stage and --config: configs/quickstart.yaml.")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
