@@ -445,3 +445,13 @@ def test_utf8_bom_on_line_one_and_directory_as_path(tmp_path):
     assert [src[0]["text"], src[1]["text"]] == ["first", "second"] and src.location(0).endswith("bom.jsonl:1")
     with pytest.raises(DataError, match=r"is a directory"):
         JsonlSource(tmp_path, "pretrain")
+
+
+def test_lone_surrogate_and_deep_nesting_name_the_line(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"text": "ok \\u00e9"}\n{"text": "\\ud800"}\n' + "[" * 100000 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"odd\.jsonl:2: a string holds a lone UTF-16 surrogate"):
+        JsonlSource(path, "pretrain")
+    src = JsonlSource(path, "pretrain", skip_bad_lines=True)
+    assert len(src) == 1 and src[0]["text"] == "ok é" and src.stats.bad_lines == 2
+    assert "odd.jsonl:3: JSON nested too deeply" in src.stats.bad[1]

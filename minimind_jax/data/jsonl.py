@@ -306,7 +306,15 @@ def _parse(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text ({e})") from e
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e})") from e
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read") from None
+    if "\\u" in text:  # an escaped lone surrogate ("\ud800") parses but cannot be encoded or tokenised
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"a string holds a lone UTF-16 surrogate, not text ({e.reason})") from None
+    return value
 
