@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     if not args.data and not args.suite and not args.tasks:
         print("error: nothing to do: give --data FILE, --suite and/or --tasks", file=sys.stderr)
         return 2
-    from minimind_jax.generate import Generator, default_eos_ids, load_params, tokenizer_for
+    from minimind_jax import weights
+    from minimind_jax.generate import Generator, default_eos_ids, tokenizer_for
     from minimind_jax.precision import get_policy
 
     out = {"ckpt": args.ckpt}
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
             raise FileNotFoundError(f"--prompts: no such file: {args.prompts}")
         if args.batch_size < 1 or args.max_seq_len < 2:
             raise ValueError("--batch_size must be >= 1 and --max_seq_len >= 2")
-        config, params = load_params(args.ckpt)
+        config, params = weights.load(args.ckpt, what="--ckpt")
         tok = tokenizer_for(args.ckpt, args.tokenizer)
         policy = get_policy(args.policy)
         if args.data:
