@@ -10,6 +10,7 @@ import pytest
 
 from minimind_jax.data import SYSTEM_PROMPTS, DataError, JsonlSource, encode_sft, make_dataset
 from minimind_jax.tokenizer import load_tokenizer
+from test_data import minimind_generate_labels
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind3_tokenizer"
 
@@ -69,21 +70,7 @@ def minimind_sample(hf_tok, conversations, max_length):
     prompt = minimind_prompt(hf_tok, conversations)
     input_ids = hf_tok(prompt).input_ids[:max_length]
     input_ids += [hf_tok.pad_token_id] * (max_length - len(input_ids))
-    labels = [-100] * len(input_ids)
-    i = 0
-    while i < len(input_ids):
-        if input_ids[i:i + len(bos_id)] == bos_id:
-            start = i + len(bos_id)
-            end = start
-            while end < len(input_ids):
-                if input_ids[end:end + len(eos_id)] == eos_id:
-                    break
-                end += 1
-            for j in range(start, min(end + len(eos_id), max_length)):
-                labels[j] = input_ids[j]
-            i = end + len(eos_id) if end < len(input_ids) else len(input_ids)
-        else:
-            i += 1
+    labels = minimind_generate_labels(input_ids, bos_id, eos_id, max_length)
     return prompt, np.asarray(input_ids), np.asarray(labels)
 
 
