@@ -1,6 +1,9 @@
 """A non-editable install (``pip install .``) carries configs/: an installed package trains a stage with that
 stage's defaults file, and a stage whose defaults file is missing is an error, not the dataclass defaults."""
 
+import importlib.metadata
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -37,15 +40,26 @@ def _copy_sources(dst: Path) -> None:
             shutil.copy2(src, dst / name)
 
 
+def _can_build_wheels() -> bool:
+    try:
+        version = tuple(int(p) for p in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
 def test_installed_package_reads_the_stage_defaults(tmp_path):
     src, env = tmp_path / "src", tmp_path / "venv"
     _copy_sources(src)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)], check=True)
-    # this interpreter's pip and setuptools build and install into the venv's prefix (no network, no build env)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+    # this interpreter's pip builds and installs into the venv's prefix; with its own setuptools when that can build
+    # wheels by itself (>= 70.1, or with the wheel package), else in pip's isolated build environment
+    no_isolation = ["--no-build-isolation"] if _can_build_wheels() else []
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *no_isolation,
                     "--prefix", str(env), str(src)], check=True, capture_output=True)
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing may point back at a checkout
     out = subprocess.run([str(env / "bin" / "python"), "-c", PROBE], cwd=tmp_path, check=True, capture_output=True,
-                         text=True).stdout.split("\n")
+                         text=True, env=clean).stdout.split("\n")
     module, config_dir, figures = out[0], Path(out[1]), out[2].split()
     assert Path(module).is_relative_to(env), module  # the installed copy, not this checkout
     assert config_dir.is_relative_to(env) and (config_dir / "models" / "minimind3.yaml").is_file()
