@@ -39,13 +39,13 @@ from minimind_jax.model.transformer import KVCache, MiniMindLM
 from minimind_jax.precision import Policy, get_policy
 from minimind_jax.tokenizer import load_tokenizer
 
-__all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "greedy_generate"]
+__all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "bucket_length", "greedy_generate"]
 
 _NO_TOKEN = -1  # written after a row has stopped
 _MAX_EOS = 4
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
+def bucket_length(n: int, minimum: int = 16) -> int:
     """Round up to a power of two so prompts of similar length share one compiled program."""
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
@@ -262,8 +262,8 @@ class Generator:
         eos = self.eos_ids if eos_ids is None else tuple(eos_ids)
         if len(eos) > _MAX_EOS:
             raise ValueError(f"at most {_MAX_EOS} eos ids, got {len(eos)}")
-        p = _bucket(max(len(x) for x in prompts))
-        max_len = _bucket(p + max(limits))
+        p = bucket_length(max(len(x) for x in prompts))
+        max_len = bucket_length(p + max(limits))
         longest = max(len(x) + m for x, m in zip(prompts, limits))
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"a prompt plus its new tokens ({longest}) exceeds the model's "

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimind_jax.config import ModelConfig
-from minimind_jax.generate import Generator, SamplingParams
+from minimind_jax.generate import Generator, SamplingParams, bucket_length
 from minimind_jax.model.transformer import MiniMindLM, lm_head
 from minimind_jax.precision import Policy, get_policy
 from minimind_jax.training.losses import token_log_probs
@@ -49,10 +49,6 @@ class Rollouts:
                 "completion_ids": self.completion_ids, "completion_pad": self.completion_pad}
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[list[int]], int]:
     """Each prompt's last ``max_len`` tokens, and how many were cut."""
     cut = sum(len(p) > max_len for p in prompts)
@@ -64,7 +60,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     """Prompts (left-padded) and completions (right-padded) into the fixed-shape layout above."""
     b = len(prompts)
     p = max(map(len, prompts))
-    r = _bucket(max(map(len, completions), default=1))
+    r = bucket_length(max(map(len, completions), default=1))
     ids = np.full((b, p + r), pad_id, np.int32)
     mask = np.zeros((b, p + r), np.int32)
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
