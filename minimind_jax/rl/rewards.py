@@ -46,16 +46,20 @@ def repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
     return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams))
 
 
-def minimind_shaping(response: str, record: Mapping | None = None) -> float:
-    """MiniMind-3's length / thinking-format / repetition shaping (see the module docstring)."""
-    reward = 0.5 if 20 <= len(response.strip()) <= 800 else -0.5
-    answer = response
-    if "</think>" in response:
-        thinking, answer = response.split("</think>", 1)
-        reward += 1.0 if 20 <= len(thinking.strip()) <= 300 else -0.5
-        reward += 0.25 if response.count("</think>") == 1 else -0.25
-        answer = answer.strip()
-    return reward - repetition_penalty(answer)
+def think_format_reward(response: str) -> float:
+    """MiniMind's thinking terms: 0 without ``</think>``; else +1.0 if the text before it (stripped, tag included
+    as MiniMind counts it) has 20..300 characters, else -0.5, and +0.25 if ``</think>`` appears once, else -0.25."""
+    if "</think>" not in response:
+        return 0.0
+    thinking = response.split("</think>", 1)[0]
+    return (1.0 if 20 <= len(thinking.strip()) <= 300 else -0.5) + (0.25 if response.count("</think>") == 1 else -0.25)
+
+
+def minimind_shaping(response: str, record: Mapping | None = None, min_length: int = 20) -> float:
+    """MiniMind-3's length / thinking-format / repetition shaping (see the module docstring); its agentic RL
+    uses ``min_length=5``."""
+    reward = 0.5 if min_length <= len(response.strip()) <= 800 else -0.5
+    return reward + think_format_reward(response) - repetition_penalty(split_thinking(response)[1])
 
 
 def _gt(record: Mapping) -> list[str]:

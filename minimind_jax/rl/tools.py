@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from minimind_jax.rl.rewards import repetition_penalty
+from minimind_jax.rl.rewards import minimind_shaping, repetition_penalty, split_thinking
 
 
 def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -193,28 +193,18 @@ def gt_found(text: str, gt: Sequence) -> set:
     return found
 
 
-def _answer(turn: str) -> str:
-    return turn.split("</think>", 1)[-1].strip() if "</think>" in turn else turn.strip()
-
-
 def agent_reward(turn_outputs: Sequence[str], tools: Sequence[Mapping] | None, gt: Sequence, *,
                  unfinished: bool = False, model_score: float = 0.0) -> float:
     """MiniMind's reward of one agentic trajectory (see the module docstring); ``turn_outputs`` are the
     model's generated texts, one per turn, the last being the final answer."""
     response = turn_outputs[-1] if turn_outputs else ""
-    answers = [_answer(t) for t in turn_outputs]
+    answers = [split_thinking(t)[1] for t in turn_outputs]
     answer = answers[-1] if answers else response.strip()
     valid_names = {t["function"]["name"] for t in tools} if tools else set()
     calls = [c for a in answers for c in parse_tool_calls(a)]
     reward = -0.5 * sum(abs(a.count("<tool_call>") - a.count("</tool_call>")) for a in answers)
     if not calls:
-        reward += 0.5 if 5 <= len(response.strip()) <= 800 else -0.5
-        if "</think>" in response:
-            think, answer = response.split("</think>", 1)
-            reward += 1.0 if 20 <= len(think.strip()) <= 300 else -0.5
-            reward += 0.25 if response.count("</think>") == 1 else -0.25
-            answer = answer.strip()
-        reward += model_score - repetition_penalty(answer)
+        reward += minimind_shaping(response, min_length=5) + model_score
         return max(min(reward, 3.0), -3.0)
     valid = 0
     for call in calls:
