@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -155,8 +156,19 @@ def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tu
     return choices, sum(map(len, generated))
 
 
-def completions_router(generator, tokenizer, model_name: str = "minimind", *, batch_size: int = 8) -> APIRouter:
-    """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer)."""
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise CompletionError("the request body is not valid JSON") from None
+
+
+def completions_router(generator, tokenizer, model_name: str = "minimind", *, batch_size: int = 8,
+                       read_body: Callable[[Request], Awaitable[Any]] | None = None) -> APIRouter:
+    """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer). ``read_body`` reads
+    and parses a request's JSON (the server passes its size-limited reader); prompts are tokenised off the
+    event loop."""
+    read_body = read_body or _json_body
     router = APIRouter()
     scorers: list[Scorer] = []  # built on first use: a scripted test generator has no params
     lock = asyncio.Lock()  # one completion at a time on the device
@@ -169,12 +181,9 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
     @router.post("/v1/completions")
     async def completions(request: Request):
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse(CompletionError("the request body is not valid JSON").body(), status_code=400)
-        try:
-            req = parse_completion_request(body, tokenizer, generator.config.vocab_size,
-                                           generator.config.max_position_embeddings)
+            body = await read_body(request)
+            req = await asyncio.to_thread(parse_completion_request, body, tokenizer, generator.config.vocab_size,
+                                          generator.config.max_position_embeddings)
         except CompletionError as e:
             return JSONResponse(e.body(), status_code=e.status)
         async with lock:

@@ -608,7 +608,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
         log.exception("unexpected error")
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
 
-    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch))
+    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch,
+                                          read_body=lambda request: read_body(request, max_body_bytes)))
 
     parameters = _parameter_count(generator)
     static = importlib.resources.files("minimind_jax") / "static"

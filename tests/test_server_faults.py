@@ -46,6 +46,14 @@ def test_body_over_the_limit_is_413(server):
     assert srv.raw("GET", "/health")[0] == 200
 
 
+def test_completions_share_the_body_limit_and_json_checks(server):
+    srv, _ = server
+    status, body = srv.raw("POST", "/v1/completions", body=json.dumps({"prompt": "x" * 100_000}).encode())
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    status, body = srv.raw("POST", "/v1/completions", body=b"[" * 20_000 + b"]" * 20_000)
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
 @pytest.mark.parametrize("kwargs,param", [({"chat_template": "{{ 7 * 7 }}"}, "chat_template_kwargs.chat_template"),
                                           ({"documents": []}, "chat_template_kwargs.documents"),
                                           ({"continue_final_message": True}, "chat_template_kwargs.continue_final_message"),
