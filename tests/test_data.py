@@ -391,17 +391,21 @@ BAD_SFT = [
 def test_bad_line_errors(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD_SFT, GOOD_SFT, bad, GOOD_SFT])
     with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}") as info:
-        JsonlSource(path, "sft")
+        JsonlSource(path, "sft", validate="full")
     assert str(path) in str(info.value)
+    lazy = JsonlSource(path, "sft")  # opening does not parse; reading the bad record names its line
+    assert len(lazy) == 4 and lazy[3] == GOOD_SFT
+    with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}.*prepare_data\.py --check"):
+        lazy[2]
 
 
 def test_bad_fields_other_stages(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "ok"}, {"txt": "no"}])
     with pytest.raises(DataError, match=r"p\.jsonl:2: missing the field 'text'"):
-        JsonlSource(path, "pretrain")
+        JsonlSource(path, "pretrain", validate="full")
     path = write_jsonl(tmp_path / "d.jsonl", [{"chosen": GOOD_SFT["conversations"]}])
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing the field 'rejected'"):
-        JsonlSource(path, "dpo")
+        JsonlSource(path, "dpo")[0]
 
 
 def test_skip_bad_lines_counts(tok, tmp_path):
@@ -451,7 +455,7 @@ def test_lone_surrogate_and_deep_nesting_name_the_line(tmp_path):
     path = tmp_path / "odd.jsonl"
     path.write_text('{"text": "ok \\u00e9"}\n{"text": "\\ud800"}\n' + "[" * 100000 + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"odd\.jsonl:2: a string holds a lone UTF-16 surrogate"):
-        JsonlSource(path, "pretrain")
+        JsonlSource(path, "pretrain", validate="full")
     src = JsonlSource(path, "pretrain", skip_bad_lines=True)
     assert len(src) == 1 and src[0]["text"] == "ok é" and src.stats.bad_lines == 2
     assert "odd.jsonl:3: JSON nested too deeply" in src.stats.bad[1]

@@ -124,12 +124,14 @@ def test_tool_string_not_json_names_file_line_and_field(tmp_path, field, index):
     path = write_jsonl(tmp_path / "bad.jsonl", [TOOL_RECORD, bad])
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: conversations\[{index}\]\.{field} is a string that is not "
                                         r"valid JSON"):
-        JsonlSource(path, "sft")
+        JsonlSource(path, "sft")[1]  # when the record is read
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: conversations\[{index}\]\.{field} is a string"):
+        JsonlSource(path, "sft", validate="full")  # or at open, when a full check is asked for
     not_a_list = json.loads(json.dumps(TOOL_RECORD))
     not_a_list["conversations"][index][field] = '{"name": "x"}'
     path = write_jsonl(tmp_path / "obj.jsonl", [not_a_list])
     with pytest.raises(DataError, match=rf"obj\.jsonl:1: conversations\[{index}\]\.{field} must be a list"):
-        JsonlSource(path, "sft")
+        JsonlSource(path, "sft")[0]
 
 
 def test_tool_records_through_the_pipeline(tmp_path, ours):

@@ -1,14 +1,17 @@
-"""Reading MiniMind's jsonl files: a random-access source with per-line validation.
+"""Reading MiniMind's jsonl files: a random-access source that opens in seconds and validates lazily.
 
-:class:`JsonlSource` scans its files once, parsing and validating every line for the given stage, and keeps the
-byte offsets of the good lines; ``source[i]`` then re-reads and parses line ``i`` on demand (so multi-GB files
-are not held in memory). It implements grain's ``RandomAccessDataSource`` protocol (``__len__`` /
-``__getitem__``) and can be pickled (open file handles are dropped and re-opened).
+:class:`JsonlSource` finds where each non-blank line of its files starts by a newline scan, without parsing
+JSON (``jsonl_index.py``; the index is cached by path, size and mtime, so a second open costs milliseconds);
+``source[i]`` then reads line ``i`` with one positional read, parses and validates it for the stage (so multi-GB
+files are not held in memory). It implements grain's ``RandomAccessDataSource`` protocol (``__len__`` /
+``__getitem__``) and can be pickled (open file descriptors are dropped and re-opened).
 
-A bad line (malformed JSON, not an object, a missing field, a field of the wrong type, an unknown role, an empty
-conversation) raises :class:`DataError` naming ``file:line``; with ``skip_bad_lines=True`` it is skipped and
-counted in :class:`ReadStats` instead (nothing is dropped silently). Blank lines are ignored (and counted as
-``blank_lines``).
+A bad line (malformed JSON, not UTF-8, not an object, a missing field, a field of the wrong type, an unknown
+role, an empty conversation) raises :class:`DataError` naming ``file:line`` when it is read. ``validate="full"``
+checks every line at open instead (:func:`check_index`, in parallel processes for large files; also
+``scripts/prepare_data.py --check FILE``), and with ``skip_bad_lines=True`` (which implies the full check) bad
+lines are skipped, counted in :class:`ReadStats` and summarised in a logged warning (nothing is dropped
+silently). Blank lines are ignored (and counted as ``blank_lines``).
 
 MiniMind-3's files write a message's ``tools`` and ``tool_calls`` as JSON *strings*; they are accepted as
 lists or such strings (parsed when the record is read: :func:`normalize_record`), and a string that is not
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import multiprocessing
 import os
 import threading
 from collections.abc import Sequence
@@ -26,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from minimind_jax.data.jsonl_index import CHUNK_BYTES, LineIndex, line_index, start_method
+
 __all__ = [
     "DataError", "ReadStats", "JsonlSource", "STAGES", "ROLES", "canonical_stage", "validate_record",
-    "validate_conversation", "normalize_conversation", "normalize_record", "JSON_LIST_FIELDS",
+    "validate_conversation", "normalize_conversation", "normalize_record", "JSON_LIST_FIELDS", "check_line",
+    "check_index",
 ]
 
 STAGES = ("pretrain", "sft", "dpo", "rlaif", "agent")
@@ -39,7 +47,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # message fields that hold lists, which MiniMind-3's files write as JSON strings
 JSON_LIST_FIELDS = ("tools", "functions", "tool_calls")
 MAX_REPORTED_BAD_LINES = 100
-_BOM = b"\xef\xbb\xbf"
+SUMMARY_BAD_LINES = 5  # bad lines named in the one-line summary of what was skipped
+_log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -71,6 +80,12 @@ class ReadStats:
     truncated: int = 0
     transformed: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def skipped_summary(self) -> str:
+        """One line: how many bad lines were skipped, and the first few ``file:line: reason``."""
+        first = "; ".join(self.bad[:SUMMARY_BAD_LINES])
+        more = f" (and {self.bad_lines - SUMMARY_BAD_LINES} more)" if self.bad_lines > SUMMARY_BAD_LINES else ""
+        return f"skipped {self.bad_lines} bad line(s) of {self.lines}: {first}{more}"
 
     def count_sample(self, truncated: bool) -> None:
         with self._lock:
@@ -204,49 +219,54 @@ def _validate_prompt(record: dict, stage: str) -> None:
 
 
 class JsonlSource:
-    """Validated records of one or more jsonl files, in file order, by random access (see module docstring)."""
+    """Records of one or more jsonl files, in file order, by random access (see module docstring).
+
+    ``validate``: "lazy" (the default) validates each record when it is read; "full" checks every line at open
+    (in ``workers`` processes for large files) and raises on the first bad one. ``skip_bad_lines=True`` implies
+    a full check (the bad lines are left out of the numbering), logs how many lines were skipped and the first
+    few ``file:line: reason``, and keeps them in :class:`ReadStats`. ``cache_dir``: where line indexes are cached
+    (see ``jsonl_index.py``)."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], stage: str, *,
-                 skip_bad_lines: bool = False):
+                 skip_bad_lines: bool = False, validate: str = "lazy", cache_dir: str | None = None,
+                 workers: int | None = None):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
         if not self.paths:
             raise ValueError("no data files given")
+        if validate not in ("lazy", "full"):
+            raise ValueError(f"validate must be 'lazy' or 'full', got {validate!r}")
         self.stage = canonical_stage(stage)
         self.skip_bad_lines = skip_bad_lines
+        self.validated = validate == "full" or skip_bad_lines
         self.stats = ReadStats(files=len(self.paths))
-        file_ids, offsets, line_numbers = [], [], []
-        for file_id, path in enumerate(self.paths):
-            if os.path.isdir(path):
-                raise DataError(f"{path}: is a directory, not a jsonl file (give the files in it, or a "
-                                "directory made by scripts/prepare_data.py)")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"data file not found: {path}")
-            with open(path, "rb") as f:
-                offset = 0
-                for line_no, raw in enumerate(f, start=1):
-                    start, offset = offset, offset + len(raw)
-                    if start == 0 and raw.startswith(_BOM):  # a UTF-8 byte-order mark (Windows editors)
-                        start, raw = len(_BOM), raw[len(_BOM):]
-                    self.stats.lines += 1
-                    if not raw.strip():
-                        self.stats.blank_lines += 1
-                        continue
-                    try:
-                        validate_record(_parse(raw), self.stage)
-                    except DataError as e:
-                        self._bad(f"{path}:{line_no}: {e}")
-                        continue
-                    file_ids.append(file_id)
-                    offsets.append(start)
-                    line_numbers.append(line_no)
-        self._file_ids = np.asarray(file_ids, np.int32)
-        self._offsets = np.asarray(offsets, np.int64)
-        self._line_numbers = np.asarray(line_numbers, np.int64)
-        self.stats.records = len(offsets)
-        self._handles: dict[int, Any] = {}
+        self._indexes = []
+        for path in self.paths:
+            _check_is_file(path)
+            index = line_index(path, cache_dir)
+            self.stats.lines += index.total_lines
+            self.stats.blank_lines += index.blank_lines
+            if self.validated:
+                index = self._drop_bad(path, index, workers)
+            self._indexes.append(index)
+        self._ends = np.cumsum([len(ix) for ix in self._indexes], dtype=np.int64)
+        self.stats.records = int(self._ends[-1])
+        if self.stats.bad_lines:
+            _log.warning("%s", self.stats.skipped_summary())
+        self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+
+    def _drop_bad(self, path: str, index: LineIndex, workers: int | None) -> LineIndex:
+        bad = check_index(path, index, self.stage, workers=workers,
+                          max_errors=None if self.skip_bad_lines else 1)
+        if not bad:
+            return index
+        for pos, reason in bad:
+            self._bad(f"{path}:{index.line_number(pos)}: {reason}")
+        keep = np.ones(len(index), bool)
+        keep[[pos for pos, _ in bad]] = False
+        return index.subset(keep)
 
     def _bad(self, message: str) -> None:
         if not self.skip_bad_lines:
@@ -256,32 +276,52 @@ class JsonlSource:
             self.stats.bad.append(message)
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return int(self._ends[-1])
 
-    def location(self, index: int) -> str:
-        """``file:line`` of record ``index``."""
-        return f"{self.paths[self._file_ids[index]]}:{self._line_numbers[index]}"
-
-    def __getitem__(self, index: int) -> dict:
+    def _locate(self, index: int) -> tuple[int, int]:
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
         index %= len(self)
-        file_id = int(self._file_ids[index])
-        with self._lock:
-            handle = self._handles.get(file_id)
-            if handle is None:
-                handle = self._handles[file_id] = open(self.paths[file_id], "rb")
-            handle.seek(int(self._offsets[index]))
-            raw = handle.readline()
+        file_id = int(np.searchsorted(self._ends, index, side="right"))
+        return file_id, index - (int(self._ends[file_id - 1]) if file_id else 0)
+
+    def location(self, index: int) -> str:
+        """``file:line`` of record ``index``."""
+        file_id, pos = self._locate(index)
+        return f"{self.paths[file_id]}:{self._indexes[file_id].line_number(pos)}"
+
+    def raw(self, index: int) -> bytes:
+        """The bytes of record ``index`` (its line, and any blank lines after it)."""
+        file_id, pos = self._locate(index)
+        ix = self._indexes[file_id]
+        fd = self._fds.get(file_id)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file_id)
+                if fd is None:
+                    fd = self._fds[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
+        start = int(ix.offsets[pos])
+        return os.pread(fd, ix.end(pos) - start, start)  # positional: no shared file position, no lock
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self.raw(index)
         try:
-            return normalize_record(_parse(raw), self.stage)
-        except DataError as e:  # the file changed after the scan
-            raise DataError(f"{self.location(index)}: {e} (was the file modified while in use?)") from e
+            record = _parse(raw)
+            if not self.validated:
+                validate_record(record, self.stage)
+            return normalize_record(record, self.stage)
+        except DataError as e:
+            hint = ("was the file modified while in use?" if self.validated else "check a whole file with "
+                    "scripts/prepare_data.py --check FILE; skip_bad_lines=True skips and counts such lines")
+            raise DataError(f"{self.location(index)}: {e} ({hint})") from None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_fds"] = {}
+        state["_indexes"] = [  # memory maps pickle as their contents
+            dataclasses.replace(ix, **{k: None if getattr(ix, k) is None else np.asarray(getattr(ix, k))
+                                       for k in ("offsets", "lines", "ends")}) for ix in self._indexes]
         state.pop("_lock", None)
         return state
 
@@ -290,14 +330,79 @@ class JsonlSource:
         self._lock = threading.Lock()
 
     def __del__(self):
-        for handle in getattr(self, "_handles", {}).values():
+        for fd in getattr(self, "_fds", {}).values():
             try:
-                handle.close()
-            except Exception:  # pragma: no cover
+                os.close(fd)
+            except OSError:  # pragma: no cover
                 pass
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.paths!r}, stage={self.stage!r}, records={len(self)})"
+
+
+def _check_is_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a jsonl file (give the files in it, or a "
+                        "directory made by scripts/prepare_data.py)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+
+
+def check_line(raw: bytes, stage: str) -> None:
+    """Raise DataError (without location) unless the non-blank line ``raw`` is a valid record for ``stage``."""
+    record = _parse(raw)
+    validate_record(record, stage)
+    normalize_record(record, stage)
+
+
+def _check_range(task) -> list[tuple[int, str]]:
+    """(path, start byte, end byte, first record position, stage) -> [(record position, reason)] of the bad
+    non-blank lines in that byte range."""
+    path, start, end, first, stage = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    bad, pos = [], first
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            check_line(raw, stage)
+        except DataError as e:
+            bad.append((pos, str(e)))
+        pos += 1
+    return bad
+
+
+def check_index(path: str, index: LineIndex, stage: str, *, workers: int | None = None,
+                max_errors: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, str]]:
+    """Validate every record of ``path`` (indexed by ``index``): [(record position, reason)] of the bad ones,
+    in order (at most ``max_errors`` when given). Byte ranges of about ``chunk_bytes`` are checked in
+    ``workers`` processes (default: the CPU count) when there is more than one range, else in this process."""
+    stage = canonical_stage(stage)
+    n = len(index)
+    if not n:
+        return []
+    bounds = np.searchsorted(np.asarray(index.offsets), np.arange(0, index.size, chunk_bytes, dtype=np.uint64))
+    bounds = sorted(set(bounds.tolist()) | {0, n})
+    tasks = [(path, int(index.offsets[a]), index.end(b - 1), a, stage) for a, b in zip(bounds, bounds[1:])]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    bad: list[tuple[int, str]] = []
+    if workers <= 1 or len(tasks) == 1:
+        results = map(_check_range, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context(start_method()).Pool(min(workers, len(tasks)))
+        results = pool.imap(_check_range, tasks)
+    try:
+        for found in results:
+            bad.extend(found)
+            if max_errors is not None and len(bad) >= max_errors:
+                return bad[:max_errors]
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return bad
 
 
 def _parse(raw: bytes) -> Any:

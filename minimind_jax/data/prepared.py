@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from minimind_jax.data.jsonl import MAX_REPORTED_BAD_LINES, DataError, ReadStats, _parse, validate_record
+from minimind_jax.data.jsonl_index import start_method as _start_method
 from minimind_jax.data.samples import IGNORE_INDEX, Encoded
 
 __all__ = [
@@ -90,19 +91,6 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 _WORKER_TOKENIZER = None
-
-
-def _start_method() -> str:
-    """fork (workers start at once) unless JAX has started its runtime threads in this process (a training
-    or test process): a forked child can then deadlock on a lock one of them holds, so spawn (~3 s)."""
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    try:
-        from jax._src import xla_bridge  # private, hence the fallback to the safe choice
-
-        return "spawn" if xla_bridge.backends_are_initialized() else "fork"
-    except Exception:
-        return "spawn"
 
 
 def _worker_init(serialized: str) -> None:
