@@ -37,7 +37,9 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 130 if result.stopped == "interrupted" else 0
+    if result.stopped == "interrupted":  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
+        return 128 + int(result.stop_signal or 2)
+    return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ from tensorboardX import SummaryWriter
 from minimind_jax.config import ModelConfig, param_count
 from minimind_jax.precision import Policy
 
+
+def log(msg: str) -> None:
+    """A run's message, printed once (by process 0 of a multi-process run)."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
 # Dense peak TFLOP/s per device as the vendors publish them (no sparsity), by device_kind substring (first
 # match wins: A100 before A10, L40S before L4), per dtype the matmuls run in: "float32" is the fp32 policy
 # (dots at precision HIGHEST: CUDA cores, no TF32), "tf32" the tf32 policy's tensor cores, bfloat16 / float16
