@@ -99,16 +99,19 @@ class CastLog:
 
 
 def cast_all(tensors: Mapping[str, np.ndarray], target: str, log: CastLog | None = None,
-             clip_fp16: bool = False, *, in_place: bool = False) -> dict[str, np.ndarray]:
+             clip_fp16: bool = False, *, in_place: bool = False, where: str = "") -> dict[str, np.ndarray]:
     """Cast every tensor to ``target`` (explicitly, recorded in ``log``).
 
     Casting to float16 refuses values beyond +-65504 (they would become inf) and names every offending
-    tensor, unless ``clip_fp16`` clips them to the range (also recorded). ``in_place=True`` replaces the
-    entries of ``tensors`` (a dict) one by one and returns it: each stored array is freed as soon as its
-    cast exists, so a cast never holds the whole checkpoint twice.
+    tensor, unless ``clip_fp16`` clips them to the range (also recorded). NaN / inf values are refused
+    whatever the target, ``clip_fp16`` or not (clipping cannot make a NaN finite, and an inf weight is a
+    broken checkpoint, not a large one); ``where`` (the source) leads that error. ``in_place=True``
+    replaces the entries of ``tensors`` (a dict) one by one and returns it: each stored array is freed as
+    soon as its cast exists, so a cast never holds the whole checkpoint twice.
     """
     target = canonical(target)
     log = log if log is not None else CastLog()
+    check_finite(tensors, where)
     dst = TABLE[target].numpy
     out, too_big = (tensors if in_place else {}), []
     for name, arr in tensors.items():
@@ -118,7 +121,7 @@ def cast_all(tensors: Mapping[str, np.ndarray], target: str, log: CastLog | None
             continue
         if target == "float16":
             peak = float(np.max(np.abs(arr.astype(np.float32)))) if arr.size else 0.0
-            if not np.isfinite(peak) or peak > FLOAT16_MAX:
+            if peak > FLOAT16_MAX:
                 if not clip_fp16:
                     too_big.append(f"{name} (max |value| {peak:.4g})")
                     continue
@@ -132,6 +135,27 @@ def cast_all(tensors: Mapping[str, np.ndarray], target: str, log: CastLog | None
         raise DTypeError(f"{len(too_big)} tensor(s) exceed the float16 range (+-{FLOAT16_MAX:.0f}) and would "
                          f"become inf: {', '.join(too_big)}; export as bfloat16/float32 or pass --clip-fp16")
     return out
+
+
+def non_finite(tensors: Mapping[str, Any]) -> dict[str, int]:
+    """Tensor name -> number of NaN / inf values, for every tensor that holds any."""
+    bad = {}
+    for name, arr in tensors.items():
+        count = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if count:
+            bad[name] = count
+    return bad
+
+
+def check_finite(tensors: Mapping[str, Any], where: str = "") -> None:
+    """Raise a ``DTypeError`` naming every tensor that holds NaN / inf (``where``: the file, for the message)."""
+    bad = non_finite(tensors)
+    if bad:
+        listed = ", ".join(f"{name} ({count} of {tensors[name].size} values)" for name, count in list(bad.items())[:8])
+        more = f" ... ({len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise DTypeError(f"{where + ': ' if where else ''}{len(bad)} tensor(s) hold NaN or inf: {listed}{more}; "
+                         "the weights are broken (a diverged run?): convert an earlier checkpoint "
+                         "(`python -m convert inspect PATH` lists every non-finite tensor)")
 
 
 def summary(tensors: Mapping[str, Any]) -> dict[str, int]:

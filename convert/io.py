@@ -69,9 +69,12 @@ def read_source_config(src: str | os.PathLike) -> tuple[dict | None, Path | None
     if not cfg.is_file():
         return None, None
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")), cfg
-    except json.JSONDecodeError as e:
-        raise CheckpointReadError(f"{cfg}: not valid JSON ({e})") from None
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointReadError(f"{cfg}: not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointReadError(f"{cfg}: expected a JSON object (a model config), got a {type(raw).__name__}")
+    return raw, cfg
 
 
 def read_tensors(src: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -165,8 +168,8 @@ def _read_pth(file: Path) -> dict[str, np.ndarray]:
     try:
         state = torch.load(os.fspath(file), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointReadError(f"{file}: cannot load with torch.load(weights_only=True) "
-                                  f"(truncated, corrupt, or not a plain state dict?): {e}") from None
+        raise CheckpointReadError(f"{file}: cannot load with torch.load(weights_only=True) (truncated, corrupt, "
+                                  f"or not a plain state dict?): {_torch_load_reason(e)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a resume checkpoint ({"model": ..., "optimizer": ...})
     if not isinstance(state, dict):
@@ -177,6 +180,18 @@ def _read_pth(file: Path) -> dict[str, np.ndarray]:
             raise CheckpointReadError(f"{file}: entry {name!r} is a {type(value).__name__}, not a tensor")
         out[name] = torch_to_numpy(value)
     return out
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """torch.load's error in one line: its weights-only failures are paragraphs of advice (including loading
+    with ``weights_only=False``, which can run code from the file) around a one-line reason."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error", 1)[1].lstrip(": ")
+            reason = rest or (lines[i + 1] if i + 1 < len(lines) else "")
+            return f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def torch_to_numpy(t) -> np.ndarray:

@@ -284,6 +284,14 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def looks_like_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory that is meant to be our checkpoint (it holds a ``manifest.json`` or ``params/``),
+    intact or not: loaders read it as one so that a damaged checkpoint is reported as such."""
+    path = Path(path)
+    return path.is_dir() and not _is_scratch(path) and (
+        (path / MANIFEST_FILE).is_file() or (path / PARAMS_DIR).is_dir())
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush every file and directory under ``root`` (and ``root``) so a rename cannot outrun the data."""
     for dirpath, _, files in os.walk(root):

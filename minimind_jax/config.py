@@ -195,6 +195,9 @@ class ModelConfig:
         source = "<dict>"
         if isinstance(path_or_dict, Mapping):
             raw = dict(path_or_dict)
+        elif not isinstance(path_or_dict, (str, os.PathLike)):  # e.g. a config.json parsed as a list elsewhere
+            raise ConfigError(f"expected a JSON object, got {type(path_or_dict).__name__} (a model config is a "
+                              "mapping of model fields)")
         else:
             path = os.fspath(path_or_dict)
             if os.path.isdir(path):
@@ -205,10 +208,13 @@ class ModelConfig:
                     raw = json.load(f)
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no such config file") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+            except IsADirectoryError:
+                raise ConfigError(f"{path}: a directory, not a config file") from None
             if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+                raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__} (a config.json is "
+                                  "a mapping of model fields)")
         try:
             fields = _fields_from_raw(raw, generation)
             fields.update(overrides)

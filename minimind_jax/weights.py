@@ -25,16 +25,24 @@ import ml_dtypes  # noqa: F401  (registers numpy bfloat16 for the casts below)
 import numpy as np
 
 import convert
-from convert.mapping import params_to_torch, torch_to_params
-from minimind_jax.checkpoint import is_checkpoint, load_checkpoint
-from minimind_jax.config import ModelConfig
+from convert.dtypes import DTypeError
+from convert.infer import InferenceError
+from convert.io import CheckpointReadError
+from convert.mapping import MappingError, params_to_torch, torch_to_params
+from minimind_jax.checkpoint import CheckpointError, is_checkpoint, load_checkpoint, looks_like_checkpoint
+from minimind_jax.config import ConfigError, ModelConfig
 
 # model fields that change how a model runs, not its weights: a checkpoint's config may differ in these
 RUNTIME_FIELDS = ("remat_policy", "moe_impl", "kernels", "dropout", "router_aux_loss_coef", "scan_layers")
 
 
 class WeightsError(ValueError):
-    """A weights path that does not exist, or weights of another model than the one asked for."""
+    """A weights path that does not exist or cannot be read (truncated, corrupt, NaN / inf tensors, a bad
+    config.json), or weights of another model than the one asked for; one line naming the path."""
+
+
+# Every way reading weights fails on a bad file (as opposed to a bug): these become a WeightsError.
+READ_ERRORS = (CheckpointError, CheckpointReadError, ConfigError, DTypeError, InferenceError, MappingError, OSError)
 
 
 def load(path: str | os.PathLike, *, dtype: str = "float32", overrides: Mapping[str, Any] | None = None,
@@ -46,10 +54,16 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", overrides: Mapping[
     where = f"{what} {path}" if what else path
     if not os.path.exists(path):
         raise WeightsError(f"{where}: no such file or directory")
-    if is_checkpoint(path):
-        loaded_cfg, params = load_checkpoint(path, dtype=dtype, as_numpy=True)
-    else:
-        loaded_cfg, params = convert.load_torch(path, dtype=dtype)
+    try:
+        # A directory with our manifest or params/ is read as our checkpoint even when damaged, so its error
+        # says what is wrong with it (not that it holds no model.safetensors).
+        if is_checkpoint(path) or looks_like_checkpoint(path):
+            loaded_cfg, params = load_checkpoint(path, dtype=dtype, as_numpy=True)
+        else:
+            loaded_cfg, params = convert.load_torch(path, dtype=dtype)
+    except READ_ERRORS as e:
+        message = str(e) if path in str(e) else f"{path}: {e}"
+        raise WeightsError(f"{what}: {message}" if what else message) from None
     params = jax.tree.map(np.asarray, params)
     return apply_overrides(loaded_cfg, params, overrides or {}, where)
 

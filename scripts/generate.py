@@ -6,7 +6,8 @@
     python scripts/generate.py --ckpt out/quickstart/sft_128/weights --chat --prompt "What is JAX?"
 
 Several --prompt run as one left-padded batch. Without --chat the prompt is continued as plain text (MiniMind's
-pretrain mode: the bos token, then the prompt); with --chat it is a user message in the chat template.
+pretrain mode: the bos token, then the prompt); with --chat it is a user message in the chat template, whose
+control tokens typed in the text (<|im_start|>, <|im_end|>, ...) are encoded as plain text, not as control tokens.
 Sampling is MiniMind's (temperature, top-k, top-p, repetition penalty); --greedy takes the argmax.
 """
 
@@ -73,8 +74,10 @@ def main(argv=None) -> int:
         if args.prompt_ids:
             prompts = args.prompt_ids
         elif args.chat:
+            # control tokens typed in a prompt (e.g. <|im_start|>) are encoded as text, as in chat.py and the server
             prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               open_thinking=args.think if args.think else None, tokenize=True)
+                                               open_thinking=args.think if args.think else None, tokenize=True,
+                                               sanitize_control_tokens=True)
                        for p in args.prompt]
         else:
             prompts = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in args.prompt]

@@ -164,6 +164,10 @@ class TrainConfig:
             bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not self.data_path:
             bad("data_path", "no data file given")
+        blocker = _non_directory_on(self.out_dir)
+        if blocker is not None:
+            bad("out_dir", f"{self.out_dir!r} cannot be a run directory: {str(blocker)!r} is an existing "
+                           "file, not a directory; pick another --out_dir")
         if self.lora_rank < 1:
             bad("lora_rank", f"must be positive, got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -193,6 +197,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _non_directory_on(path: str) -> Path | None:
+    """The nearest existing part of ``path`` (itself or a parent) when it is not a directory, else None."""
+    current = Path(path)
+    while not current.exists():
+        if current.parent == current:
+            return None
+        current = current.parent
+    return None if current.is_dir() else current
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
