@@ -10,6 +10,12 @@ Rerunning the same command after a kill continues from the last committed chunk.
 ``make_dataset("pretrain", ["data/prepared/pretrain"], ...)``. ``--pack`` records a default packing
 (``max_seq_len``-token rows of the eos-separated stream) that the reader applies; the files are the same.
 
+  python scripts/prepare_data.py --check FILE [FILE ...] [--stage sft] [--workers N]
+
+validates every line of each file for the stage (in parallel processes) and prints the counts and every bad
+line as ``file:line: reason``; exit status 1 when any line is bad. (Training validates each record when it is
+read; this finds every bad line up front.)
+
   python scripts/prepare_data.py --bench [--bench-mb 20] [--workers 2]
 
 prints preparation throughput next to the raw ``tokenizers`` ``encode_batch`` throughput on the same text
@@ -55,6 +61,25 @@ def run_prepare(args) -> int:
     print(f"{args.out}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']}), "
           f"{meta['bad_lines']} bad lines skipped, {meta['blank_lines']} blank lines")
     return 0
+
+
+def run_check(args) -> int:
+    from minimind_jax.data.jsonl import DataError, check_file
+
+    status = 0
+    for path in args.check:
+        try:
+            report = check_file(path, args.stage, workers=args.workers or None)
+        except (DataError, FileNotFoundError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        for line, reason in report.bad:
+            print(f"{path}:{line}: {reason}")
+        print(f"{path}: {report.lines:,} lines, {report.records:,} valid {args.stage} records, "
+              f"{len(report.bad):,} bad lines, {report.blank_lines:,} blank lines ({report.seconds:.1f} s)")
+        status = status or int(bool(report.bad))
+    return status
 
 
 def bench_data(bench_mb: float = 20.0, workers: int = 2, batch: int = 32, seq: int = 512,
@@ -130,7 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", nargs="+", help="pretrain jsonl file(s), in order")
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory")
-    parser.add_argument("--stage", default="pretrain", choices=["pretrain"])
+    parser.add_argument("--stage", default="pretrain", help="data stage (preparing: pretrain only; --check: any)")
+    parser.add_argument("--check", nargs="+", metavar="FILE", help="validate every line of FILE(s) and report")
     parser.add_argument("--workers", type=int, default=2,
                         help="encoding processes (0: in-process encode_batch on the tokenizers thread pool)")
     parser.add_argument("--chunk-lines", type=int, default=4096, help="lines per chunk (the unit of resuming)")
@@ -144,6 +170,10 @@ def main(argv=None) -> int:
     if args.bench:
         bench_data(args.bench_mb, args.workers, chunk_lines=args.chunk_lines, tokenizer_dir=args.tokenizer)
         return 0
+    if args.check:
+        return run_check(args)
+    if args.stage != "pretrain":
+        raise SystemExit(f"preparing {args.stage} data is not supported (pretrain only); --check takes any stage")
     return run_prepare(args)
 
 

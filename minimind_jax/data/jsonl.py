@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from minimind_jax.data.jsonl_index import CHUNK_BYTES, LineIndex, line_index, st
 __all__ = [
     "DataError", "ReadStats", "JsonlSource", "STAGES", "ROLES", "canonical_stage", "validate_record",
     "validate_conversation", "normalize_conversation", "normalize_record", "JSON_LIST_FIELDS", "check_line",
-    "check_index",
+    "check_index", "check_file", "CheckReport",
 ]
 
 STAGES = ("pretrain", "sft", "dpo", "rlaif", "agent")
@@ -68,7 +69,8 @@ class ReadStats:
 
     ``bad_lines`` counts skipped lines (only with ``skip_bad_lines=True``); ``bad`` lists the first
     :data:`MAX_REPORTED_BAD_LINES` of them as ``"file:line: reason"``. ``truncated`` counts samples cut to
-    ``max_seq_len`` by the transforms that ran in this process (see ``pipeline.py``).
+    ``max_seq_len`` by the transforms that ran in this process (see ``pipeline.py``); ``untrained`` those of them
+    left with no trained token (chat data whose replies all lie past ``max_seq_len``).
     """
 
     files: int = 0
@@ -79,6 +81,7 @@ class ReadStats:
     bad: list[str] = dataclasses.field(default_factory=list)
     truncated: int = 0
     transformed: int = 0
+    untrained: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def skipped_summary(self) -> str:
@@ -87,10 +90,11 @@ class ReadStats:
         more = f" (and {self.bad_lines - SUMMARY_BAD_LINES} more)" if self.bad_lines > SUMMARY_BAD_LINES else ""
         return f"skipped {self.bad_lines} bad line(s) of {self.lines}: {first}{more}"
 
-    def count_sample(self, truncated: bool) -> None:
+    def count_sample(self, truncated: bool, untrained: bool = False) -> None:
         with self._lock:
             self.transformed += 1
             self.truncated += int(bool(truncated))
+            self.untrained += int(bool(untrained))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -353,6 +357,30 @@ def check_line(raw: bytes, stage: str) -> None:
     record = _parse(raw)
     validate_record(record, stage)
     normalize_record(record, stage)
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What :func:`check_file` found: line counts and every bad line as (line number, reason)."""
+
+    path: str
+    lines: int
+    records: int
+    blank_lines: int
+    bad: list[tuple[int, str]]
+    seconds: float
+
+
+def check_file(path: str | os.PathLike, stage: str, *, workers: int | None = None,
+               cache_dir: str | None = None) -> CheckReport:
+    """Validate every line of ``path`` for ``stage`` (in parallel: :func:`check_index`); see ``CheckReport``."""
+    path = os.fspath(path)
+    t0 = time.perf_counter()
+    _check_is_file(path)
+    index = line_index(path, cache_dir)
+    bad = [(index.line_number(pos), reason) for pos, reason in check_index(path, index, stage, workers=workers)]
+    return CheckReport(path, index.total_lines, len(index) - len(bad), index.blank_lines, bad,
+                       time.perf_counter() - t0)
 
 
 def _check_range(task) -> list[tuple[int, str]]:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -205,9 +206,10 @@ def start_method() -> str:
     or test process): a forked child can then deadlock on a lock one of them holds, so spawn (~3 s)."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return "spawn"
-    try:
-        from jax._src import xla_bridge  # private, hence the fallback to the safe choice
-
-        return "spawn" if xla_bridge.backends_are_initialized() else "fork"
+    bridge = sys.modules.get("jax._src.xla_bridge")  # not imported: JAX cannot have started anything
+    if bridge is None:
+        return "fork"
+    try:  # a private function, hence the fallback to the safe choice
+        return "spawn" if bridge.backends_are_initialized() else "fork"
     except Exception:
         return "spawn"

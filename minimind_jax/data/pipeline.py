@@ -22,6 +22,7 @@ small dict (``{"next_index": n}``); ``pipeline.iterator(state)`` restores direct
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
 from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
 from minimind_jax.data.samples import (
+    IGNORE_INDEX,
     REASON_TAGS,
     ChatMarkers,
     Encoded,
@@ -41,7 +43,41 @@ from minimind_jax.data.samples import (
     tag_weights,
 )
 
-__all__ = ["DataPipeline", "make_dataset", "make_transform"]
+__all__ = ["DataPipeline", "make_dataset", "make_transform", "untrained", "PROBE_RECORDS"]
+
+PROBE_RECORDS = 32  # chat records transformed when a pipeline is built, to catch data that would train nothing
+_log = logging.getLogger(__name__)
+
+
+def untrained(arrays: dict[str, np.ndarray]) -> bool:
+    """Whether a transformed chat sample has a labels array with no trained token (every reply past the cut)."""
+    return any(not np.any(v != IGNORE_INDEX) for k, v in arrays.items() if k.endswith("labels"))
+
+
+def _encode(transform, source, record_index: int, record: dict, rng) -> Encoded:
+    try:
+        return transform(record, rng)
+    except Exception as e:
+        raise DataError(f"{source.location(record_index)}: cannot transform the record: "
+                        f"{type(e).__name__}: {e}") from e
+
+
+def _probe(stage: str, ds: grain.MapDataset, transform, source, max_seq_len: int, seed: int) -> None:
+    """Transform the shard's first records: a DataError when none of them has a trained token, a warning when
+    most have none (chat data whose assistant replies lie past ``max_seq_len`` trains at loss 0 otherwise)."""
+    if stage == "pretrain":
+        return
+    n = min(PROBE_RECORDS, len(ds))
+    rng = np.random.default_rng(seed % 2**64)
+    empty = [index for index, record in (ds[k] for k in range(n))
+             if untrained(_encode(transform, source, index, record, rng).arrays)]
+    where = f"{source.location(empty[0])}" if empty else ""
+    advice = (f"every assistant reply starts past max_seq_len={max_seq_len} tokens, so nothing is trained; "
+              "raise max_seq_len or shorten the prompts")
+    if len(empty) == n:
+        raise DataError(f"{where}: none of the first {n} records has a trained token: {advice}")
+    if 2 * len(empty) > n:
+        _log.warning("%s: %d of the first %d records have no trained token (%s)", where, len(empty), n, advice)
 
 
 def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt_prob: float = 0.0,
@@ -93,7 +129,8 @@ class DataPipeline:
 
     ``dataset`` is the ``grain.MapDataset`` of batches (``len`` = batches per process; None-length when
     ``epochs`` is None, i.e. endless); ``source`` the :class:`JsonlSource`; ``stats`` its :class:`ReadStats`
-    (``truncated`` / ``transformed`` count the samples transformed in this process so far, prefetching included;
+    (``truncated`` / ``transformed`` / ``untrained`` count the samples transformed in this process so far,
+    prefetching included;
     transforms run in ``mp_prefetch`` worker processes are not counted here).
 
     The batches do not depend on the number of prefetch threads or worker processes: ``dataset.to_iter_dataset()
@@ -154,6 +191,9 @@ def make_dataset(
     Pretrain data prepared by ``scripts/prepare_data.py`` (a directory holding ``meta.json``, given as the only
     path, or a :class:`~minimind_jax.data.prepared.PreparedSource` as ``source``) is read without re-tokenising
     and gives the same batches as its jsonl files (packed rows when the source packs; see ``prepared.py``).
+
+    Chat data: the shard's first :data:`PROBE_RECORDS` records are transformed up front; a :class:`DataError`
+    when none has a trained token (all replies past ``max_seq_len``), a logged warning when most have none.
     """
     stage = canonical_stage(stage)
     if batch_size < 1:
@@ -185,6 +225,7 @@ def make_dataset(
     if per_epoch < batch_size:
         raise ValueError(f"shard {shard_index}/{shard_count} holds {per_epoch} records, fewer than one batch of "
                          f"{batch_size} ({source!r})")
+    _probe(stage, ds, transform, source, max_seq_len, seed)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if epochs != 1:
@@ -195,12 +236,8 @@ def make_dataset(
         rng = None
         if augment:
             rng = np.random.default_rng([seed % 2**64, position // per_epoch, record_index])
-        try:
-            encoded = transform(record, rng)
-        except Exception as e:
-            raise DataError(f"{source.location(record_index)}: cannot transform the record: "
-                            f"{type(e).__name__}: {e}") from e
-        stats.count_sample(encoded.truncated)
+        encoded = _encode(transform, source, record_index, record, rng)
+        stats.count_sample(encoded.truncated, stage != "pretrain" and untrained(encoded.arrays))
         return encoded.arrays
 
     ds = ds.map_with_index(apply).batch(batch_size, drop_remainder=True)
