@@ -349,10 +349,6 @@ def default_eos_ids(config: ModelConfig, tokenizer) -> list[int]:
     return sorted({config.eos_token_id} | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-# the loader every script uses; this name is kept for callers that import it from here
-load_params = weights.load
-
-
 def greedy_generate(params, config: ModelConfig, prompt_ids, max_new_tokens: int = 32, *,
                     policy: Policy | str = "fp32", eos_id: int | None = None) -> list[int]:
     """Greedy continuation of one prompt (a list of ids): the new ids, stopping after ``eos_id``."""

@@ -21,6 +21,7 @@ replicated instead (for instance 2 KV heads on ``tensor=4``) and :func:`param_sh
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -30,6 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minimind_jax.config import ModelConfig
+from minimind_jax.model import logical_axes
+from minimind_jax.model.transformer import MiniMindLM
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -143,9 +146,6 @@ def _spec_for(shape: tuple[int, ...], logical: Sequence[str | None], mesh: Mesh,
 
 def param_specs(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES, *, verbose: bool = False):
     """PartitionSpecs for the params pytree of ``config`` on ``mesh``."""
-    from minimind_jax.model import logical_axes  # model imports are heavy; keep this module light
-    from minimind_jax.model.transformer import MiniMindLM
-
     abstract = nn.unbox(jax.eval_shape(MiniMindLM(config).init, jax.random.key(0),
                                        jax.numpy.zeros((1, 8), jax.numpy.int32))["params"])
     logical = logical_axes(config)
@@ -190,8 +190,6 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
                                  process_id: int | None = None) -> bool:
     """``jax.distributed.initialize`` when asked (explicit flags) or when a cluster launcher is detected
     (SLURM, Open MPI, or the ``JAX_COORDINATOR_ADDRESS`` environment variable). Returns whether it ran."""
-    import os
-
     explicit = coordinator is not None
     launched = any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
     if os.environ.get("SLURM_NTASKS") == "1" and not explicit:

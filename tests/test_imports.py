@@ -24,15 +24,8 @@ OPTIONAL = {"torch", "transformers", "lm_eval", "selenium", "playwright"}
 
 # (file, imported top-level-or-full module name) still imported inside a function
 LOCAL_IMPORT_EXCEPTIONS: set[tuple[str, str]] = {
-    ("minimind_jax/data/prepared.py", "jax._src"),
     ("minimind_jax/data/prepared.py", "tokenizers"),
     ("minimind_jax/data/prepared.py", "tqdm"),
-    ("minimind_jax/model/transformer.py", "ml_dtypes"),
-    ("minimind_jax/model/transformer.py", "numpy"),
-    ("minimind_jax/model/transformer.py", "zlib"),
-    ("minimind_jax/sharding.py", "minimind_jax.model"),
-    ("minimind_jax/sharding.py", "minimind_jax.model.transformer"),
-    ("minimind_jax/sharding.py", "os"),
 }
 
 

@@ -22,8 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from minimind_jax import weights
 from minimind_jax.evaluation.scoring import Scorer
-from minimind_jax.generate import Generator, SamplingParams, default_eos_ids, load_params, tokenizer_for
+from minimind_jax.generate import Generator, SamplingParams, default_eos_ids, tokenizer_for
 
 __all__ = ["MiniMindJaxLM"]
 
@@ -44,7 +45,7 @@ class MiniMindJaxLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | str = False,
                  **unused):
         super().__init__()
-        config, params = load_params(str(pretrained))
+        config, params = weights.load(str(pretrained))
         self.tokenizer = tokenizer_for(str(pretrained), tokenizer)
         size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.scorer = Scorer(params, config, policy, batch_size=size)

@@ -8,12 +8,15 @@ block in ``nn.remat`` (``full``: save nothing; ``dots``: save matmul outputs wit
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
 
 from minimind_jax.config import ModelConfig
 from minimind_jax.model.attention import Attention, attention_bias
@@ -175,11 +178,6 @@ def init_params(config: ModelConfig, rng: jax.Array, policy: Policy | str = "fp3
     they do not depend on the layout of the rest of the tree. Compiling ``model.init`` instead spends
     5-15 s in XLA generating one threefry kernel per parameter; this takes well under a second.
     """
-    import zlib
-
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-    import numpy as np
-
     pol = get_policy(policy)
     model = MiniMindLM(config, pol)
     dummy = jnp.zeros((1, seq_len), jnp.int32)
