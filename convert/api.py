@@ -89,11 +89,12 @@ def load_torch(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     report.stored_dtypes = dt.summary(tensors)
     report.dtype, report.dtype_reason = dt.resolve(dtype, src_config, report.stored_dtypes)
     _check_keys(tensors, cfg)  # names and shapes, before anything is cast
+    dt.check_finite(tensors, report.source)  # NaN / inf weights: a broken checkpoint, never loaded silently
     # Cast each stored tensor before experts / layers are stacked: the report names the tensors as stored
     # (e.g. every float32 expert of a bfloat16 checkpoint), and a stack never mixes dtypes (torch_to_params
     # refuses that rather than cast silently).
     # Both steps replace / consume the tensors one at a time: the checkpoint is never held twice.
-    dt.cast_all(tensors, report.dtype, report.casts, in_place=True, where=report.source)  # NaN / inf: an error
+    dt.cast_all(tensors, report.dtype, report.casts, in_place=True, where=report.source)
     params = torch_to_params(tensors, cfg, consume=True)
     return cfg, params
 
@@ -146,7 +147,7 @@ def save_torch(params: Mapping, config: ModelConfig, out_dir: str | os.PathLike,
     file, default ``full_sft_{hidden}[_moe].pth`` as MiniMind's eval script expects). ``format="hf"``: a
     directory that ``transformers.AutoModelForCausalLM`` loads (Qwen3 / Qwen3-MoE / Llama).
     Every tensor is cast to ``dtype``; float16 refuses values beyond +-65504 unless ``clip_fp16``, and NaN / inf
-    values are refused whatever the dtype (an error naming the tensors, before anything is written).
+    values whatever ``clip_fp16`` says (an error naming the tensors, before anything is written).
     """
     if format not in ("minimind", "hf"):
         raise ValueError(f"format must be 'minimind' or 'hf', got {format!r}")
@@ -156,7 +157,7 @@ def save_torch(params: Mapping, config: ModelConfig, out_dir: str | os.PathLike,
     host = jax.tree.map(np.asarray, params)
     tensors = params_to_torch(host, config, contiguous=False)  # views: the writer copies one at a time
     report.stored_dtypes = dt.summary(tensors)
-    tensors = dt.cast_all(tensors, report.dtype, report.casts, clip_fp16=clip_fp16)  # NaN / inf: an error
+    tensors = dt.cast_all(tensors, report.dtype, report.casts, clip_fp16=clip_fp16)
     with atomic_directory(out_dir, force=force) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors)
         if format == "hf":

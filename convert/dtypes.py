@@ -103,15 +103,17 @@ def cast_all(tensors: Mapping[str, np.ndarray], target: str, log: CastLog | None
     """Cast every tensor to ``target`` (explicitly, recorded in ``log``).
 
     Casting to float16 refuses values beyond +-65504 (they would become inf) and names every offending
-    tensor, unless ``clip_fp16`` clips them to the range (also recorded). NaN / inf values are refused
-    whatever the target, ``clip_fp16`` or not (clipping cannot make a NaN finite, and an inf weight is a
-    broken checkpoint, not a large one); ``where`` (the source) leads that error. ``in_place=True``
+    tensor, unless ``clip_fp16`` clips them to the range (also recorded); NaN / inf values are refused for
+    float16, ``clip_fp16`` or not (clipping cannot make a NaN finite, and an inf weight is a broken
+    checkpoint, not a large one), with ``where`` (the source) leading the error. bfloat16 and float32
+    keep every bit pattern (inf and NaN included, rounded as torch rounds them). ``in_place=True``
     replaces the entries of ``tensors`` (a dict) one by one and returns it: each stored array is freed as
     soon as its cast exists, so a cast never holds the whole checkpoint twice.
     """
     target = canonical(target)
     log = log if log is not None else CastLog()
-    check_finite(tensors, where)
+    if target == "float16":
+        check_finite(tensors, where)
     dst = TABLE[target].numpy
     out, too_big = (tensors if in_place else {}), []
     for name, arr in tensors.items():

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from convert import load_torch
 from convert.dtypes import DTypeError, cast_all
 from convert.io import CheckpointReadError, read_source_config, write_json, write_safetensors
 from convert.mapping import expected_param_shapes, params_to_torch
@@ -91,11 +92,11 @@ def test_clip_fp16_refuses_nan_and_inf_instead_of_writing_them(model, tmp_path, 
     _, err = capsys.readouterr()
     _one_line_error(code, err, NAN_TENSOR, INF_TENSOR, "NaN or inf")
     assert not out.exists()
-    # the API says the same, whatever the target dtype
+    # the API says the same, clipping or not
     torch_tensors = params_to_torch(params, config)
-    for target in ("float16", "bfloat16", "float32"):
-        with pytest.raises(DTypeError, match=NAN_TENSOR.replace(".", r"\.")):
-            cast_all(torch_tensors, target, clip_fp16=True)
+    for clip in (True, False):
+        with pytest.raises(DTypeError, match=r"hold NaN or inf: .*" + NAN_TENSOR.replace(".", r"\.")):
+            cast_all(torch_tensors, "float16", clip_fp16=clip)
 
 
 def test_clip_fp16_still_clips_finite_values():
@@ -116,6 +117,8 @@ def test_to_jax_refuses_nan_weights_naming_the_tensor(model, tmp_path, capsys):
     _, err = capsys.readouterr()
     _one_line_error(code, err, str(src), NAN_TENSOR, INF_TENSOR)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(DTypeError, match=NAN_TENSOR.replace(".", r"\.")):  # the loader every command uses
+        load_torch(src, dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------------------- damaged weights
