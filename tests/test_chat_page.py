@@ -1,10 +1,11 @@
 """The chat page at ``/`` in a real browser: headless Chromium driven by selenium against the server on 127.0.0.1.
 
 The server runs the tiny random model (tiny3 with the shipped tokenizer's 6400 ids) through its real engine;
-the page is typed into and clicked like a person would. What the page shows is checked against what the
-model says (greedy, so the text is known), the thinking switch against where the text lands, and the stop
-button against the server: the row it stops must stop being decoded. A screenshot of the two-turn
-conversation is saved to ``out/test-artifacts/chat_page.png``.
+the page is typed into and clicked like a person would. What the page shows is checked against the tokens the
+engine generated for each request (and each request's prompt against the conversation so far), the thinking
+switch against the prompt and where the text lands, and the stop button against the server: the row it
+stops must stop being decoded. A screenshot of the two-turn conversation (the second reply's thinking
+collapsed) is saved to ``out/test-artifacts/chat_page.png``.
 
 Skips (with the reason) without selenium or without Debian's ``chromium`` and ``chromium-driver`` (``.ci/run``
 installs them when missing).
@@ -156,6 +157,13 @@ def _server_reply(record: dict, tok, *, thinking: bool) -> tuple[str | None, str
     return (*split_reasoning(text, start_in_reasoning=thinking), finish)
 
 
+def _one_stream(gen, since: int) -> dict:
+    """The record of the one generator stream the engine ran for one request sent after ``since`` streams."""
+    new = gen.streams[since:]
+    assert len(new) == 1, f"the engine ran {len(new)} Generator.stream calls for one request (this test records those)"
+    return new[0]
+
+
 def _save_screenshot(driver) -> None:
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     partial = SCREENSHOT.with_suffix(".partial.png")
@@ -174,7 +182,7 @@ def _two_turns(driver, gen, tok):
     state = _wait(driver, "the first reply finished", lambda s: len(s["messages"]) == 2 and s["messages"][1]["finish"])
     user, reply = state["messages"]
     assert (user["role"], user["content"]) == ("user", first) and state["bold"] == 0
-    (record,) = gen.streams[n_streams:]
+    record = _one_stream(gen, n_streams)
     assert record["prompt"] == tok.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True,
                                                        tokenize=True, sanitize_control_tokens=True, open_thinking=False)
     reasoning, content, finish = _server_reply(record, tok, thinking=False)
@@ -185,7 +193,7 @@ def _two_turns(driver, gen, tok):
     second = "And what about the moon?"
     _type(driver, second, enter=False)
     state = _wait(driver, "the second reply finished", lambda s: len(s["messages"]) == 4 and s["messages"][3]["finish"])
-    (record,) = gen.streams[n_streams + 1:]
+    record = _one_stream(gen, n_streams + 1)
     history = [{"role": "user", "content": first}, {"role": "assistant", "content": content},
                {"role": "user", "content": second}]
     assert record["prompt"] == tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
@@ -212,7 +220,7 @@ def _start_long_reply(driver, gen) -> dict:
             s["messages"][1]["finish"] or grown.append(len(s["messages"][1]["content"])) or len(set(grown) - {0}) >= 3))
         if state["messages"][1]["finish"] is None:
             assert not state["stopDisabled"] and state["sendDisabled"]
-            return gen.streams[n_streams]
+            return _one_stream(gen, n_streams)
     pytest.fail(f"three long replies in a row ended by themselves: {state['messages'][1]}")
 
 
@@ -227,7 +235,7 @@ def _stop_mid_stream(driver, gen, tok):
     assert record["closed"].wait(5), "the server still decodes the stopped reply 5 s after Stop"
     decoded = len(record["tokens"])
     print(f"stop: {at_click} tokens decoded at the click, {decoded} when the server let go of the row")
-    assert at_click <= decoded < LONG_TOKENS, (at_click, decoded)  # it stopped mid-way, not at its limit
+    assert decoded < LONG_TOKENS, f"the server decoded the stopped reply to its limit ({decoded} tokens)"
     assert decoded - at_click <= 40, f"the server decoded {decoded - at_click} more tokens after Stop"
     _, content, _ = _server_reply(record, tok, thinking=False)
     shown = state["messages"][1]["content"]
@@ -246,7 +254,7 @@ def test_chat_page_in_a_browser(served, browser, tok):
     _two_turns(browser, gen, tok)
     stopped = _stop_mid_stream(browser, gen, tok)
 
-    # the page goes on after a stop: the history holds the partial reply, and a too-long request is an error
+    # the page goes on after a stop: the stopped reply stays, and a request too long for the context is an error
     _set(browser, "max-tokens", 100000)
     _type(browser, "One more?", enter=False)
     state = _wait(browser, "the error", lambda s: s["error"] is not None, timeout=20)
