@@ -15,6 +15,9 @@
   python scripts/bench.py data [--bench-mb 20] [--workers 2] [--batch 32] [--seq 512]
       pretrain data preparation (scripts/prepare_data.py) tokens/s next to raw tokenizers encode_batch, and
       pipeline batches/s reading the prepared format
+  python scripts/bench.py data --open-mb 1200 [--workers 2]
+      opening a synthetic jsonl of that size: first open (newline scan) and cached open seconds and extra
+      peak RSS, random-access records/s, and the full ``prepare_data.py --check`` time
 
   python scripts/bench.py train [--preset minimind3] [--batch 4] [--seq 256] [--policy fp32 bf16] [--steps 10]
                                 [--warmup 2] [--vs-torch] [--profile DIR]
@@ -194,7 +197,10 @@ def bench_data(args) -> None:
     spec = importlib.util.spec_from_file_location("prepare_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.bench_data(args.bench_mb, args.workers, batch=args.batch, seq=args.seq)
+    if args.open_mb:
+        module.bench_open(args.open_mb, args.workers)
+    else:
+        module.bench_data(args.bench_mb, args.workers, batch=args.batch, seq=args.seq)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -826,6 +832,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--open-mb", type=float, default=None,
+                   help="instead: open / cached-open / random-access / --check figures on a synthetic jsonl this big")
     p.set_defaults(fn=bench_data)
     p = sub.add_parser("train", help="training-step throughput, MFU and memory (optionally vs PyTorch)")
     p.add_argument("--preset", default="minimind3")

@@ -16,6 +16,12 @@ validates every line of each file for the stage (in parallel processes) and prin
 line as ``file:line: reason``; exit status 1 when any line is bad. (Training validates each record when it is
 read; this finds every bad line up front.)
 
+  python scripts/prepare_data.py --bench-open [--bench-mb 1200] [--workers 2]
+
+writes a synthetic pretrain jsonl of about that size (records of ~2.4 kB, like pretrain_t2t_mini.jsonl) to a
+temporary directory and prints the time and extra RSS of opening it as a JsonlSource (first open: newline scan
+and cache write; cached open), random-access reads per second, and the full --check time.
+
   python scripts/prepare_data.py --bench [--bench-mb 20] [--workers 2]
 
 prints preparation throughput next to the raw ``tokenizers`` ``encode_batch`` throughput on the same text
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -80,6 +87,78 @@ def run_check(args) -> int:
               f"{len(report.bad):,} bad lines, {report.blank_lines:,} blank lines ({report.seconds:.1f} s)")
         status = status or int(bool(report.bad))
     return status
+
+
+_WORDS = ("数据", "模型", "训练", "the", "model", "learns", "一个", "小", "语言", "token", "attention", "今天")
+
+
+def write_synthetic_pretrain(path: str, megabytes: float, seed: int = 0) -> int:
+    """Write about ``megabytes`` MB of ``{"text": ...}`` lines (~2.4 kB each) to ``path``; returns the count."""
+    rng = random.Random(seed)
+    target, size, n = int(megabytes * 1e6), 0, 0
+    with open(path, "wb") as f:
+        while size < target:
+            rows = [json.dumps({"text": " ".join(rng.choices(_WORDS, k=rng.randint(200, 700)))},
+                               ensure_ascii=False).encode() + b"\n" for _ in range(1000)]
+            block = b"".join(rows)
+            f.write(block)
+            size, n = size + len(block), n + len(rows)
+    return n
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _timed_open(path: str, **kwargs):
+    """(source, seconds, extra peak RSS bytes) of opening ``path``; the peak is reset first where Linux allows."""
+    from minimind_jax.data.jsonl import JsonlSource
+
+    base = _rss("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    source = JsonlSource(path, "pretrain", **kwargs)
+    return source, time.perf_counter() - t0, max(0, _rss("VmHWM") - base)
+
+
+def bench_open(bench_mb: float = 1200.0, workers: int = 2) -> dict:
+    """Print and return the open / cached-open / random-access / --check figures on a synthetic file."""
+    from minimind_jax.data.jsonl import check_file
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data, cache = os.path.join(tmp, "pretrain.jsonl"), os.path.join(tmp, "index_cache")
+        t0 = time.perf_counter()
+        n = write_synthetic_pretrain(data, bench_mb)
+        size = os.path.getsize(data)
+        print(f"data: synthetic {size / 1e6:,.0f} MB, {n:,} records (written in {time.perf_counter() - t0:.1f} s), "
+              f"{os.cpu_count()} CPUs")
+        for label in ("first open (newline scan, index cached)", "cached open (index memory-mapped)"):
+            source, dt, extra = _timed_open(data, cache_dir=cache)
+            assert len(source) == n
+            out[label.split(" (")[0]] = {"seconds": dt, "extra_rss_mb": extra / 2**20}
+            print(f"{label}: {dt:.3f} s, extra peak RSS {extra / 2**20:.0f} MiB")
+        rng = random.Random(1)
+        picks = [rng.randrange(n) for _ in range(2000)]
+        t0 = time.perf_counter()
+        for i in picks:
+            source[i]
+        rate = len(picks) / (time.perf_counter() - t0)
+        out["random_reads_s"] = rate
+        print(f"random access: {rate:,.0f} records/s (read, parse, validate)")
+        report = check_file(data, "pretrain", workers=workers, cache_dir=cache)
+        out["check_seconds"] = report.seconds
+        print(f"full check (prepare_data.py --check, {workers} workers): {report.seconds:.1f} s "
+              f"= {size / 1e6 / report.seconds:,.0f} MB/s, {len(report.bad)} bad lines")
+    return out
 
 
 def bench_data(bench_mb: float = 20.0, workers: int = 2, batch: int = 32, seq: int = 512,
@@ -165,10 +244,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None, help="row length for --pack")
     parser.add_argument("--overwrite", action="store_true", help="start over even if OUT holds other data")
     parser.add_argument("--bench", action="store_true", help="run the throughput benchmark instead")
-    parser.add_argument("--bench-mb", type=float, default=20.0, help="benchmark data size")
+    parser.add_argument("--bench-open", action="store_true", help="run the open / index benchmark instead")
+    parser.add_argument("--bench-mb", type=float, default=None,
+                        help="benchmark data size in MB (default 20 for --bench, 1200 for --bench-open)")
     args = parser.parse_args(argv)
+    if args.bench_open:
+        bench_open(args.bench_mb or 1200.0, args.workers)
+        return 0
     if args.bench:
-        bench_data(args.bench_mb, args.workers, chunk_lines=args.chunk_lines, tokenizer_dir=args.tokenizer)
+        bench_data(args.bench_mb or 20.0, args.workers, chunk_lines=args.chunk_lines, tokenizer_dir=args.tokenizer)
         return 0
     if args.check:
         return run_check(args)

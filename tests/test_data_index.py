@@ -86,21 +86,31 @@ def test_empty_and_blank_only_files(tmp_path):
 def test_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, cache_dir, monkeypatch):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    line_index(str(path))
+    assert not cache_dir.exists()  # a small file is not worth caching
+    monkeypatch.setattr(jsonl_index, "CACHE_MIN_BYTES", 0)
     first = line_index(str(path))
     assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy", ".npy"]  # offsets, lines, meta
     scans = []
-    monkeypatch.setattr(jsonl_index, "scan", lambda *a: scans.append(a) or pytest.fail("rescanned"))
-    cached = line_index(str(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(jsonl_index, "scan", lambda *a: scans.append(a) or pytest.fail("rescanned"))
+        cached = line_index(str(path))
     assert isinstance(cached.offsets, np.memmap) and cached.offsets.tolist() == first.offsets.tolist()
     assert cached.lines.tolist() == [1, 3] and not scans
-    monkeypatch.undo()
     path.write_text('{"text": "a"}\n{"text": "bb"}\n{"text": "c"}\n')  # new size and mtime: a new key
     src = JsonlSource(path, "pretrain")
     assert [src[i]["text"] for i in range(3)] == ["a", "bb", "c"] and src.location(2).endswith("c.jsonl:3")
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"text": "a"}\n{"text": "bb"}\n')
+    assert JsonlSource(same, "pretrain")[1] == {"text": "bb"}
+    same.write_text('{"text": "aaa"}\n{"text": ""}\n')  # same size, lines moved: the mtime tells
+    os.utime(same, ns=(10**18, 10**18))
+    assert JsonlSource(same, "pretrain")[1] == {"text": ""}
 
 
 def test_unwritable_cache_dir_still_opens(tmp_path, monkeypatch):
+    monkeypatch.setattr(jsonl_index, "CACHE_MIN_BYTES", 0)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
     monkeypatch.setenv("MINIMIND_JAX_CACHE_DIR", str(blocker / "cache"))

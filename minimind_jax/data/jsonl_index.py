@@ -7,7 +7,7 @@ kept only when the file has blank lines (otherwise record ``i`` is line ``i + 1`
 
 The index is cached in ``cache_dir`` (default ``$MINIMIND_JAX_CACHE_DIR``, else
 ``~/.cache/minimind_jax/jsonl_index``) under a key of the file's absolute path, size and mtime, so a changed
-file is re-scanned; a cached index is memory-mapped, not read. Cache files are written to a temporary name and
+file is re-scanned; a cached index is memory-mapped, not read. Files under ``CACHE_MIN_BYTES`` are not cached. Cache files are written to a temporary name and
 renamed, so a crash never leaves a half-written index; an unwritable cache directory only costs the caching.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 __all__ = ["LineIndex", "line_index", "scan", "default_cache_dir", "start_method", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 16 << 20
+CACHE_MIN_BYTES = 16 << 20  # smaller files are scanned in milliseconds: not worth a cache entry
 INDEX_VERSION = 1
 _BOM = b"\xef\xbb\xbf"
 _SPACE = np.array([ord(c) for c in " \t\r\n\x0b\x0c"], np.uint8)  # what bytes.strip() removes
@@ -78,6 +79,7 @@ def line_index(path: str, cache_dir: str | None = None, *, use_cache: bool = Tru
     """The (cached) :class:`LineIndex` of ``path``; see the module docstring."""
     st = os.stat(path)
     base = os.path.join(cache_dir or default_cache_dir(), _key(path, st))
+    use_cache = use_cache and st.st_size >= CACHE_MIN_BYTES
     if use_cache:
         cached = _load(base, st.st_size)
         if cached is not None:
