@@ -137,3 +137,36 @@ def test_every_module_imports_in_a_fresh_interpreter(package):
     proc = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# the layers of docs/ARCHITECTURE.md: (module or package prefix, layer); the longest matching prefix wins
+LAYERS = [
+    ("minimind_jax", 1),  # the package's own names: settings and the model
+    ("minimind_jax.config", 0), ("minimind_jax.precision", 0), ("minimind_jax.tokenizer", 0),
+    ("minimind_jax.chat_format", 0), ("minimind_jax.data", 0), ("minimind_jax.model", 1),
+    ("minimind_jax.sharding", 2), ("minimind_jax.checkpoint", 2), ("convert", 3), ("minimind_jax.weights", 4),
+    ("minimind_jax.lora", 4), ("minimind_jax.generate", 5), ("minimind_jax.evaluation.scoring", 5),
+    ("minimind_jax.training", 6), ("minimind_jax.rl", 6), ("minimind_jax.server", 7), ("minimind_jax.completions", 7),
+    ("minimind_jax.evaluation", 7), ("convert.cli", 8), ("convert.__main__", 8), ("minimind_jax.evaluation.__main__", 8),
+]
+
+
+def _layer(module: str) -> int:
+    matches = [(len(p), layer) for p, layer in LAYERS if module == p or module.startswith(p + ".")]
+    assert matches, f"{module} has no layer in LAYERS (add it, and to docs/ARCHITECTURE.md)"
+    return max(matches)[1]
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})" for a, deps in sorted(graph.items())
+            for b in sorted(deps) if _layer(b) > _layer(a)]
+
+
+def test_no_module_imports_a_layer_above_it():
+    graph, _ = _scan()
+    assert not _upward(graph), "imports against the layering of docs/ARCHITECTURE.md:\n" + "\n".join(_upward(graph))
+
+
+def test_layer_check_finds_an_upward_import():
+    assert _upward({"minimind_jax.model.layers": {"minimind_jax.training.loop"}, "minimind_jax.training.loop": set()})
+    assert not _upward({"minimind_jax.training.loop": {"minimind_jax.model.layers"}, "minimind_jax.model.layers": set()})

@@ -79,3 +79,13 @@ def test_stage_models_describe_what_is_trained_and_frozen(tmp_path, stage, train
     assert (n_trained == n_model) == (trained == "model")
     assert (frozen_shapes is None) == (frozen is None)
     assert models.needs_init == (stage in ("dpo", "lora"))
+
+
+def test_an_update_that_makes_params_nonfinite_stops_and_is_never_saved(tmp_path):
+    """1e39 is a finite float that overflows float32: the gradients are finite, the update is not. The guard
+    checks the params after the update, so no checkpoint ever holds them."""
+    with pytest.raises(loop.TrainingError, match="non-finite"):
+        loop.train(tiny_run(tmp_path, max_steps=3, save_interval=1, learning_rate=1e39, lr_schedule="constant",
+                            warmup_steps=0))
+    assert _steps(tmp_path / "pretrain_64" / "state") == []
+    assert not (tmp_path / "pretrain_64" / "weights").exists()

@@ -387,7 +387,7 @@ def _steps(r: Run, res: RunResult, stop, bar) -> None:
         step = res.steps = step + 1
         if _hopeless(r, metrics, res):
             return
-        row = {k: float(v) for k, v in metrics.items() if k != "finite"}
+        row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "params_finite")}
         row.update({k: float(v) for k, v in host_metrics.items()})
         row.update(clock.figures())
         res.losses.append(row["loss"])
@@ -401,12 +401,15 @@ def _steps(r: Run, res: RunResult, stop, bar) -> None:
 
 
 def _hopeless(r: Run, metrics: dict, res: RunResult) -> bool:
-    """A non-finite step without loss scaling: nothing can recover (the update was skipped), so the run stops."""
+    """Stop on a step nothing can recover from: non-finite params after the update, or (without loss scaling)
+    a non-finite loss or gradients (the update was skipped). The state of that step is never saved."""
     loss = float(metrics["loss"])
-    if r.policy.needs_loss_scaling or (math.isfinite(loss) and bool(metrics["finite"])):
+    params_ok = bool(metrics.get("params_finite", True))
+    if params_ok and (r.policy.needs_loss_scaling or (math.isfinite(loss) and bool(metrics["finite"]))):
         return False
     res.stopped = "nonfinite"
-    what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+    what = ("the update made the params non-finite" if not params_ok else
+            f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite")
     log(f"\nstep {res.steps}: {what} under the {r.policy.name} policy; stopping. The last good checkpoint "
         f"(step {res.last_saved}) in {r.run_dir / 'state'} is intact. Lower --learning_rate, keep --grad_clip, "
         "or check the data.")

@@ -144,6 +144,9 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
             "loss_scale": current_scale(scale),
             "skipped": skipped.astype(jnp.int32),
             "finite": finite,
+            # the update itself: finite gradients can still give non-finite params (an infinite learning
+            # rate, an overflowing moment); the loop never saves such a state
+            "params_finite": all_finite(params),
             "trained_tokens": denom,
             **metrics,
         }
