@@ -95,7 +95,7 @@ def test_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, cache_dir, 
     with monkeypatch.context() as patch:
         patch.setattr(jsonl_index, "scan", lambda *a: scans.append(a) or pytest.fail("rescanned"))
         cached = line_index(str(path))
-    assert isinstance(cached.offsets, np.memmap) and cached.offsets.tolist() == first.offsets.tolist()
+    assert isinstance(cached.offsets.base, np.memmap) and cached.offsets.tolist() == first.offsets.tolist()
     assert cached.lines.tolist() == [1, 3] and not scans
     path.write_text('{"text": "a"}\n{"text": "bb"}\n{"text": "c"}\n')  # new size and mtime: a new key
     src = JsonlSource(path, "pretrain")

@@ -287,6 +287,8 @@ class JsonlSource:
         if not -len(self) <= index < len(self):
             raise IndexError(f"record {index} out of range for {len(self)} records")
         index %= len(self)
+        if len(self._ends) == 1:
+            return 0, index
         file_id = int(np.searchsorted(self._ends, index, side="right"))
         return file_id, index - (int(self._ends[file_id - 1]) if file_id else 0)
 

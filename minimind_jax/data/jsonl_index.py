@@ -151,8 +151,9 @@ def _load(base: str, size: int) -> LineIndex | None:
             meta = json.load(f)
         if meta.get("version") != INDEX_VERSION or meta.get("size") != size:
             return None
-        offsets = np.load(base + ".offsets.npy", mmap_mode="r")
-        lines = np.load(base + ".lines.npy", mmap_mode="r") if meta["blank_lines"] else None
+        # plain views of read-only memory maps (paged in as used; indexing a view skips np.memmap's overhead)
+        offsets = np.asarray(np.load(base + ".offsets.npy", mmap_mode="r"))
+        lines = np.asarray(np.load(base + ".lines.npy", mmap_mode="r")) if meta["blank_lines"] else None
     except (OSError, ValueError, KeyError):
         return None  # no cache, or an unreadable one: rescan
     if len(offsets) != meta["records"] or (lines is not None and len(lines) != len(offsets)):
