@@ -267,3 +267,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def skipped_steps(opt_state) -> jax.Array:
     """Total skipped (non-finite) steps recorded by ``skip_nonfinite``'s state."""
     return opt_state.total_notfinite
+
+
+def skipped_in_a_row(opt_state) -> jax.Array:
+    """The skipped steps since the last finite one (``skip_nonfinite``'s state)."""
+    return opt_state.notfinite_count

@@ -89,3 +89,14 @@ def test_an_update_that_makes_params_nonfinite_stops_and_is_never_saved(tmp_path
                             warmup_steps=0))
     assert _steps(tmp_path / "pretrain_64" / "state") == []
     assert not (tmp_path / "pretrain_64" / "weights").exists()
+
+
+def test_a_hopeless_fp16_run_stops_with_an_error(tmp_path, capsys):
+    """fp16 at learning_rate 10: every step after the first is non-finite and skipped while the loss scale
+    falls; after max_skipped_steps in a row the run stops with an error instead of writing weights and a
+    sample."""
+    with pytest.raises(loop.TrainingError, match="non-finite"):
+        loop.train(tiny_run(tmp_path, max_steps=40, save_interval=100, dtype="float16", learning_rate=10.0,
+                            max_skipped_steps=4))
+    assert "4 steps in a row were skipped" in capsys.readouterr().out
+    assert not (tmp_path / "pretrain_64" / "weights").exists()

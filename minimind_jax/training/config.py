@@ -86,6 +86,7 @@ class TrainConfig:
     dtype: str = "bfloat16"  # MiniMind's flag: float32 | bfloat16 | float16 -> policy fp32 | bf16 | fp16
     policy: str | None = None  # fp32 | bf16 | fp16 | bf16-params (wins over dtype)
     loss_scale: str = "auto"  # auto (dynamic for fp16, none otherwise) | none | static | dynamic
+    max_skipped_steps: int = 20  # stop (exit 1) after this many skipped non-finite steps in a row; 0: never
     mesh: str | None = None  # e.g. data=4,fsdp=2 ; default: every device on `data`
     coordinator: str | None = None  # multi-host: host:port of process 0 (else auto-detected launchers)
     num_processes: int | None = None
@@ -160,8 +161,9 @@ class TrainConfig:
             bad("learning_rate", f"must be positive, got {self.learning_rate}")
         if self.grad_clip < 0:
             bad("grad_clip", f"must be >= 0, got {self.grad_clip}")
-        if self.warmup_steps < 0:
-            bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for key in ("warmup_steps", "max_skipped_steps"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
         if not self.data_path:
             bad("data_path", "no data file given")
         blocker = _non_directory_on(self.out_dir)

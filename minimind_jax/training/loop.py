@@ -188,7 +188,8 @@ def _starting_point(cfg: TrainConfig) -> Start:
         raise TrainConfigError(f"--stage {cfg.stage} starts from trained weights (MiniMind: the SFT model): give "
                                "--from_weight sft or --init CHECKPOINT")
     if init_path:
-        start.model_cfg, start.init_params = weights_call(weights.load, init_path, overrides=cfg.model)
+        what = "--init" if cfg.init else "--from_weight"
+        start.model_cfg, start.init_params = weights_call(weights.load, init_path, overrides=cfg.model, what=what)
         log(f"weights: {init_path}")
     return start
 
@@ -387,7 +388,7 @@ def _steps(r: Run, res: RunResult, stop, bar) -> None:
         step = res.steps = step + 1
         if _hopeless(r, metrics, res):
             return
-        row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "params_finite")}
+        row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "params_finite", "skipped_in_a_row")}
         row.update({k: float(v) for k, v in host_metrics.items()})
         row.update(clock.figures())
         res.losses.append(row["loss"])
@@ -401,18 +402,25 @@ def _steps(r: Run, res: RunResult, stop, bar) -> None:
 
 
 def _hopeless(r: Run, metrics: dict, res: RunResult) -> bool:
-    """Stop on a step nothing can recover from: non-finite params after the update, or (without loss scaling)
-    a non-finite loss or gradients (the update was skipped). The state of that step is never saved."""
+    """Stop on a step nothing can recover from: non-finite params after the update; without loss scaling a
+    non-finite loss or gradients (the update was skipped); with it ``max_skipped_steps`` skipped steps in a
+    row (the loss scale cannot bring the gradients back). The state of that step is never saved."""
     loss = float(metrics["loss"])
-    params_ok = bool(metrics.get("params_finite", True))
-    if params_ok and (r.policy.needs_loss_scaling or (math.isfinite(loss) and bool(metrics["finite"]))):
+    in_a_row = int(metrics.get("skipped_in_a_row", 0))
+    limit = r.cfg.max_skipped_steps
+    if not bool(metrics.get("params_finite", True)):
+        what = "the update made the params non-finite"
+    elif not r.policy.needs_loss_scaling and not (math.isfinite(loss) and bool(metrics["finite"])):
+        what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
+    elif r.policy.needs_loss_scaling and limit and in_a_row >= limit:
+        what = f"{in_a_row} steps in a row were skipped (non-finite gradients; max_skipped_steps={limit})"
+    else:
         return False
     res.stopped = "nonfinite"
-    what = ("the update made the params non-finite" if not params_ok else
-            f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite")
-    log(f"\nstep {res.steps}: {what} under the {r.policy.name} policy; stopping. The last good checkpoint "
-        f"(step {res.last_saved}) in {r.run_dir / 'state'} is intact. Lower --learning_rate, keep --grad_clip, "
-        "or check the data.")
+    kept = (f"The last good checkpoint (step {res.last_saved}) in {r.run_dir / 'state'} is intact."
+            if res.last_saved is not None else "No checkpoint was saved.")
+    log(f"\nstep {res.steps}: {what} under the {r.policy.name} policy; stopping. {kept} Lower --learning_rate, "
+        "keep --grad_clip, or check the data.")
     return True
 
 

@@ -40,6 +40,7 @@ from minimind_jax.precision import (
     guarded_update,
     make_loss_scale,
     skip_nonfinite,
+    skipped_in_a_row,
     skipped_steps,
 )
 from minimind_jax.training.stages import Stage
@@ -143,6 +144,7 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
             "grad_norm": optax.tree.norm(grads),
             "loss_scale": current_scale(scale),
             "skipped": skipped.astype(jnp.int32),
+            "skipped_in_a_row": skipped_in_a_row(opt_state).astype(jnp.int32),
             "finite": finite,
             # the update itself: finite gradients can still give non-finite params (an infinite learning
             # rate, an overflowing moment); the loop never saves such a state
