@@ -1,11 +1,14 @@
 """Test set-up: 8 simulated CPU devices (must be set before jax is imported), shared tiny configs."""
 
 import os
+import tempfile
 
 # Tiny test models spend far more time compiling than running: XLA:CPU's backend optimisation level 0
 # cuts compile time about 2-3x (numerics stay IEEE; only fusion and codegen choices change).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "MINIMIND_JAX_CACHE_DIR" not in os.environ:  # jsonl line indexes of big test files stay out of ~/.cache
+    os.environ["MINIMIND_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimind-jax-cache-")
 
 import pathlib
 
