@@ -129,9 +129,16 @@ class TrainConfig:
         return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
 
     def validate(self, where: str = "the training config") -> None:
+        """Every setting checked before anything runs; the first bad one is a TrainConfigError naming it."""
         def bad(key, msg):
             raise TrainConfigError(f"{where}: {key}: {msg}")
 
+        for check in (self._check_choices, self._check_numbers, self._check_paths, self._check_stage_settings,
+                      self._check_model):
+            check(bad)
+
+    def _check_choices(self, bad) -> None:
+        """Settings that name one of a fixed set."""
         if self.stage not in STAGES:
             bad("stage", f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.dtype not in DTYPES:
@@ -144,6 +151,9 @@ class TrainConfig:
             bad("loss_scale", f"{self.loss_scale!r} is not one of {', '.join(LOSS_SCALES)}")
         if self.lr_schedule not in SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+    def _check_numbers(self, bad) -> None:
+        """Counts, rates and optimizer numbers."""
         for key in ("epochs", "batch_size", "accumulation_steps", "max_seq_len", "save_interval", "log_interval",
                     "keep_checkpoints"):
             if int(getattr(self, key)) < 1:
@@ -164,12 +174,18 @@ class TrainConfig:
         for key in ("warmup_steps", "max_skipped_steps"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+
+    def _check_paths(self, bad) -> None:
+        """Data files and the output directory."""
         if not self.data_path:
             bad("data_path", "no data file given")
         blocker = _non_directory_on(self.out_dir)
         if blocker is not None:
             bad("out_dir", f"{self.out_dir!r} cannot be a run directory: {str(blocker)!r} is an existing "
                            "file, not a directory; pick another --out_dir")
+
+    def _check_stage_settings(self, bad) -> None:
+        """LoRA, DPO, distillation and reasoning settings."""
         if self.lora_rank < 1:
             bad("lora_rank", f"must be positive, got {self.lora_rank}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -188,6 +204,9 @@ class TrainConfig:
             bad("special_token_weight", f"must be positive, got {self.special_token_weight}")
         if self.stage == "distill" and not self.teacher:
             bad("teacher", "--stage distill needs a teacher: --teacher CHECKPOINT (any weights --init reads)")
+
+    def _check_model(self, bad) -> None:
+        """The weights to start from and the model settings."""
         if self.init and self.from_weight not in ("none", "", None):
             bad("init", "give either --init or --from_weight, not both")
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
