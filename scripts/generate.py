@@ -100,12 +100,13 @@ def main(argv=None) -> int:
         return 2
     if stream_text:
         print(ts.flush())
-    for prompt, res in zip(prompts, results):
+    for k, (prompt, res) in enumerate(zip(prompts, results)):
         if args.print_ids:
             print(" ".join(str(i) for i in list(prompt) + res.tokens))
         elif not stream_text:
+            if k:
+                print("---")  # between the replies of several prompts
             print(tok.decode(res.tokens, skip_special_tokens=True))
-            print("---")
     n = sum(len(r.tokens) for r in results)
     print(f"{n} tokens in {seconds:.2f} s (compile included); finish: "
           f"{', '.join(r.finish_reason for r in results)}", file=sys.stderr)

@@ -239,16 +239,21 @@ def saved_model(tmp_path_factory):
     return cfg, params, root
 
 
-@pytest.mark.parametrize("fmt", ["ckpt", "torch"])
-def test_generate_script_prints_ids(saved_model, fmt, capsys):
+def _generate_script():
     import importlib.util
     import pathlib
 
-    cfg, params, root = saved_model
     spec = importlib.util.spec_from_file_location(
         "generate_script", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "generate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "torch"])
+def test_generate_script_prints_ids(saved_model, fmt, capsys):
+    cfg, params, root = saved_model
+    script = _generate_script()
     assert script.main(["--ckpt", str(root / fmt), "--prompt-ids", "1,5,9", "--prompt-ids", "7,8",
                         "--greedy", "--print-ids", "--max-new-tokens", "6"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -258,6 +263,16 @@ def test_generate_script_prints_ids(saved_model, fmt, capsys):
     assert script.main(["--ckpt", str(root / fmt), "--prompt", "hello", "--max-new-tokens", "3", "--seed", "1"]) == 0
     assert script.main(["--ckpt", str(root / "missing"), "--prompt", "x"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_generate_script_separates_replies_only_between_prompts(saved_model, capsys):
+    _, _, root = saved_model
+    script = _generate_script()
+    base = ["--ckpt", str(root / "ckpt"), "--greedy", "--max-new-tokens", "4", "--no-stream"]
+    assert script.main(base + ["--prompt", "hello"]) == 0
+    assert "---" not in capsys.readouterr().out.splitlines()
+    assert script.main(base + ["--prompt", "hello", "--prompt", "sun"]) == 0
+    assert capsys.readouterr().out.splitlines().count("---") == 1
 
 
 @pytest.mark.torch
