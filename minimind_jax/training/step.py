@@ -137,27 +137,30 @@ def make_train_step(stage: Stage, config: ModelConfig, policy: Policy | str, tx:
         finite = all_finite(grads)
         new_scale = scale.adjust(finite)
         params, opt_state = guarded_update(tx, grads, state.opt_state, state.params, finite)
-        skipped = skipped_steps(opt_state)
-        out = {
-            "loss": loss,
-            "aux_loss": aux,
-            "grad_norm": optax.tree.norm(grads),
-            "loss_scale": current_scale(scale),
-            "skipped": skipped.astype(jnp.int32),
-            "skipped_in_a_row": skipped_in_a_row(opt_state).astype(jnp.int32),
-            "finite": finite,
-            # the update itself: finite gradients can still give non-finite params (an infinite learning
-            # rate, an overflowing moment); the loop never saves such a state
-            "params_finite": all_finite(params),
-            "trained_tokens": denom,
-            **metrics,
-        }
-        if schedule is not None:
-            out["lr"] = schedule(state.step - skipped)  # the optimizer's own count skips skipped steps
+        out = _step_metrics(loss, aux, grads, scale, opt_state, finite, params, denom, metrics)
+        if schedule is not None:  # the optimizer's own count skips skipped steps
+            out["lr"] = schedule(state.step - skipped_steps(opt_state))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, loss_scale=new_scale)
         return new_state, out
 
     return train_step
+
+
+def _step_metrics(loss, aux, grads, scale, opt_state, finite, params, denom, metrics) -> dict:
+    return {
+        "loss": loss,
+        "aux_loss": aux,
+        "grad_norm": optax.tree.norm(grads),
+        "loss_scale": current_scale(scale),
+        "skipped": skipped_steps(opt_state).astype(jnp.int32),
+        "skipped_in_a_row": skipped_in_a_row(opt_state).astype(jnp.int32),
+        "finite": finite,
+        # the update itself: finite gradients can still give non-finite params (an infinite learning rate,
+        # an overflowing moment); the loop never saves such a state
+        "params_finite": all_finite(params),
+        "trained_tokens": denom,
+        **metrics,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ sharding
