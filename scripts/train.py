@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.stopped == "interrupted":  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
-        return 128 + int(result.stop_signal or 2)
+        return 128 + int(result.stop_signal)
     return 0
 
 

@@ -5,9 +5,12 @@ checkpoint, SIGTERM stops after the current step and saves (exit 143), and the r
 import os
 import signal
 
+import jax
 import numpy as np
 import pytest
 
+from minimind_jax.precision import get_policy
+from minimind_jax.training import config as tconfig
 from minimind_jax.training import loop
 from minimind_jax.training import stage_models
 from minimind_jax.training.config import TrainConfigError
@@ -71,11 +74,11 @@ def test_sigterm_stops_after_the_step_saves_and_exits_143(tmp_path):
                                                     ("lora", "adapters", "model")])
 def test_stage_models_describe_what_is_trained_and_frozen(tmp_path, stage, trained, frozen):
     cfg = tiny_run(tmp_path, stage=stage, init=None)
-    model_cfg = loop.tconfig.model_config(cfg)
-    models = stage_models.models_for(stage)(cfg, model_cfg, loop.get_policy("fp32"))
+    model_cfg = tconfig.model_config(cfg)
+    models = stage_models.models_for(stage)(cfg, model_cfg, get_policy("fp32"))
     params, frozen_shapes = models.shapes()
-    n_model = sum(int(np.prod(x.shape)) for x in loop.jax.tree.leaves(stage_models.model_shapes(model_cfg, "fp32")))
-    n_trained = sum(int(np.prod(x.shape)) for x in loop.jax.tree.leaves(params))
+    n_model = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(stage_models.model_shapes(model_cfg, "fp32")))
+    n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert (n_trained == n_model) == (trained == "model")
     assert (frozen_shapes is None) == (frozen is None)
     assert models.needs_init == (stage in ("dpo", "lora"))

@@ -351,22 +351,24 @@ def run(r: Run) -> RunResult:
     except KeyboardInterrupt:
         res.stopped, res.stop_signal = "interrupted", signal.SIGINT
     except BaseException:
-        # the checkpoint being written completes (the last complete one always survives), then the error goes up
-        r.manager.wait_until_finished()
-        r.manager.close()
-        r.logger.close()
+        _close(r)  # the checkpoint being written completes (the last complete one survives), then the error goes up
         raise
     if res.stopped != "nonfinite" and res.last_saved != res.steps:
         state_io.save(r.manager, res.steps, r.state, r.data_iter, {**r.meta, "step": res.steps}, force=True)
         res.last_saved = res.steps
-    r.manager.wait_until_finished()
-    r.manager.close()
-    r.logger.close()
+    _close(r)
     if res.stopped == "interrupted":
         log(f"interrupted: saved step {res.steps} to {r.run_dir / 'state'} (stopped by "
             f"{signal.Signals(res.stop_signal).name}); continue with --from_resume 1")
     res.params, res.frozen, res.opt_state = r.state.params, r.state.frozen, r.state.opt_state
     return res
+
+
+def _close(r: Run) -> None:
+    """Wait for the checkpoint being written, then close the checkpoint manager and the metrics files."""
+    r.manager.wait_until_finished()
+    r.manager.close()
+    r.logger.close()
 
 
 def _steps(r: Run, res: RunResult, stop, bar) -> None:
@@ -406,9 +408,9 @@ def _hopeless(r: Run, metrics: dict, res: RunResult) -> bool:
     non-finite loss or gradients (the update was skipped); with it ``max_skipped_steps`` skipped steps in a
     row (the loss scale cannot bring the gradients back). The state of that step is never saved."""
     loss = float(metrics["loss"])
-    in_a_row = int(metrics.get("skipped_in_a_row", 0))
+    in_a_row = int(metrics["skipped_in_a_row"])
     limit = r.cfg.max_skipped_steps
-    if not bool(metrics.get("params_finite", True)):
+    if not bool(metrics["params_finite"]):
         what = "the update made the params non-finite"
     elif not r.policy.needs_loss_scaling and not (math.isfinite(loss) and bool(metrics["finite"])):
         what = f"loss is {loss}" if not math.isfinite(loss) else "gradients are not finite"
