@@ -26,6 +26,11 @@ def save(mgr, step: int, state: TrainState, data_iter, meta: dict, *, force: boo
                                            meta=ocp.args.JsonSave(meta)), force=force)
 
 
+def latest_step(mgr) -> int | None:
+    """The step a resumed run continues from: the newest saved step (None when nothing is saved)."""
+    return mgr.latest_step()
+
+
 def read_meta(mgr, step: int) -> dict:
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
