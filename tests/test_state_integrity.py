@@ -1,0 +1,127 @@
+"""Train-state checkpoint integrity: each finalised step gets a sha256 manifest (async and sync saves); a step
+whose files were flipped, cut short or deleted is named and skipped, resume falls back to the newest intact
+step and continues bit-identically to an uninterrupted run; when every step is damaged, one clear error and
+nothing is touched; orbax's max_to_keep cleanup still removes old steps with their manifests."""
+
+import json
+import shutil
+
+import pytest
+
+from minimind_jax.training import loop, state_io
+from minimind_jax.training.config import TrainConfigError
+from test_train_loop import _steps, tiny_run
+
+# constant lr: a 6-step run's state at step 6 is the 8-step run's state at step 6
+SETTINGS = dict(save_interval=2, lr_schedule="constant", warmup_steps=0, tensorboard=False, plot=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted 8-step run (async saves, 3 kept) and a 6-step run of the same settings (sync saves,
+    4 kept: steps 2, 4, 6) that the tests copy, damage and resume to step 8."""
+    ref_dir, base_dir = tmp_path_factory.mktemp("ref"), tmp_path_factory.mktemp("base")
+    ref = loop.train(tiny_run(ref_dir, max_steps=8, keep_checkpoints=3, async_checkpointing=True, **SETTINGS))
+    base = loop.train(tiny_run(base_dir, max_steps=6, keep_checkpoints=4, async_checkpointing=False, **SETTINGS))
+    return ref, ref_dir / "pretrain_64", base, base_dir / "pretrain_64"
+
+
+def _copy_base(runs, tmp_path):
+    shutil.copytree(runs[3], tmp_path / "pretrain_64")
+    return tmp_path / "pretrain_64" / "state"
+
+
+def _resume(tmp_path, **over):
+    return loop.train(tiny_run(tmp_path, max_steps=8, keep_checkpoints=4, from_resume=1, **SETTINGS, **over))
+
+
+def _largest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {"flip": (_flip, "sha256 differs"), "truncate": (_truncate, "bytes,"), "delete": (lambda p: p.unlink(), "missing")}
+
+
+def _listing(directory):
+    return sorted((p.relative_to(directory).as_posix(), p.stat().st_size if p.is_file() else -1)
+                  for p in directory.rglob("*"))
+
+
+def test_async_and_sync_saves_write_verified_manifests_and_cleanup_removes_old_steps(runs):
+    ref, ref_run, base, base_run = runs
+    assert base.losses == ref.losses[:6]  # sync and async saves train identically
+    assert _steps(ref_run / "state") == [4, 6, 8]  # max_to_keep=3 removed step 2, its manifest with it
+    assert _steps(base_run / "state") == [2, 4, 6]
+    for run, steps in ((ref_run, [4, 6, 8]), (base_run, [2, 4, 6])):
+        for step in steps:
+            step_dir = run / "state" / str(step)
+            manifest = json.loads((step_dir / state_io.MANIFEST).read_text())
+            assert len(manifest["files"]) == len([p for p in step_dir.rglob("*") if p.is_file()]) - 1
+            assert state_io.verify_manifest(step_dir) is None
+    assert not list((ref_run / "state").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_each_kind_of_damage_names_the_first_bad_file(runs, tmp_path, kind):
+    damage, message = DAMAGE[kind]
+    step_dir = tmp_path / "6"
+    shutil.copytree(runs[3] / "state" / "6", step_dir)
+    victim = _largest_file(step_dir)
+    damage(victim)
+    problem = state_io.verify_manifest(step_dir)
+    assert problem.startswith(victim.relative_to(step_dir).as_posix()) and message in problem
+
+
+def test_resume_of_an_intact_run_is_unchanged(runs, tmp_path):
+    _copy_base(runs, tmp_path)
+    res = _resume(tmp_path)
+    assert res.first_step == 6 and res.losses == runs[0].losses[6:8]
+
+
+def test_damaged_steps_are_named_and_resume_falls_back_to_the_newest_intact_one(runs, tmp_path, capsys):
+    state = _copy_base(runs, tmp_path)
+    flipped, deleted = _largest_file(state / "6"), _largest_file(state / "4")
+    _flip(flipped)
+    deleted.unlink()
+    res = _resume(tmp_path)
+    out = capsys.readouterr().out
+    assert f"checkpoint step 6 in {state} is damaged ({flipped.relative_to(state / '6').as_posix()}: sha256" in out
+    assert f"checkpoint step 4 in {state} is damaged ({deleted.relative_to(state / '4').as_posix()}: missing" in out
+    assert res.first_step == 2 and res.losses == runs[0].losses[2:8]  # bit-identical to the uninterrupted run
+    assert _steps(state / "damaged") == [4, 6]  # kept for inspection, out of orbax's way
+    assert _steps(state) == [2, 4, 6, 8]
+
+
+def test_every_step_damaged_is_one_clear_error_and_nothing_is_touched(runs, tmp_path):
+    state = _copy_base(runs, tmp_path)
+    for step, kind in ((6, "flip"), (4, "truncate"), (2, "delete")):
+        DAMAGE[kind][0](_largest_file(state / str(step)))
+    before = _listing(tmp_path)
+    with pytest.raises(TrainConfigError, match=r"every kept checkpoint is damaged \(step 6: .*sha256.*step 4: .*"
+                                               r"bytes.*step 2: .*missing.*move or delete"):
+        _resume(tmp_path)
+    assert _listing(tmp_path) == before
+
+
+def test_a_step_without_manifest_is_used_unverified_and_its_restore_errors_are_one_line(runs, tmp_path, capsys):
+    state = _copy_base(runs, tmp_path)
+    (state / "6" / state_io.MANIFEST).unlink()
+    mgr = state_io.manager(state, tiny_run(tmp_path, keep_checkpoints=4))
+    assert state_io.latest_step(mgr) == 6
+    assert f"checkpoint step 6 in {state} has no {state_io.MANIFEST}" in capsys.readouterr().out
+    (state / "6" / "meta" / "metadata").write_text("{not json")
+    with pytest.raises(TrainConfigError, match=r"6: cannot restore the checkpoint \("):
+        state_io.read_meta(mgr, 6)
+    assert state_io.latest_step(mgr, verify=False) == 6
+    mgr.close()
