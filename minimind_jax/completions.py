@@ -6,23 +6,35 @@ and the response.
 ``prompt`` is a text, a list of texts, a list of token ids or a list of such lists; ``max_tokens`` may be 0 (with
 ``echo``: score the prompt only); ``logprobs`` (0-20) returns ``tokens``, ``token_logprobs``, ``top_logprobs``
 and ``text_offset`` (the first prompt token has no log-prob: ``null``, as OpenAI answers). Errors are OpenAI's
-``{"error": {...}}`` with status 400. Streaming is not offered here (``stream: true`` is a 400).
+``{"error": {...}}`` with status 400.
+
+``stream: true`` answers Server-Sent Events in OpenAI's completions chunk shape: one choice per chunk (``index``
+tells the ``n`` rows of each prompt apart, prompt-major), the echoed prompt first, then each decode step's new text;
+a choice's last chunk has its ``finish_reason``; ``stream_options.include_usage`` adds ``"usage": null`` to every
+chunk and a last chunk with no choices and the usage; ``data: [DONE]`` ends the stream. Text that could be the
+start of a stop string is held back until it is not (a stop string never shows, not even in part), and so is a
+partial UTF-8 character. With ``logprobs`` each chunk carries the log-probs of the tokens whose text it completes
+(rescored on the prompt scorer once per step that releases tokens; the stream without ``logprobs`` costs nothing
+extra); the chunks' tokens and log-probs joined are the non-streamed response's. ``usage.completion_tokens`` of a
+stream counts each row's tokens up to its end (its eos, its limit, or the token that completed a stop string).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from minimind_jax.chat_format import StopStrings
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
-from minimind_jax.generate import SamplingParams
+from minimind_jax.generate import SamplingParams, TextStream
 
 __all__ = ["CompletionError", "CompletionRequest", "completions_router", "parse_completion_request"]
 
@@ -46,6 +58,15 @@ class CompletionRequest:
     n: int
     stop: list[str]
     sampling: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+
+    def rows(self) -> tuple[list[list[int]], list[SamplingParams]]:
+        """The generated rows, prompt-major (``n`` per prompt), and their sampling (row j of a prompt: seed + j)."""
+        rows = [p for p in self.prompts for _ in range(self.n)]
+        samplings = [dataclasses.replace(self.sampling, seed=self.sampling.seed + j) for _ in self.prompts
+                     for j in range(self.n)]
+        return rows, samplings
 
 
 def _prompts(value: Any, tokenizer, vocab: int) -> list[list[int]]:
@@ -85,8 +106,7 @@ def parse_completion_request(body: Any, tokenizer, vocab: int, context: int) -> 
     """The request, checked: every prompt plus ``max_tokens`` must fit in the ``context``."""
     if not isinstance(body, dict):
         raise CompletionError("the request body must be a JSON object")
-    if body.get("stream"):
-        raise CompletionError("stream is not supported by /v1/completions here", "stream")
+    stream, include_usage = _stream_settings(body)
     prompts = _prompts(body.get("prompt"), tokenizer, vocab)
     max_tokens = _int(body, "max_tokens", 16, 0, context)
     logprobs = _int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
@@ -106,7 +126,24 @@ def parse_completion_request(body: Any, tokenizer, vocab: int, context: int) -> 
                                   seed=_int(body, "seed", 0, 0, 2**31 - 1))
     except (TypeError, ValueError) as e:
         raise CompletionError(str(e), "temperature") from None
-    return CompletionRequest(prompts, max_tokens, bool(body.get("echo", False)), logprobs, n, stop, sampling)
+    return CompletionRequest(prompts, max_tokens, bool(body.get("echo", False)), logprobs, n, stop, sampling,
+                             stream, include_usage)
+
+
+def _stream_settings(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage) of the request."""
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise CompletionError(f"stream must be a boolean, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise CompletionError("stream_options must be an object", "stream_options")
+    if options and not stream:
+        raise CompletionError("stream_options is only allowed with stream: true", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise CompletionError("stream_options.include_usage must be a boolean", "stream_options")
+    return bool(stream), bool(include_usage)
 
 
 def _logprobs_block(tokenizer, ids: list[int], scores, start: int, k: int, offset0: int = 0) -> dict:
@@ -134,9 +171,7 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
 
 def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tuple[list[dict], int]:
     """The ``choices`` of the response (prompt-major, ``n`` per prompt) and the number of generated tokens."""
-    rows = [p for p in req.prompts for _ in range(req.n)]
-    samplings = [dataclasses.replace(req.sampling, seed=req.sampling.seed + j) for _ in req.prompts
-                 for j in range(req.n)]
+    rows, samplings = req.rows()
     generated = ([r.tokens for r in generator.generate(rows, req.max_tokens, samplings)]
                  if req.max_tokens else [[] for _ in rows])
     need_scores = req.logprobs is not None
@@ -154,6 +189,115 @@ def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tu
             logprobs = _logprobs_block(tokenizer, ids, scores, 0 if req.echo else len(prompt), req.logprobs)
         choices.append({"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish})
     return choices, sum(map(len, generated))
+
+
+class _ChoiceStream:
+    """One streamed choice: its generated ids turned into text deltas (a partial UTF-8 character and a possible
+    start of a stop string held back, the text cut at a stop string) and, for ``logprobs``, how many of its ids
+    have had their text sent in full (their log-probs go out with that text)."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop: list[str], eos: set[int]):
+        self.tokenizer, self.prompt, self.eos = tokenizer, prompt, eos
+        self.text = TextStream(tokenizer)
+        self.stops = StopStrings(stop)
+        self.ids: list[int] = []  # generated, an eos it ended on included
+        self.sent = ""  # generated text sent so far
+        self.released = 0  # ids whose log-probs were sent
+        self.offset = 0  # text_offset of the next released token
+        self.finish: str | None = None
+        self.announced = False  # its finish_reason was sent
+
+    def push(self, tokens: list[int]) -> str:
+        """The text to send after the row's new ``tokens`` (one at a time, so the row ends at its stop string)."""
+        out = ""
+        for t in tokens:
+            if self.finish:
+                break
+            self.ids.append(t)
+            if t in self.eos:
+                out += self._tail()
+                self.finish = "stop"
+                break
+            out += self.stops.feed(self.text.push([t]))
+            if self.stops.stopped:
+                self.finish = "stop"
+        self.sent += out
+        return out
+
+    def close(self) -> str:
+        """The rest of the text when generation ended at the token limit."""
+        if self.finish:
+            return ""
+        self.finish = "length"
+        out = self._tail()
+        self.sent += out
+        return out
+
+    def _tail(self) -> str:
+        return "" if self.stops.stopped else self.stops.feed(self.text.flush()) + self.stops.finish()
+
+    def releasable(self) -> int:
+        """How many ids have their whole text sent (an eos the row ended on goes with the last text)."""
+        if self.finish and not self.stops.stopped:
+            return len(self.ids)  # all of its text is sent
+        n = self.released
+        while n < len(self.ids) and self.ids[n] not in self.eos:
+            piece = self.tokenizer.decode(self.ids[:n + 1])
+            if piece.endswith("\ufffd") or len(piece) > len(self.sent):
+                break
+            n += 1
+        return n
+
+
+def _stream_logprobs(streams: list[_ChoiceStream], upto: list[int], scorer: Scorer, tokenizer, k: int,
+                     echo: bool = False) -> list[dict]:
+    """Each stream's ``logprobs`` block for its ids ``released:upto`` (the prompt's tokens with ``echo``), scored
+    in one batch."""
+    empty = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    seqs = [s.prompt if echo else s.prompt + s.ids[:u] for s, u in zip(streams, upto)]
+    todo = [i for i, s in enumerate(streams) if echo or upto[i] > s.released]
+    scores = dict(zip(todo, scorer.score([seqs[i] for i in todo], top=k))) if todo else {}
+    blocks = []
+    for i, s in enumerate(streams):
+        if i not in scores:
+            blocks.append(empty)
+            continue
+        start = 0 if echo else len(s.prompt) + s.released
+        block = _logprobs_block(tokenizer, seqs[i], scores[i], start, k, s.offset)
+        s.offset += sum(map(len, block["tokens"]))
+        if not echo:
+            s.released = upto[i]
+        blocks.append(block)
+    return blocks
+
+
+def stream_completion(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> Iterator[dict]:
+    """The stream's ``choices`` entries in order (one choice each), then ``{"usage": ...}``."""
+    rows, samplings = req.rows()
+    eos = set(generator.eos_ids)
+    streams = [_ChoiceStream(tokenizer, prompt, req.stop, eos) for prompt in rows]
+    k = req.logprobs
+
+    def choices(texts: list[str], echo: bool = False) -> Iterator[dict]:
+        upto = [len(s.ids) if echo else s.releasable() for s in streams]
+        blocks = _stream_logprobs(streams, upto, scorer, tokenizer, k, echo) if k is not None else None
+        for i, (s, text) in enumerate(zip(streams, texts)):
+            finish = None if s.announced else s.finish
+            if text or finish or (blocks and blocks[i]["tokens"]):
+                s.announced = s.announced or finish is not None
+                yield {"index": i, "text": text, "logprobs": blocks[i] if blocks else None, "finish_reason": finish}
+
+    if req.echo:
+        yield from choices([tokenizer.decode(p) for p in rows], echo=True)
+    if req.max_tokens:
+        steps = generator.stream(rows, req.max_tokens, samplings)
+        for new in steps:
+            yield from choices([s.push(t) for s, t in zip(streams, new)])
+            if all(s.finish for s in streams):
+                steps.close()
+                break
+    yield from choices([s.close() for s in streams])
+    yield {"usage": sum(len(s.ids) for s in streams)}
 
 
 async def _json_body(request: Request) -> Any:
@@ -186,12 +330,48 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
                                           generator.config.max_position_embeddings)
         except CompletionError as e:
             return JSONResponse(e.body(), status_code=e.status)
-        async with lock:
-            choices, completion_tokens = await asyncio.to_thread(complete, req, generator, scorer(), tokenizer)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "system_fingerprint": None}
         prompt_tokens = sum(len(p) for p in req.prompts)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        if req.stream:
+            chunks = stream_completion(req, generator, scorer() if req.logprobs is not None else None, tokenizer)
+            return StreamingResponse(_sse(chunks, head, prompt_tokens, req.include_usage, lock),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async with lock:
+            choices, completion_tokens = await asyncio.to_thread(
+                complete, req, generator, scorer() if req.logprobs is not None else None, tokenizer)
+        return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
     return router
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(chunks: Iterator[dict], head: dict, prompt_tokens: int, include_usage: bool,
+               lock: asyncio.Lock):
+    """Server-Sent Events of a stream: a chunk per choice entry, the usage chunk if asked, ``[DONE]``. Each entry
+    is computed off the event loop, holding the device lock; a failure mid-stream is sent as an error event."""
+    async with lock:
+        while True:
+            try:
+                entry = await asyncio.to_thread(next, chunks, None)
+            except Exception as e:  # noqa: BLE001 - the client gets the error in the stream it is reading
+                yield _event({"error": {"message": f"generation failed: {e}", "type": "server_error",
+                                        "param": None, "code": "generation_failed"}})
+                break
+            if entry is None:
+                break
+            if "usage" in entry:
+                if include_usage:
+                    yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, entry["usage"])})
+                break
+            yield _event({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
+    yield "data: [DONE]\n\n"

@@ -1,6 +1,8 @@
 """POST /v1/completions (minimind_jax.completions) on a tiny model with the bundled tokenizer's vocabulary:
 echoed prompt log-probs equal a direct forward pass, the openai client reads the fields, bad input is a 400."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,108 @@ def test_the_server_app_serves_completions(served):
         np.testing.assert_allclose(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:],
                                    _direct_logprobs(cfg, params, [1, 5, 9])[0], atol=1e-5)
         assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def _stream(api, **kwargs) -> tuple[dict, list, object]:
+    """The streamed choices joined per index ({index: (text, logprobs lists, finish)}), the chunks, the usage."""
+    joined, chunks, usage = {}, [], None
+    for chunk in api.completions.create(stream=True, **kwargs):
+        chunks.append(chunk)
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        assert len(chunk.choices) == 1 and chunk.object == "text_completion"
+        c = chunk.choices[0]
+        text, lists, finish = joined.get(c.index, ("", {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                         "text_offset": []}, None))
+        assert finish is None, "nothing follows a choice's finish_reason"
+        if c.logprobs is not None:
+            for key in lists:
+                lists[key] += getattr(c.logprobs, key)
+        joined[c.index] = (text + c.text, lists, c.finish_reason)
+    return joined, chunks, usage
+
+
+def _same_logprobs(streamed: dict, choice) -> None:
+    want = choice.logprobs
+    assert streamed["tokens"] == want.tokens and streamed["text_offset"] == want.text_offset
+    np.testing.assert_allclose([np.nan if v is None else v for v in streamed["token_logprobs"]],
+                               [np.nan if v is None else v for v in want.token_logprobs], atol=1e-6)
+    for got, exp in zip(streamed["top_logprobs"], want.top_logprobs):
+        assert (got is None) == (exp is None)
+        if got is not None:
+            assert got.keys() == exp.keys()
+            np.testing.assert_allclose([got[t] for t in exp], list(exp.values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_stream_equals_the_plain_response(served, echo):
+    openai = pytest.importorskip("openai")
+    client, cfg, params, tok = served
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    ask = dict(model="tiny", prompt=["Once upon a time", "天空是"], max_tokens=7, temperature=0.9, seed=5, n=2,
+               logprobs=2, echo=echo)
+    plain = api.completions.create(**ask)
+    joined, chunks, usage = _stream(api, stream_options={"include_usage": True}, **ask)
+    assert sorted(joined) == [0, 1, 2, 3] and len(plain.choices) == 4
+    for choice in plain.choices:
+        text, lists, finish = joined[choice.index]
+        assert text == choice.text and finish == choice.finish_reason == "length"
+        _same_logprobs(lists, choice)
+    assert joined[0][0] != joined[1][0]  # the n rows of a prompt draw from their own seeds
+    assert usage is not None and usage.model_dump() == plain.usage.model_dump()
+    assert chunks[-1].usage is usage and all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1 and chunks[0].model == "tiny"
+    # without stream_options there is no usage chunk and no usage key
+    joined2, chunks2, usage2 = _stream(api, **ask)
+    assert usage2 is None and all(c.choices for c in chunks2) and joined2 == joined
+
+
+def test_stream_holds_back_stop_strings_and_ends_at_eos(served):
+    openai = pytest.importorskip("openai")
+    client, cfg, params, tok = served
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    ask = dict(model="tiny", prompt="The sky is", max_tokens=12, temperature=0)
+    plain = api.completions.create(logprobs=0, **ask).choices[0]
+    full, pieces = plain.text, plain.logprobs.tokens
+    # a stop string that starts in one streamed step's text (token j's) and ends in the next one's
+    j = next(j for j in range(1, len(pieces) - 1) if "\ufffd" not in pieces[j] + pieces[j + 1]
+             and pieces[j].strip() and pieces[j + 1].strip())
+    stop = pieces[j][-1] + pieces[j + 1][:2]
+    joined, chunks, _ = _stream(api, stop=[stop, "never-there"], **ask)
+    text, _, finish = joined[0]
+    assert text == full[:full.index(stop)] and finish == "stop"
+    # a prefix of a stop string at the end is held back while it might complete, then sent
+    joined, _, _ = _stream(api, stop=[full[-2:] + "\x00"], logprobs=0, **ask)
+    assert joined[0][0] == full and joined[0][2] == "length" and "".join(joined[0][1]["tokens"]) == full
+    # an eos the row stops on: finish_reason stop, its log-prob in the last chunk, as without stream
+    eos = Generator(params, cfg, eos_ids=()).generate([tok.encode("The sky is", add_special_tokens=False)],
+                                                      12)[0].tokens[3]
+    app = FastAPI()
+    app.include_router(completions_router(Generator(params, cfg, eos_ids=(eos,)), tok, "tiny"))
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=TestClient(app))
+    plain = api.completions.create(logprobs=1, **ask).choices[0]
+    joined, _, _ = _stream(api, logprobs=1, **ask)
+    assert plain.finish_reason == joined[0][2] == "stop" and joined[0][0] == plain.text
+    _same_logprobs(joined[0][1], plain)
+
+
+def test_stream_events_and_errors(served):
+    client, cfg, params, tok = served
+    ids = [1, 5, 9, 14]
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+                                             "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    bodies = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    echo, last = bodies[0]["choices"][0], bodies[-1]["choices"][0]
+    np.testing.assert_allclose(echo["logprobs"]["token_logprobs"][1:], _direct_logprobs(cfg, params, ids)[0],
+                               atol=1e-5)
+    assert echo["text"] == tok.decode(ids) and last["finish_reason"] == "length" and last["text"] == ""
+    assert len(bodies) == 2 and all("usage" not in b for b in bodies)
+    for body in ({"prompt": "x", "stream": "yes"}, {"prompt": "x", "stream_options": {"include_usage": True}},
+                 {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+                 {"prompt": "x", "stream": True, "logprobs": 21}):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] in ("stream", "stream_options", "logprobs")
