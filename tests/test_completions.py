@@ -97,6 +97,11 @@ def test_the_server_app_serves_completions(served):
         np.testing.assert_allclose(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:],
                                    _direct_logprobs(cfg, params, [1, 5, 9])[0], atol=1e-5)
         assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 3, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+        events = r.text.split("\n\n")
+        assert r.status_code == 200 and events[-2] == "data: [DONE]"
+        assert json.loads(events[-3][len("data: "):])["usage"]["completion_tokens"] == 3
 
 
 def _stream(api, **kwargs) -> tuple[dict, list, object]:
