@@ -12,6 +12,8 @@ from minimind_jax.training import loop, state_io
 from minimind_jax.training.config import TrainConfigError
 from test_train_loop import _steps, tiny_run
 
+pytestmark = pytest.mark.xdist_group("state_integrity")  # one worker trains the module's runs once
+
 # constant lr: a 6-step run's state at step 6 is the 8-step run's state at step 6
 SETTINGS = dict(save_interval=2, lr_schedule="constant", warmup_steps=0, tensorboard=False, plot=False)
 

@@ -28,6 +28,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from minimind_jax.data import DataError
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import log
 from minimind_jax.training.step import TrainState
@@ -124,9 +125,12 @@ def restore(mgr: StateManager, step: int, abstract_state, data_iter):
 
 
 def _restore_items(mgr: StateManager, step: int, args):
-    """orbax / tensorstore errors (a file missing or cut short in a step without a manifest) as one line."""
+    """orbax / tensorstore errors (a file missing or cut short in a step without a manifest) as one line; the
+    project's own errors (the data iterator's, say) go up as they are."""
     try:
         return mgr.restore(step, args=args)
+    except (TrainConfigError, DataError):
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised as one clear error naming the step directory
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
         raise TrainConfigError(f"{step_dir(mgr, step)}: cannot restore the checkpoint ({type(e).__name__}: "
@@ -135,17 +139,18 @@ def _restore_items(mgr: StateManager, step: int, args):
 
 def _move_damaged_after(mgr: StateManager, step: int) -> None:
     later = [s for s in mgr.all_steps() if s > step and mgr.problems.get(s)]
-    if not later or jax.process_index() != 0:
+    if not later:
         return
-    target = Path(mgr.directory) / DAMAGED_DIR
-    target.mkdir(exist_ok=True)
-    for s in later:
-        dest = target / str(s)
-        n = 1
-        while dest.exists():
-            dest, n = target / f"{s}.{n}", n + 1
-        os.replace(step_dir(mgr, s), dest)
-        log(f"moved the damaged checkpoint step {s} to {dest}")
+    if jax.process_index() == 0:
+        target = Path(mgr.directory) / DAMAGED_DIR
+        target.mkdir(exist_ok=True)
+        for s in later:
+            dest, n = target / str(s), 1
+            while dest.exists():  # an earlier fallback already moved a step of this number
+                dest, n = target / f"{s}.{n}", n + 1
+            os.replace(step_dir(mgr, s), dest)
+            log(f"moved the damaged checkpoint step {s} to {dest}")
+    ocp.multihost.sync_global_processes(f"state_io:moved_damaged_after_{step}")  # every process sees the move
     mgr.reload()
 
 
