@@ -32,6 +32,7 @@ import numpy as np
 
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
 from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
+from minimind_jax.data.rl_prompts import encode_rl_prompt, prompt_from_record
 from minimind_jax.data.samples import (
     IGNORE_INDEX,
     REASON_TAGS,
@@ -45,6 +46,7 @@ from minimind_jax.data.samples import (
 
 __all__ = ["DataPipeline", "make_dataset", "make_transform", "untrained", "PROBE_RECORDS"]
 
+RL_STAGES = ("rlaif", "agent")  # prompts for rollouts: their batches also carry each prompt's record_index
 PROBE_RECORDS = 32  # chat records transformed when a pipeline is built, to catch data that would train nothing
 _log = logging.getLogger(__name__)
 
@@ -82,11 +84,15 @@ def _probe(stage: str, ds: grain.MapDataset, transform, source, max_seq_len: int
 
 def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt_prob: float = 0.0,
                    drop_empty_think_prob: float = 0.0, special_token_weight: float | None = None,
-                   weighted_tags: tuple[str, ...] = REASON_TAGS):
+                   weighted_tags: tuple[str, ...] = REASON_TAGS, thinking_ratio: float = 0.5):
     """``fn(record, rng) -> samples.Encoded`` for ``stage`` (``rng`` may be None when no augmentation is on).
 
     ``special_token_weight`` (chat data only) adds ``loss_weights`` (float32): that weight on the trained tokens
-    of ``weighted_tags`` (reasoning distillation), 1 on the other trained tokens, 0 elsewhere."""
+    of ``weighted_tags`` (reasoning distillation), 1 on the other trained tokens, 0 elsewhere.
+
+    RL prompts (rlaif / agent) become ``prompt_ids`` / ``prompt_length`` (:func:`rl_prompts.encode_rl_prompt`:
+    the generation prompt, left-truncated to ``max_seq_len``; rlaif prompts open thinking with probability
+    ``thinking_ratio`` and get a random system prompt with ``add_system_prompt_prob``)."""
     stage = canonical_stage(stage)
     if special_token_weight is not None:
         if stage != "sft":
@@ -114,9 +120,12 @@ def make_transform(stage: str, tokenizer, max_seq_len: int, *, add_system_prompt
         return lambda record, rng: encode_sft(
             record, tokenizer, max_seq_len, markers=markers, rng=rng, add_system_prompt_prob=add_system_prompt_prob,
             drop_empty_think_prob=drop_empty_think_prob)
-    if stage in ("rlaif", "agent"):
-        raise ValueError(f"{stage} records are prompts for RL rollouts, not training rows: read them with "
-                         "minimind_jax.data.rl_prompts (RLPromptSource / iter_rl_prompts)")
+    if stage in RL_STAGES:
+        if drop_empty_think_prob:
+            raise ValueError("drop_empty_think_prob does not apply to RL prompts (they have no reply)")
+        return lambda record, rng: encode_rl_prompt(
+            prompt_from_record(record, stage), tokenizer, max_seq_len, rng=rng,
+            add_system_prompt_prob=add_system_prompt_prob, thinking_ratio=thinking_ratio)
     if add_system_prompt_prob:
         raise ValueError("add_system_prompt_prob does not apply to DPO data (MiniMind adds none there)")
     return lambda record, rng: encode_dpo(record, tokenizer, max_seq_len, markers=markers, rng=rng,
@@ -178,8 +187,10 @@ def make_dataset(
     read_options: grain.ReadOptions | None = None,
     source: JsonlSource | PreparedSource | None = None,
     special_token_weight: float | None = None,
+    thinking_ratio: float = 0.5,
 ) -> DataPipeline:
-    """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo"); see module docstring.
+    """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo", RL prompts "rlaif" /
+    "agent"); see module docstring.
     ``special_token_weight`` adds per-token ``loss_weights`` to chat batches (see :func:`make_transform`).
 
     ``shard_index`` / ``shard_count`` (e.g. ``jax.process_index()`` / ``jax.process_count()``) give each process
@@ -203,8 +214,9 @@ def make_dataset(
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be positive or None, got {epochs}")
     transform = make_transform(stage, tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
-                               drop_empty_think_prob=drop_empty_think_prob, special_token_weight=special_token_weight)
-    augment = bool(add_system_prompt_prob or drop_empty_think_prob)
+                               drop_empty_think_prob=drop_empty_think_prob, special_token_weight=special_token_weight,
+                               thinking_ratio=thinking_ratio)
+    augment = bool(add_system_prompt_prob or drop_empty_think_prob) or stage in RL_STAGES
     if source is None:
         path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if len(path_list) == 1 and is_prepared_dir(path_list[0]):
@@ -238,6 +250,8 @@ def make_dataset(
             rng = np.random.default_rng([seed % 2**64, position // per_epoch, record_index])
         encoded = _encode(transform, source, record_index, record, rng)
         stats.count_sample(encoded.truncated, stage != "pretrain" and untrained(encoded.arrays))
+        if stage in RL_STAGES:  # the rollout's rewards read the record (its gt) back by this index
+            return {**encoded.arrays, "record_index": np.int32(record_index)}
         return encoded.arrays
 
     ds = ds.map_with_index(apply).batch(batch_size, drop_remainder=True)

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from minimind_jax.data.jsonl import JsonlSource, ReadStats, canonical_stage
-from minimind_jax.data.samples import SYSTEM_PROMPTS, conversation_tools
+from minimind_jax.data.samples import SYSTEM_PROMPTS, Encoded, conversation_tools
 
-__all__ = ["RLPrompt", "RLPromptSource", "iter_rl_prompts", "render_rl_prompt"]
+__all__ = ["RLPrompt", "RLPromptSource", "iter_rl_prompts", "render_rl_prompt", "prompt_from_record",
+           "encode_rl_prompt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +74,14 @@ class RLPromptSource:
         index = int(index)
         if -len(self) <= index < 0:
             index += len(self)
-        record = self.records[index]
-        messages = [dict(m) for m in record["conversations"][:-1]]
-        return RLPrompt(messages=messages, tools=conversation_tools(messages), gt=record.get("gt"),
-                        kind=self.kind, index=index, where=self.records.location(index))
+        return prompt_from_record(self.records[index], self.kind, index, self.records.location(index))
+
+
+def prompt_from_record(record: dict, kind: str, index: int = 0, where: str = "") -> RLPrompt:
+    """The :class:`RLPrompt` of a validated rlaif / agent record (``conversations[:-1]`` is the prompt)."""
+    messages = [dict(m) for m in record["conversations"][:-1]]
+    return RLPrompt(messages=messages, tools=conversation_tools(messages), gt=record.get("gt"), kind=kind,
+                    index=index, where=where)
 
 
 def epoch_order(n: int, seed: int | None, epoch: int) -> np.ndarray:
@@ -128,3 +133,18 @@ def render_rl_prompt(prompt: RLPrompt, tokenizer, *, rng: np.random.Generator | 
         open_thinking = bool(draws[2] < thinking_ratio)
     return tokenizer.apply_chat_template(messages, tools=prompt.tools, tokenize=False, add_generation_prompt=True,
                                          open_thinking=open_thinking)
+
+
+def encode_rl_prompt(prompt: RLPrompt, tokenizer, max_len: int, *, rng: np.random.Generator | None = None,
+                     add_system_prompt_prob: float = 0.2, thinking_ratio: float = 0.5) -> Encoded:
+    """The rendered prompt's token ids as fixed-size arrays for a batch: ``prompt_ids`` (``max_len``, the ids
+    left-padded with 0), ``prompt_length`` (how many are real), ``prompt_truncated`` (1 when cut). A prompt longer than ``max_len`` keeps its last
+    ``max_len`` tokens (MiniMind's ``[:, -max_seq_len:]``) and is counted as truncated."""
+    text = render_rl_prompt(prompt, tokenizer, rng=rng, add_system_prompt_prob=add_system_prompt_prob,
+                            thinking_ratio=thinking_ratio)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    kept = ids[-max_len:]
+    out = np.zeros(max_len, np.int32)
+    out[max_len - len(kept):] = kept
+    cut = len(ids) > max_len
+    return Encoded({"prompt_ids": out, "prompt_length": np.int32(len(kept)), "prompt_truncated": np.int32(cut)}, cut)

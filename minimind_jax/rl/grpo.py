@@ -1,10 +1,15 @@
-"""One GRPO / CISPO iteration, self-contained (the stage on the training loop wraps these functions): sample
-``G`` completions per prompt from the current params, score them, turn the rewards into group advantages and
-take one optimiser step on the policy loss (MiniMind-3's one update per rollout batch, so the old log-probs are
-the current ones with the gradient stopped and the ratio is exactly 1 in the forward pass).
+"""GRPO / CISPO: sample ``G`` completions per prompt from the current params, score them, turn the rewards into
+group advantages and take one optimiser step on the policy loss (MiniMind-3's one update per rollout batch, so
+the old log-probs are the current ones with the gradient stopped and the ratio is exactly 1 in the forward pass).
+The reference is a frozen copy of the starting params (MiniMind's SFT reference).
 
-The reference is a frozen copy of the starting params (MiniMind's SFT reference); its log-probs go through the
-same jitted :func:`~minimind_jax.rl.rollout.completion_log_probs` as the policy's.
+Two ways to run it:
+
+* on the training loop (``--stage grpo``): :class:`RolloutStep` is the stage's ``prepare`` (host side: rollouts
+  on ``state.params``, rewards, advantages -> the step's batch) and :func:`make_stage_loss` its loss (inside the
+  jitted step: policy and reference log-probs through the one same ``apply``, so before the first update the
+  ratio is exactly 1 and the KL to an identical reference exactly 0, under any precision policy);
+* self-contained, :func:`iteration` (rollouts + rewards + one update), for experiments and tests.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ import numpy as np
 import optax
 
 from minimind_jax.config import ModelConfig
+from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.rl import objectives as obj
 from minimind_jax.rl import rollout
-from minimind_jax.rl.rewards import RewardFn, score
+from minimind_jax.rl.rewards import RewardFn, score, score_components
+
+# the step's batch (leading dims: accumulation, prompts x generations) and what the data pipeline gives
+BATCH_KEYS = ("input_ids", "attention_mask", "completion_ids", "completion_pad", "advantages")
+PROMPT_KEYS = ("prompt_ids", "prompt_length", "prompt_truncated", "record_index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +107,103 @@ def iteration(params, opt_state, ref_params, prompts: Sequence[Sequence[int]], r
                "truncated_prompts": r.truncated_prompts, "rollout_tok_s": new_tokens / max(t_rollout, 1e-9),
                "train_tok_s": float(r.attention_mask.sum()) / max(t_train, 1e-9)}
     return params, opt_state, metrics
+
+
+# ------------------------------------------------------------------------------------------------ on the loop
+def make_stage_loss(settings: GRPOSettings, config: ModelConfig, policy, eos_id: int) -> Callable:
+    """The training loop's ``loss(apply, params, frozen, micro, rng) -> (sum of per-sequence losses, aux, metrics)``
+    on a rollout micro-batch (:data:`BATCH_KEYS`); ``frozen`` is the reference. Divided by the number of
+    sequences of the step (``count_sequences``): MiniMind's mean over a sequence's tokens, then over sequences."""
+
+    def loss(apply, params, frozen, micro, rng):
+        logp, aux = batch_log_probs(apply, params, micro, rng, config=config, policy=policy)
+        ref_logp = jax.lax.stop_gradient(batch_log_probs(apply, frozen, micro, rng, config=config, policy=policy)[0])
+        cmask = obj.completion_mask(micro["completion_ids"], micro["completion_pad"], eos_id)
+        per_token = obj.policy_token_loss(logp, None, ref_logp, micro["advantages"], loss_type=settings.loss_type,
+                                          beta=settings.beta, epsilon=settings.epsilon,
+                                          epsilon_high=settings.epsilon_high)
+        per_sequence = jnp.sum(per_token * cmask, axis=1) / jnp.maximum(jnp.sum(cmask, axis=1), 1.0)
+        return jnp.sum(per_sequence), aux, obj.grpo_metrics(logp, None, ref_logp, cmask, settings.epsilon)
+
+    return loss
+
+
+def batch_log_probs(apply, params, micro, rng, *, config: ModelConfig, policy) -> tuple[jax.Array, jax.Array]:
+    """(log p of every completion token (B, R), the MoE aux loss) of ``params`` on a rollout micro-batch, through
+    the loop's ``apply``: the policy and the reference both go through this one function."""
+    ids, mask = micro["input_ids"], micro["attention_mask"]
+    prompt_len = ids.shape[1] - micro["completion_ids"].shape[1]
+    out = apply(params, ids, rng, attention_mask=mask, position_ids=rollout.positions(mask), return_hidden=True)
+    logp = rollout.log_probs_from_hidden(out.hidden, params, ids, prompt_len=prompt_len, config=config, policy=policy)
+    return logp, out.aux_loss
+
+
+def count_sequences(batch) -> jax.Array:
+    return jnp.float32(batch["advantages"].size)
+
+
+def count_tokens(batch) -> int:
+    """The real (prompt + completion) tokens of a rollout batch, for the loop's tokens/s."""
+    return int(np.sum(batch["attention_mask"]))
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The rollouts' seed at optimizer step ``step``: a function of (seed, step) only, so a resumed run draws
+    exactly what the uninterrupted one would."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class RolloutStep:
+    """The stage's ``prepare(data_batch, state, step) -> (batch, metrics)``: the prompts of ``data_batch``
+    (:data:`PROMPT_KEYS`, leading dims (accumulation, prompts)) x ``num_generations`` rollouts on
+    ``state.params``, their rewards (``reward_weights`` over :data:`~minimind_jax.rl.rewards.REWARDS`, against the
+    record read back from ``prompts``) and group advantages, as arrays (accumulation, prompts x G, ...)."""
+
+    settings: GRPOSettings
+    config: ModelConfig
+    policy: str
+    tokenizer: object
+    prompts: RLPromptSource
+    reward_weights: Mapping[str, float]
+    seed: int
+    eos_id: int
+    pad_id: int
+
+    def __call__(self, data_batch, state, step: int):
+        accum, b, width = data_batch["prompt_ids"].shape
+        g = self.settings.num_generations
+        lengths = data_batch["prompt_length"].reshape(-1)
+        prompts = [row[width - n:].tolist() for row, n in zip(data_batch["prompt_ids"].reshape(-1, width), lengths)]
+        records = [self.prompts[int(i)] for i in data_batch["record_index"].reshape(-1)]
+        t0 = time.perf_counter()
+        r = self._sample(state.params, prompts, step)
+        rollout_s = time.perf_counter() - t0
+        texts = [self.tokenizer.decode([int(t) for t in row[pad]], skip_special_tokens=True)
+                 for row, pad in zip(r.completion_ids, r.completion_pad)]
+        rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]
+        total, parts = score_components(self.reward_weights, texts, rows, [p.where for p in records for _ in range(g)])
+        rewards = np.asarray(total, np.float32)
+        adv = np.asarray(obj.group_advantages(jnp.asarray(rewards), g))
+        batch = {**r.batch, "advantages": adv}
+        batch = {k: v.reshape(accum, b * g, *v.shape[1:]) for k, v in batch.items()}
+        return batch, self._metrics(r, rewards, parts, adv, data_batch, rollout_s)
+
+    def _sample(self, params, prompts, step: int) -> rollout.Rollouts:
+        s = self.settings
+        return rollout.sample(params, self.config, prompts, num_generations=s.num_generations,
+                              max_new_tokens=s.max_new_tokens, pad_id=self.pad_id, eos_ids=[self.eos_id],
+                              seed=rollout_seed(self.seed, step), policy=self.policy, temperature=s.temperature,
+                              top_k=s.top_k, top_p=s.top_p, max_prompt_len=s.max_prompt_len, bucket_prompts=True)
+
+    @staticmethod
+    def _metrics(r: rollout.Rollouts, rewards, parts, adv, data_batch, rollout_s: float) -> dict[str, float]:
+        new_tokens = int(r.completion_pad.sum())
+        out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "advantage_std": float(adv.std()), "response_length": float(r.completion_pad.sum(1).mean()),
+               "fraction_truncated": float(np.mean([f == "length" for f in r.finish_reasons])),
+               "truncated_prompts": float(data_batch["prompt_truncated"].sum()),
+               "rollout_s": rollout_s, "rollout_tok_s": new_tokens / max(rollout_s, 1e-9)}
+        if len(parts) > 1:
+            out.update({f"reward_{name}": float(np.mean(v)) for name, v in parts.items()})
+        return out

@@ -84,16 +84,20 @@ def policy_token_loss(logp, old_logp, ref_logp, advantages, *, loss_type: str = 
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The policy loss (a scalar) and its metrics: KL to the reference (k3, token mean), the fraction of tokens
-    whose ratio left ``[1 - eps, 1 + eps]`` and the largest ``|log ratio|``."""
+    """The policy loss (a scalar) and its :func:`grpo_metrics`."""
     old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     loss = sequence_mean(policy_token_loss(logp, old_logp, ref_logp, advantages, **kwargs), mask)
+    return loss, grpo_metrics(logp, old_logp, ref_logp, mask, kwargs.get("epsilon", 0.2))
+
+
+def grpo_metrics(logp, old_logp, ref_logp, mask, epsilon: float = 0.2) -> dict[str, jax.Array]:
+    """KL to the reference (k3, token mean), the fraction of tokens whose ratio left ``[1 - eps, 1 + eps]``
+    and the largest ``|log ratio|``."""
+    old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     log_ratio = logp - old_logp
-    eps = kwargs.get("epsilon", 0.2)
-    metrics = {"kl": token_mean(k3_kl(ref_logp, logp), mask),
-               "clip_fraction": token_mean((jnp.abs(jnp.exp(log_ratio) - 1.0) > eps).astype(jnp.float32), mask),
-               "max_abs_log_ratio": jnp.max(jnp.abs(log_ratio) * mask)}
-    return loss, metrics
+    return {"kl": token_mean(k3_kl(ref_logp, logp), mask),
+            "clip_fraction": token_mean((jnp.abs(jnp.exp(log_ratio) - 1.0) > epsilon).astype(jnp.float32), mask),
+            "max_abs_log_ratio": jnp.max(jnp.abs(log_ratio) * mask)}
 
 
 # ------------------------------------------------------------------------------------------------ PPO

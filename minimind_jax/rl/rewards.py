@@ -126,3 +126,17 @@ def score(fn: RewardFn, responses: Sequence[str], records: Sequence[Mapping],
             raise RewardError(f"{name}: the reward is {value}, not a finite number")
         out.append(value)
     return out
+
+
+def score_components(weights: Mapping[str, float], responses: Sequence[str], records: Sequence[Mapping],
+                     where: Sequence[str] | None = None,
+                     extra: Mapping[str, RewardFn] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """The weighted total reward of each response and each named component's raw values (for the metrics);
+    errors as :func:`score`."""
+    table = {**REWARDS, **(extra or {})}
+    unknown = [k for k in weights if k not in table]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; known: {', '.join(sorted(table))}")
+    parts = {name: score(table[name], responses, records, where) for name, w in weights.items() if w}
+    total = [sum(float(weights[name]) * values[i] for name, values in parts.items()) for i in range(len(responses))]
+    return total, parts

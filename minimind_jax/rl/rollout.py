@@ -56,10 +56,12 @@ def left_truncate(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[list[
 
 
 def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-         finish_reasons: Sequence[str] | None = None, truncated: int = 0) -> Rollouts:
-    """Prompts (left-padded) and completions (right-padded) into the fixed-shape layout above."""
+         finish_reasons: Sequence[str] | None = None, truncated: int = 0, bucket_prompts: bool = False) -> Rollouts:
+    """Prompts (left-padded) and completions (right-padded) into the fixed-shape layout above; with
+    ``bucket_prompts`` the prompt part is padded to a bucket too (few shapes for a jitted train step)."""
     b = len(prompts)
     p = max(map(len, prompts))
+    p = bucket_length(p) if bucket_prompts else p
     r = bucket_length(max(map(len, completions), default=1))
     ids = np.full((b, p + r), pad_id, np.int32)
     mask = np.zeros((b, p + r), np.int32)
@@ -73,27 +75,38 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
 
 def sample(params, config: ModelConfig, prompts: Sequence[Sequence[int]], *, num_generations: int,
            max_new_tokens: int, pad_id: int, eos_ids: Sequence[int], seed: int, policy: Policy | str = "fp32",
-           temperature: float = 0.8, top_k: int = 50, top_p: float = 0.85, max_prompt_len: int = 768) -> Rollouts:
+           temperature: float = 0.8, top_k: int = 50, top_p: float = 0.85, max_prompt_len: int = 768,
+           bucket_prompts: bool = False) -> Rollouts:
     """``num_generations`` completions of every prompt from the current ``params`` (row seeds ``seed + row``)."""
     prompts, cut = left_truncate(prompts, max_prompt_len)
     rows = [p for p in prompts for _ in range(num_generations)]
     settings = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=(seed + i) % 2 ** 32)
                 for i in range(len(rows))]
     results = Generator(params, config, policy, eos_ids=eos_ids).generate(rows, max_new_tokens, settings)
-    return pack(rows, [r.tokens for r in results], pad_id, [r.finish_reason for r in results], cut)
+    return pack(rows, [r.tokens for r in results], pad_id, [r.finish_reason for r in results], cut,
+                bucket_prompts=bucket_prompts)
+
+
+def positions(attention_mask) -> jax.Array:
+    """Position ids counted from each row's first real token (left padding), as the Generator counts them."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def log_probs_from_hidden(hidden, params, input_ids, *, prompt_len: int, config: ModelConfig,
+                          policy: Policy | str = "fp32") -> jax.Array:
+    """log p(completion token) (B, R) float32 from the model's final hidden states (``return_hidden=True``)."""
+    head, out_in = lm_head(params, config)
+    return token_log_probs(hidden[:, prompt_len - 1:-1], get_policy(policy).cast_to_compute(head),
+                           input_ids[:, prompt_len:], head_out_in=out_in)
 
 
 def completion_log_probs(params, input_ids, attention_mask, *, prompt_len: int, config: ModelConfig,
                          policy: Policy | str = "fp32") -> jax.Array:
     """log p(token) of every completion position ``prompt_len ..`` (B, R) float32, padding handled by the
     attention mask and positions counted from each row's first real token (as the Generator does)."""
-    policy = get_policy(policy)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
-    out = MiniMindLM(config, policy).apply({"params": params}, input_ids, attention_mask=attention_mask,
-                                           position_ids=positions, return_hidden=True)
-    head, out_in = lm_head(params, config)
-    return token_log_probs(out.hidden[:, prompt_len - 1:-1], policy.cast_to_compute(head),
-                           input_ids[:, prompt_len:], head_out_in=out_in)
+    out = MiniMindLM(config, get_policy(policy)).apply({"params": params}, input_ids, attention_mask=attention_mask,
+                                                       position_ids=positions(attention_mask), return_hidden=True)
+    return log_probs_from_hidden(out.hidden, params, input_ids, prompt_len=prompt_len, config=config, policy=policy)
 
 
 @functools.partial(jax.jit, static_argnames=("prompt_len", "config", "policy"))

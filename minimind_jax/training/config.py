@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from minimind_jax.config import PRESETS, ConfigError, ModelConfig
+from minimind_jax.rl.rewards import REWARDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # configs/ sits at the top of a source checkout; an installed wheel carries it as data files
@@ -37,7 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALLED_CONFIG_DIR = Path(sysconfig.get_path("data")) / "share" / "minimind-jax" / "configs"
 CONFIG_DIR = REPO_ROOT / "configs" if (REPO_ROOT / "configs").is_dir() else INSTALLED_CONFIG_DIR
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
+RL_STAGES = ("grpo",)  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
+LOSS_TYPES = ("grpo", "cispo")
 LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
 DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("fp32", "bf16", "fp16", "bf16-params")
@@ -54,7 +57,7 @@ class TrainConfig:
     """Every training setting, documented next to its default (MiniMind's where it has one)."""
 
     # --- what to train
-    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason
+    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo
     data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
     preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -120,6 +123,20 @@ class TrainConfig:
     distill_alpha: float = 0.5  # distill: alpha * CE + (1 - alpha) * T^2 * KL (MiniMind: 0.5); flag --alpha
     distill_temperature: float = 1.5  # distill: T (MiniMind: 1.5); flag --temperature
     special_token_weight: float = 10.0  # reason: loss weight of <think> </think> <answer> </answer> tokens
+    # --- reinforcement learning (grpo; MiniMind-3's train_grpo.py defaults; max_seq_len is the prompt's limit)
+    num_generations: int = 6  # rollouts per prompt: the group whose rewards give each other's advantages
+    max_gen_len: int = 1024  # new tokens per rollout
+    loss_type: str = "cispo"  # grpo (clipped ratio) | cispo (MiniMind's default: weight min(ratio, eps_high))
+    kl_beta: float = 0.1  # weight of the k3 KL to the frozen reference (flag --beta in RL stages)
+    clip_epsilon: float = 0.2  # grpo: ratio clipped to [1 - eps, 1 + eps]
+    clip_epsilon_high: float = 5.0  # cispo: the stopped weight min(ratio, eps_high)
+    rollout_temperature: float = 0.8
+    rollout_top_k: int = 50
+    rollout_top_p: float = 0.85
+    thinking_ratio: float = 0.9  # the share of prompts rendered with thinking opened
+    # reward name -> weight: minimind (length / thinking / repetition shaping), exact, numeric (against the
+    # record's gt), think_format; e.g. rewards='{numeric: 1, minimind: 0.5}'
+    rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"minimind": 1.0})
 
     # ------------------------------------------------------------------------------------------------ derived
     @property
@@ -151,6 +168,8 @@ class TrainConfig:
             bad("loss_scale", f"{self.loss_scale!r} is not one of {', '.join(LOSS_SCALES)}")
         if self.lr_schedule not in SCHEDULES:
             bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.loss_type not in LOSS_TYPES:
+            bad("loss_type", f"{self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
 
     def _check_numbers(self, bad) -> None:
         """Counts, rates and optimizer numbers."""
@@ -204,6 +223,30 @@ class TrainConfig:
             bad("special_token_weight", f"must be positive, got {self.special_token_weight}")
         if self.stage == "distill" and not self.teacher:
             bad("teacher", "--stage distill needs a teacher: --teacher CHECKPOINT (any weights --init reads)")
+        self._check_rl_settings(bad)
+
+    def _check_rl_settings(self, bad) -> None:
+        """Rollout, reward and RL loss settings."""
+        for key in ("num_generations", "max_gen_len"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be positive, got {getattr(self, key)}")
+        if self.stage in RL_STAGES and self.num_generations < 2:
+            bad("num_generations", "must be >= 2: advantages compare the rollouts of a prompt with each other")
+        for key in ("kl_beta", "clip_epsilon", "clip_epsilon_high", "rollout_temperature", "rollout_top_k"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                bad(key, f"must be a finite number >= 0, got {value}")
+        if not 0.0 < self.rollout_top_p <= 1.0:
+            bad("rollout_top_p", f"must be in (0, 1], got {self.rollout_top_p}")
+        if not 0.0 <= self.thinking_ratio <= 1.0:
+            bad("thinking_ratio", f"must be in [0, 1], got {self.thinking_ratio}")
+        for name, weight in self.rewards.items():
+            if name not in REWARDS:
+                bad(f"rewards.{name}", f"unknown reward; known: {', '.join(REWARDS)}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                bad(f"rewards.{name}", f"the weight must be a finite number, got {weight!r}")
+        if self.stage in RL_STAGES and not any(self.rewards.values()):
+            bad("rewards", "no reward has a non-zero weight")
 
     def _check_model(self, bad) -> None:
         """The weights to start from and the model settings."""
@@ -248,6 +291,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     if key == "model":
         if not isinstance(value, dict):
             raise TrainConfigError(f"{where}: model: expected a mapping of model fields, got {value!r}")
+        return dict(value)
+    if key == "rewards":
+        if isinstance(value, str):  # a single reward name
+            value = {value: 1.0}
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{where}: rewards: expected a mapping of reward name -> weight, got {value!r}")
         return dict(value)
     if value is None:
         if "None" in typ:
@@ -332,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model override (MiniMind flag)")
     p.add_argument("--aux_loss_coef", dest="model.router_aux_loss_coef", default=None, help="MoE aux loss weight")
     # MiniMind's names for the post-training hyperparameters
-    p.add_argument("--beta", dest="dpo_beta", default=None, metavar="BETA", help="DPO beta (= --dpo_beta)")
+    p.add_argument("--beta", dest="beta", default=None, metavar="BETA",
+                   help="DPO beta (= --dpo_beta); in RL stages the KL weight (= --kl_beta)")
     p.add_argument("--alpha", dest="distill_alpha", default=None, metavar="ALPHA", help="= --distill_alpha")
     p.add_argument("--temperature", dest="distill_temperature", default=None, metavar="T",
                    help="= --distill_temperature")
@@ -365,6 +415,8 @@ def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
         stage = stage or "pretrain"
     if stage not in STAGES:
         raise TrainConfigError(f"command line: stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if "beta" in flags:  # MiniMind's --beta: DPO's beta, or the KL weight of its RL scripts
+        flags["kl_beta" if stage in RL_STAGES else "dpo_beta"] = flags.pop("beta")
 
     values: dict[str, Any] = {}
     stage_file = CONFIG_DIR / f"{stage}.yaml"

@@ -138,9 +138,9 @@ def setup(cfg: TrainConfig) -> Run:
     policy = get_policy(cfg.policy_name)
     start = _starting_point(cfg)
     models = models_for(cfg.stage)(cfg, start.model_cfg, policy, resuming=start.meta is not None)
-    stage = build_stage(cfg, start.model_cfg, policy, models.teacher_cfg)
     tokenizer = _tokenizer(cfg, start.model_cfg)
-    mesh = _mesh(cfg)
+    stage = build_stage(cfg, start.model_cfg, policy, models.teacher_cfg, tokenizer)
+    mesh = _mesh(cfg, stage)
     pipeline, total_steps = _data(cfg, stage, tokenizer)
     if start.replace:
         _remove_old_run(start)
@@ -210,7 +210,7 @@ def _remove_old_run(start: Start) -> None:
     start.manager.close()
     start.manager = None
     shutil.rmtree(start.state_dir)
-    for f in ("metrics.jsonl", "loss.png"):
+    for f in ("metrics.jsonl", "loss.png", "reward.png"):
         (start.run_dir / f).unlink(missing_ok=True)
     shutil.rmtree(start.run_dir / "tb", ignore_errors=True)
 
@@ -226,14 +226,16 @@ def _tokenizer(cfg: TrainConfig, model_cfg: ModelConfig):
     return tokenizer
 
 
-def _mesh(cfg: TrainConfig):
+def _mesh(cfg: TrainConfig, stage: Stage):
     nproc = jax.process_count()
     if cfg.batch_size % nproc:
         raise TrainConfigError(f"batch_size {cfg.batch_size} must divide over {nproc} processes")
     mesh = shd.make_mesh(cfg.mesh)
     dp = shd.data_parallel_size(mesh)
-    if cfg.batch_size % dp:
-        raise TrainConfigError(f"batch_size {cfg.batch_size} must be a multiple of the data-parallel size {dp} "
+    rows = cfg.batch_size * stage.rows_per_example
+    if rows % dp:
+        what = f"batch_size {cfg.batch_size}" + (f" x {stage.rows_per_example} rollouts" if rows != cfg.batch_size else "")
+        raise TrainConfigError(f"{what} must be a multiple of the data-parallel size {dp} "
                                f"(mesh {shd.describe_mesh(mesh)})")
     return mesh
 
@@ -247,7 +249,8 @@ def _data(cfg: TrainConfig, stage: Stage, tokenizer):
                             shard_count=nproc, skip_bad_lines=cfg.skip_bad_lines,
                             add_system_prompt_prob=cfg.add_system_prompt_prob,
                             drop_empty_think_prob=cfg.drop_empty_think_prob,
-                            special_token_weight=cfg.special_token_weight if weighted else None)
+                            special_token_weight=cfg.special_token_weight if weighted else None,
+                            thinking_ratio=cfg.thinking_ratio)
     batches = len(pipeline)
     if nproc > 1:  # shards may differ by a record: every process must run the same number of steps
         batches = int(np.min(multihost_utils.process_allgather(np.int64(batches))))
@@ -318,9 +321,10 @@ def _open_run_dir(cfg: TrainConfig, start: Start, models: StageModels, policy, m
 def _describe(r: Run) -> None:
     cfg = r.cfg
     total, active = param_count(r.model_cfg)
+    batch = r.stage.describe or f"{cfg.batch_size}x{cfg.max_seq_len} tokens"
     log(f"stage {cfg.stage}: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), policy {r.policy}, "
-        f"mesh {shd.describe_mesh(r.mesh)}, {r.total_steps} steps of {cfg.batch_size}x{cfg.accumulation_steps}x"
-        f"{cfg.max_seq_len} tokens, run dir {r.run_dir}")
+        f"mesh {shd.describe_mesh(r.mesh)}, {r.total_steps} steps of {cfg.accumulation_steps} x {batch}, "
+        f"run dir {r.run_dir}")
     log(_describe_trainables(r.state, r.models.frozen_name))
     log(f"MFU: {stated_peak(r.policy, cfg.peak_tflops)[1]}")
 
@@ -385,7 +389,7 @@ def _steps(r: Run, res: RunResult, stop, bar) -> None:
         t0 = time.perf_counter()
         r.state, metrics = r.step_fn(r.state, device_batch)
         metrics = jax.device_get(metrics)
-        clock.tick(time.perf_counter() - t0)
+        clock.tick(time.perf_counter() - t0, r.stage.count_tokens(batch) if r.stage.count_tokens else None)
         res.compile_s = clock.compile_s
         step = res.steps = step + 1
         if _hopeless(r, metrics, res):
@@ -435,12 +439,13 @@ class _Throughput:
         self.t = time.perf_counter()
         self.tokens = 0
 
-    def tick(self, step_s: float) -> None:
+    def tick(self, step_s: float, tokens: int | None = None) -> None:
+        """One step done in ``step_s`` seconds on ``tokens`` tokens (None: the fixed tokens per step)."""
         if self.compile_s is None:
             self.compile_s = step_s
             self.t = time.perf_counter()
         else:
-            self.tokens += self.tokens_per_step
+            self.tokens += self.tokens_per_step if tokens is None else tokens
 
     def figures(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.t
@@ -512,6 +517,8 @@ def _next_batch(it, accum: int, keys) -> dict[str, np.ndarray]:
 
 def _postfix(row: dict) -> str:
     parts = [f"loss {row['loss']:.4f}"]
+    if "reward_mean" in row:
+        parts.append(f"reward {row['reward_mean']:.3f}")
     if row.get("aux_loss"):
         parts.append(f"aux {row['aux_loss']:.4f}")
     if "lr" in row:
@@ -539,6 +546,10 @@ def finish(r: Run, res: RunResult) -> RunResult:
         png = plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "loss.png", title=f"{r.run_dir.name} ({cfg.stage})")
         if png:
             log(f"loss curve: {png}")
+        png = plot_loss(r.run_dir / "metrics.jsonl", r.run_dir / "reward.png", title=f"{r.run_dir.name} (mean reward)",
+                        key="reward_mean")  # RL stages
+        if png:
+            log(f"reward curve: {png}")
     if res.losses:
         k = max(1, min(10, len(res.losses) // 5))
         log(f"loss {np.mean(res.losses[:k]):.3f} -> {np.mean(res.losses[-k:]):.3f} over steps "

@@ -139,34 +139,36 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path | None:
-    """Draw loss (and lr) against step from ``metrics.jsonl``; a resumed run's rows replace the overlapping
-    ones. Returns the PNG's path, or None without data."""
+def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "",
+              key: str = "loss") -> Path | None:
+    """Draw ``key`` (the loss, with the lr; or e.g. an RL run's ``reward_mean``) against step from
+    ``metrics.jsonl``; a resumed run's rows replace the overlapping ones. Returns the PNG's path, or None when
+    no row has ``key``."""
     rows = read_metrics(metrics_path)
     by_step = {}
     for r in rows:
-        if isinstance(r.get("loss"), (int, float)):
+        if isinstance(r.get(key), (int, float)):
             by_step[r["step"]] = r
     if not by_step:
         return None
     steps = sorted(by_step)
-    losses = [by_step[s]["loss"] for s in steps]
+    losses = [by_step[s][key] for s in steps]
     fig = Figure(figsize=(7, 4), dpi=110)  # no pyplot: no GUI backend, no global figure registry
     ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
     window = max(1, len(steps) // 30)  # a running mean over ~1/30 of the run
     if window > 1:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"loss (mean of {window})")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"{key} (mean of {window})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(key)
     ax.grid(alpha=0.3)
-    if any("lr" in by_step[s] for s in steps):
+    if key == "loss" and any("lr" in by_step[s] for s in steps):
         ax2 = ax.twinx()
         ax2.plot(steps, [by_step[s].get("lr", float("nan")) for s in steps], color="tab:orange", alpha=0.6,
                  label="lr")
         ax2.set_ylabel("learning rate")
-    ax.set_title(title or "training loss")
+    ax.set_title(title or ("training loss" if key == "loss" else key))
     fig.tight_layout()
     out = Path(out_png)
     tmp = out.with_suffix(".tmp.png")

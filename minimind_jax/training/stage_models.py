@@ -10,8 +10,8 @@ from, builds it once the model config is known, and then calls the same methods 
 * ``meta()`` -> what the run's checkpoint metadata records about the extra models;
 * ``export(run_dir, params, frozen, step)`` -> writes the run's result, returns the params the sample runs.
 
-Stages: pretrain / sft / reason train the model alone; ``dpo`` keeps a frozen reference (a copy of the
-initial weights); ``lora`` trains adapters over the frozen base; ``distill`` keeps the frozen teacher.
+Stages: pretrain / sft / reason train the model alone; ``dpo`` and ``grpo`` keep a frozen reference (a copy of
+the initial weights); ``lora`` trains adapters over the frozen base; ``distill`` keeps the frozen teacher.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class StageModels:
 
 
 class WithReference(StageModels):
-    """dpo: a frozen reference, a copy of the initial weights, sharded like the model."""
+    """dpo, grpo: a frozen reference, a copy of the initial weights, sharded like the model."""
 
     needs_init = True
     frozen_name = "reference"
@@ -182,7 +182,8 @@ class Distill(StageModels):
 
 
 MODELS: dict[str, type[StageModels]] = {"pretrain": StageModels, "sft": StageModels, "reason": StageModels,
-                                        "dpo": WithReference, "lora": Lora, "distill": Distill}
+                                        "dpo": WithReference, "lora": Lora, "distill": Distill,
+                                        "grpo": WithReference}
 
 
 def models_for(stage: str) -> type[StageModels]:

@@ -27,6 +27,10 @@ The stages (``build_stage(cfg, ...)`` makes one from a ``TrainConfig``):
   policy (bf16 by default) without gradients.
 * ``lora``: the SFT loss of the adapted model (``params`` = adapters, ``frozen`` = base; see
   :mod:`minimind_jax.lora`).
+* ``grpo``: GRPO / CISPO (``loss_type``) on rollouts of the current policy (:mod:`minimind_jax.rl.grpo`): the
+  data are prompts (``rlaif.jsonl``), ``prepare`` samples ``num_generations`` completions of each, scores them
+  (``rewards``) and computes group advantages; the loss is MiniMind's per-token policy loss + ``beta`` k3 KL to
+  the frozen reference, mean over a sequence's tokens then over the sequences.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
+from minimind_jax.rl import grpo
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -65,6 +71,7 @@ class Stage:
     normalizer: Callable[[Mapping[str, jax.Array]], jax.Array]
     batch_keys: tuple[str, ...] = ("input_ids", "labels")
     sequences_per_example: int = 1  # DPO: a chosen and a rejected sequence (tokens/s counts both)
+    rows_per_example: int = 1  # rows of the step's batch per data example (GRPO: its rollouts), split over devices
     # the keys read from the data pipeline, when they differ from batch_keys (e.g. prompts for a rollout)
     data_keys: tuple[str, ...] | None = None
     # host-side batch builder run before each jitted step: prepare(data_batch, state, step) ->
@@ -72,6 +79,9 @@ class Stage:
     # data_keys, state is the run's current TrainState (params on the devices, frozen models in state.frozen);
     # its metrics join the step's row in metrics.jsonl. None: the data batch is the training batch.
     prepare: Callable[..., tuple[dict[str, np.ndarray], dict[str, float]]] | None = None
+    # the tokens a (host) batch trains on, for tokens/s; None: batch x accumulation x max_seq_len x sequences
+    count_tokens: Callable[[Mapping[str, np.ndarray]], int] | None = None
+    describe: str | None = None  # what one micro-batch is, for the run's first log line (default: its tokens)
 
 
 STAGES: dict[str, Stage] = {
@@ -95,9 +105,9 @@ def eval_apply(config, policy) -> Callable:
     return lambda params, input_ids: model.apply({"params": params}, input_ids)
 
 
-def build_stage(cfg, model_config=None, policy=None, teacher_config=None) -> Stage:
+def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokenizer=None) -> Stage:
     """The stage ``cfg.stage`` with ``cfg``'s hyperparameters (DPO beta, distillation alpha / T / teacher model,
-    LoRA scale)."""
+    LoRA scale, the RL settings; RL stages also need the ``tokenizer``)."""
     name = cfg.stage
     if name in STAGES:
         return STAGES[name]
@@ -113,4 +123,29 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None) -> Sta
     if name == "lora":
         scale = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).scale
         return Stage("lora", "sft", make_lora_loss(scale), count_trained_tokens)
+    if name == "grpo":
+        return grpo_stage(cfg, model_config, policy, tokenizer)
     raise ValueError(f"unknown stage {name!r}")
+
+
+def grpo_settings(cfg) -> grpo.GRPOSettings:
+    return grpo.GRPOSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_gen_len,
+                             max_prompt_len=cfg.max_seq_len, temperature=cfg.rollout_temperature,
+                             top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p, loss_type=cfg.loss_type,
+                             beta=cfg.kl_beta, epsilon=cfg.clip_epsilon, epsilon_high=cfg.clip_epsilon_high)
+
+
+def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
+    """GRPO / CISPO: prompts in, rollouts + rewards + advantages made by ``prepare``, the policy loss inside the step."""
+    if tokenizer is None:
+        raise ValueError("the grpo stage needs the tokenizer (rollouts are decoded and scored as text)")
+    settings = grpo_settings(cfg)
+    prepare = grpo.RolloutStep(settings, model_config, policy.name, tokenizer,
+                               RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
+                               dict(cfg.rewards), cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0)
+    return Stage("grpo", "rlaif", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
+                 grpo.count_sequences, grpo.BATCH_KEYS, sequences_per_example=settings.num_generations,
+                 rows_per_example=settings.num_generations, data_keys=grpo.PROMPT_KEYS, prepare=prepare,
+                 count_tokens=grpo.count_tokens,
+                 describe=f"{cfg.batch_size} prompts x {settings.num_generations} rollouts (prompt <= "
+                          f"{cfg.max_seq_len}, <= {cfg.max_gen_len} new tokens)")
