@@ -4,6 +4,7 @@
     python scripts/train.py --stage pretrain --preset minimind3 --data_path pretrain_hq.jsonl
     python scripts/train.py --stage sft --from_weight pretrain --data_path sft_mini_512.jsonl
     python scripts/train.py --config configs/quickstart_sft.yaml
+    python scripts/train.py --stage grpo --from_weight sft --data_path rlaif.jsonl   # RL (GRPO / CISPO)
     python scripts/train.py ... --from_resume 1               # continue the run exactly where it stopped
     python scripts/train.py ... --mesh data=2,fsdp=2,tensor=2  # shard over 8 devices
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     from minimind_jax.checkpoint import CheckpointError
     from minimind_jax.config import ConfigError
     from minimind_jax.data import DataError
+    from minimind_jax.rl.rewards import RewardError
     from minimind_jax.training.loop import TrainingError, train
 
     try:
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     except (TrainConfigError, DataError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingError as e:
+    except (TrainingError, RewardError) as e:  # the last complete checkpoint is kept
         print(f"error: {e}", file=sys.stderr)
         return 1
     if result.stopped == "interrupted":  # the shell's convention: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
