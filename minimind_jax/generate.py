@@ -39,7 +39,8 @@ from minimind_jax.model.transformer import KVCache, MiniMindLM
 from minimind_jax.precision import Policy, get_policy
 from minimind_jax.tokenizer import load_tokenizer
 
-__all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "bucket_length", "greedy_generate"]
+__all__ = ["GenerationResult", "Generator", "SamplingParams", "TextStream", "bucket_length", "greedy_generate",
+           "pick_tokens", "row_settings"]
 
 _NO_TOKEN = -1  # written after a row has stopped
 _MAX_EOS = 4
@@ -154,13 +155,24 @@ def _filter(logits: jax.Array, seen: jax.Array, rows: _Rows) -> tuple[jax.Array,
 
 def _pick(logits: jax.Array, seen: jax.Array, rows: _Rows, step: jax.Array) -> jax.Array:
     """The next token of every row: greedy rows take the argmax, the others draw with key fold_in(row key, step)."""
+    return pick_tokens(logits, seen, rows, jnp.broadcast_to(step, rows.greedy.shape))
+
+
+def row_settings(sampling: Sequence[SamplingParams], limits: Sequence[int], eos: Sequence[int]) -> _Rows:
+    """The per-row settings (device arrays of shape (rows,)) that :func:`pick_tokens` reads."""
+    return _make_rows(sampling, limits, eos)
+
+
+def pick_tokens(logits: jax.Array, seen: jax.Array, rows: _Rows, steps: jax.Array) -> jax.Array:
+    """:func:`_pick` with a step counter per row (b,): row i draws with key fold_in(row key, steps[i]), so rows
+    that started at different times (a server's decode slots) each keep the stream they would have alone."""
     def greedy_only(logits):  # no sort, no draw: the common case of a batch of greedy rows
         logits = jnp.where(seen, logits / rows.penalty[:, None], logits)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def mixed(logits):
         penalised, filtered = _filter(logits, seen, rows)
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows.keys, step)
+        step_keys = jax.vmap(jax.random.fold_in)(rows.keys, steps)
         sampled = jax.vmap(jax.random.categorical)(step_keys, filtered).astype(jnp.int32)
         return jnp.where(rows.greedy, jnp.argmax(penalised, axis=-1).astype(jnp.int32), sampled)
 

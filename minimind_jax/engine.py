@@ -1,0 +1,435 @@
+"""Continuous batching: a fixed number of decode slots over one preallocated KV cache, and the thread that
+keeps them busy.
+
+:class:`SlotDecoder` is the device part. Its KV cache has ``slots`` rows of ``cache_len`` tokens, and every
+slot has its own length (the next write column and position id), last token, seen-token set (repetition
+penalty), step counter and sampling settings. :meth:`SlotDecoder.prefill` runs one prompt (right-padded to
+a power-of-two bucket, so it compiles once per bucket) and writes its keys / values into a free slot;
+:meth:`SlotDecoder.step` decodes one token for every slot at once (compiled once per (slots, cache_len)):
+the model is ``vmap``-ed over the slots, so each slot writes its own column and attends to its own first
+``length`` columns, whatever the other slots hold. Free slots are computed too (the shapes are fixed) but
+their results are dropped and their state does not move.
+
+Sampling is :func:`~minimind_jax.generate.pick_tokens`: a slot's token ``i`` is drawn with the key
+``fold_in(key(seed), i)``, the same stream :class:`~minimind_jax.generate.Generator` uses for a row, so a
+request's tokens for a given seed do not depend on what else is being decoded, nor on when it joined.
+
+:class:`Engine` is the scheduler: a bounded queue of :class:`Request` objects and one worker thread. Before
+every decode step it frees the slots of cancelled and timed-out requests, then prefills waiting requests
+into the free slots; after the step each request's token goes to its hooks (:meth:`Request.on_token`),
+and a request that ends (an eos id, its token limit, a stop string its hook reports) frees its slot at
+once, so the next waiting request joins at the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minimind_jax.config import ModelConfig
+from minimind_jax.generate import GenerationResult, SamplingParams, bucket_length, pick_tokens, row_settings
+from minimind_jax.model.transformer import KVCache, MiniMindLM
+from minimind_jax.precision import Policy, get_policy
+
+__all__ = ["Engine", "EngineError", "Request", "SlotDecoder"]
+
+log = logging.getLogger("minimind_jax.engine")
+
+_RATE_WINDOW_S = 10.0  # tokens/s is measured over this recent window
+
+
+# ------------------------------------------------------------------------------------------------ device part
+
+
+@flax.struct.dataclass
+class _Slots:
+    k: jax.Array  # (layers, slots, cache_len, kv_heads, head_dim)
+    v: jax.Array
+    length: jax.Array  # (slots,) int32: tokens in the slot's cache = the next write column and position id
+    last: jax.Array  # (slots,) int32: the token fed at the next step
+    seen: jax.Array  # (slots, vocab) bool: tokens of the slot so far (repetition penalty)
+    steps: jax.Array  # (slots,) int32: tokens generated so far (the sampling key's counter)
+    rows: object  # generate's per-row settings, one row per slot
+
+
+def _empty_slots(config: ModelConfig, slots: int, cache_len: int, dtype) -> _Slots:
+    cache = KVCache.init(config, slots, cache_len, dtype)
+    def zeros():  # separate buffers: the state is donated, and one buffer may not be donated twice
+        return jnp.zeros((slots,), jnp.int32)
+
+    return _Slots(k=cache.k, v=cache.v, length=zeros(), last=zeros(), seen=jnp.zeros((slots, config.vocab_size), bool),
+                  steps=zeros(), rows=row_settings([SamplingParams.make_greedy()] * slots, [1] * slots, ()))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
+def _prefill_slot(params, state: _Slots, slot, ids, n, rows, *, config: ModelConfig, policy: Policy):
+    """Run one right-padded prompt ``ids`` (1, P) with ``n`` real tokens, write its keys / values into cache
+    columns 0..P-1 of ``slot`` and pick its token 0 with ``rows`` (its settings, one row). Returns (state,
+    token). The padding after the prompt never reaches a real token (causal attention) and its columns are
+    overwritten by the decode before the slot's length reaches them."""
+    model = MiniMindLM(config, policy)
+    p = ids.shape[1]
+    out = model.apply({"params": params}, ids, cache=KVCache.init(config, 1, p, state.k.dtype))
+    logits = jax.lax.dynamic_slice_in_dim(out.logits[0], n - 1, 1).astype(jnp.float32)  # (1, vocab)
+    seen = jnp.zeros((1, config.vocab_size), bool).at[0, ids[0]].max(jnp.arange(p) < n)
+    token = pick_tokens(logits, seen, rows, jnp.zeros((1,), jnp.int32))
+    seen = seen.at[0, token[0]].set(True)
+    return state.replace(
+        k=jax.lax.dynamic_update_slice(state.k, out.cache.k, (0, slot, 0, 0, 0)),
+        v=jax.lax.dynamic_update_slice(state.v, out.cache.v, (0, slot, 0, 0, 0)),
+        length=state.length.at[slot].set(n), last=state.last.at[slot].set(token[0]),
+        seen=state.seen.at[slot].set(seen[0]), steps=state.steps.at[slot].set(1),
+        rows=jax.tree.map(lambda every, one: every.at[slot].set(one[0]), state.rows, rows)), token[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
+def _step_slots(params, state: _Slots, active, *, config: ModelConfig, policy: Policy):
+    """One decode step of every slot: feed its last token at column ``length``, pick the next. Slots that are
+    not ``active`` compute too, but nothing of theirs moves. Returns (state, tokens (slots,))."""
+    model = MiniMindLM(config, policy)
+
+    def one_slot(k, v, length, token):  # one slot as a batch of one, with its own cache index
+        out = model.apply({"params": params}, token[None, None], cache=KVCache(k[:, None], v[:, None], length))
+        return out.logits[0, -1].astype(jnp.float32), out.cache.k[:, 0], out.cache.v[:, 0]
+
+    logits, k, v = jax.vmap(one_slot, in_axes=(1, 1, 0, 0), out_axes=(0, 1, 1))(
+        state.k, state.v, state.length, state.last)
+    rows = state.rows.replace(greedy=state.rows.greedy | ~active)  # free slots never force the sampling path
+    token = pick_tokens(logits, state.seen, rows, state.steps)
+    seen = state.seen.at[jnp.arange(token.shape[0]), token].max(active)
+    moved = active.astype(jnp.int32)
+    return state.replace(k=k, v=v, length=state.length + moved, last=jnp.where(active, token, state.last),
+                         seen=seen, steps=state.steps + moved), token
+
+
+class SlotDecoder:
+    """``slots`` decode slots over one KV cache of ``cache_len`` tokens per slot (see the module docstring).
+
+    >>> dec = SlotDecoder(params, config, slots=4, cache_len=512)
+    >>> first = dec.prefill(0, prompt_ids, SamplingParams(seed=3))   # slot 0 is now active
+    >>> tokens = dec.step()                                          # (4,) next token of every slot
+    >>> dec.release(0)
+    """
+
+    def __init__(self, params, config: ModelConfig, policy: Policy | str = "fp32", *, slots: int = 8,
+                 cache_len: int | None = None):
+        cache_len = config.max_position_embeddings if cache_len is None else int(cache_len)
+        if slots < 1 or cache_len < 2:
+            raise ValueError(f"need at least 1 slot and a cache of 2 tokens, got slots={slots}, cache_len={cache_len}")
+        if cache_len > config.max_position_embeddings:
+            raise ValueError(f"cache_len {cache_len} exceeds the model's max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+        self.config = config
+        self.policy = get_policy(policy)
+        self.params = params
+        self.slots = slots
+        self.cache_len = cache_len
+        self.active = np.zeros(slots, bool)
+        self.reset()
+
+    @classmethod
+    def for_generator(cls, generator, *, slots: int, cache_len: int | None = None) -> SlotDecoder:
+        """Slots over a :class:`~minimind_jax.generate.Generator`'s params (already cast and on the device)."""
+        return cls(generator.params, generator.config, generator.policy, slots=slots, cache_len=cache_len)
+
+    def reset(self) -> None:
+        """Empty every slot (a fresh cache; after a failed step the old one may be gone)."""
+        self._state = _empty_slots(self.config, self.slots, self.cache_len, self.policy.compute_dtype)
+        self.active[:] = False
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
+        """Put a prompt into the free ``slot`` and return its first new token."""
+        n = len(prompt_ids)
+        if self.active[slot]:
+            raise ValueError(f"slot {slot} is in use")
+        if not 0 < n < self.cache_len:
+            raise ValueError(f"a prompt of {n} tokens does not fit a slot of {self.cache_len} tokens")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
+            raise ValueError(f"the prompt has ids outside the vocabulary (size {self.config.vocab_size})")
+        p = min(bucket_length(n), self.cache_len)
+        ids = np.zeros((1, p), np.int32)
+        ids[0, :n] = prompt_ids
+        rows = row_settings([sampling], [1], ())
+        self._state, token = _prefill_slot(self.params, self._state, jnp.int32(slot), jnp.asarray(ids), jnp.int32(n),
+                                           rows, config=self.config, policy=self.policy)
+        self.active[slot] = True
+        return int(token)
+
+    def step(self) -> np.ndarray:
+        """One token for every slot, (slots,) int; only the active slots' entries mean anything."""
+        self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active), config=self.config,
+                                          policy=self.policy)
+        return np.asarray(tokens)
+
+    def release(self, slot: int) -> None:
+        self.active[slot] = False
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class EngineError(Exception):
+    """Why a request was refused or ended without an answer, with the HTTP status a server answers it with."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class Request:
+    """One generation: a prompt, its token limit and sampling settings. The engine calls the hooks below from
+    its thread; a subclass (the server's jobs) overrides them to turn tokens into text and answers. Set
+    ``cancelled`` (any thread) to end it: its slot is freed before the next decode step."""
+
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams | None = None):
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.max_tokens = int(max_tokens)
+        self.sampling = sampling or SamplingParams.make_greedy()
+        self.cancelled = False
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
+        self.error: EngineError | None = None
+        self.finished = threading.Event()
+        self.deadline: float | None = None  # time.monotonic() by which it must be done (set by the engine)
+        self.submitted_at: float | None = None
+        self.first_token_at: float | None = None
+
+    # -- hooks (engine thread)
+    def on_start(self) -> None:
+        """The prompt is in a slot (called before its first token)."""
+
+    def on_token(self, token: int, is_eos: bool) -> bool:
+        """A new token (already appended to ``tokens``); return True to end the request here ("stop")."""
+        return False
+
+    def on_finish(self, reason: str) -> None:
+        """The request ended with ``finish_reason`` ``reason``."""
+
+    def on_error(self, error: EngineError) -> None:
+        """The request ended without an answer (timeout, shutdown, a failed generation)."""
+
+    # -- for callers
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the end: the tokens and finish reason, or raises the :class:`EngineError`."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"the request did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return GenerationResult(list(self.tokens), self.finish_reason)
+
+
+# ------------------------------------------------------------------------------------------------ the scheduler
+
+
+class Engine:
+    """The queue of :class:`Request` objects and the worker thread that runs them on ``decoder``'s slots.
+
+    ``max_queue`` requests may wait for a slot (more: :class:`EngineError` 429 ``queue_full``); a request not
+    done ``timeout_s`` after it was submitted ends with 504 ``timeout``; after :meth:`close` new requests get
+    503 ``shutting_down`` and the ones waiting or running end with it. ``decoder`` is a :class:`SlotDecoder`
+    or anything with its ``slots``, ``cache_len``, ``active``, ``prefill``, ``step``, ``release``, ``reset``.
+    """
+
+    def __init__(self, decoder, eos_ids: Sequence[int], *, max_queue: int = 64, timeout_s: float | None = None):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.decoder = decoder
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.slots: list[Request | None] = [None] * decoder.slots
+        self.steps_with_rows = [0] * (decoder.slots + 1)  # how many decode steps ran with k slots in use
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._rate: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step
+
+    # -- lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop taking requests; the waiting and running ones end with 503; the worker thread ends."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; raises :class:`EngineError` (400 too long for a slot, 429 queue full, 503 closing)."""
+        n, cap = len(request.prompt_ids), self.decoder.cache_len
+        if n == 0 or request.max_tokens < 1:
+            raise EngineError(400, "a request needs a prompt and max_tokens >= 1", "invalid_value")
+        if n + request.max_tokens > cap:
+            raise EngineError(400, f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the "
+                                   f"server's context of {cap} tokens", "context_length_exceeded")
+        with self._cond:
+            if self._closing or self._thread is None:
+                raise EngineError(503, "the server is shutting down", "shutting_down")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineError(429, f"the server is busy: {len(self._waiting)} requests are waiting for one of "
+                                       f"its {len(self.slots)} slots; retry later", "queue_full")
+            request.submitted_at = time.monotonic()
+            if self.timeout_s is not None:
+                request.deadline = request.submitted_at + self.timeout_s
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    # -- figures
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def tokens_per_s(self) -> float:
+        """Tokens generated per second over the last few seconds (0 when idle)."""
+        now = time.monotonic()
+        recent = [(t, k) for t, k in list(self._rate) if now - t <= _RATE_WINDOW_S]
+        return sum(k for _, k in recent) / _RATE_WINDOW_S if recent else 0.0
+
+    # -- the worker
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self.decoder.active.any():
+                    self._cond.wait()
+                if self._closing:
+                    break
+            try:
+                self._drop_ended()
+                self._admit()
+                if self.decoder.active.any():
+                    self._step()
+            except Exception as e:  # the server must outlive a failed step: its rows get a 500
+                log.exception("generation failed")
+                self._fail_running(EngineError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
+                self.decoder.reset()
+        closing = EngineError(503, "the server is shutting down", "shutting_down")
+        self._fail_running(closing)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for r in waiting:
+            self._fail(r, closing)
+
+    def _expired(self, r: Request, now: float) -> bool:
+        return r.deadline is not None and now > r.deadline
+
+    def _timeout(self, r: Request) -> EngineError:
+        return EngineError(504, f"the request did not finish within the server's timeout of {self.timeout_s} s "
+                                f"({len(r.tokens)} tokens generated)", "timeout")
+
+    def _drop_ended(self) -> None:
+        """Free the slots of cancelled and timed-out requests; drop such requests from the queue."""
+        now = time.monotonic()
+        for slot, r in enumerate(self.slots):
+            if r is not None and r.cancelled:
+                self._end(slot, "cancelled")
+            elif r is not None and self._expired(r, now):
+                self._release(slot)
+                self._fail(r, self._timeout(r))
+        with self._cond:
+            gone = [r for r in self._waiting if r.cancelled or self._expired(r, now)]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            if r.cancelled:
+                self._finish(r, "cancelled")
+            else:
+                self._fail(r, self._timeout(r))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into the free slots; each one's first token is handled at once."""
+        for slot in range(len(self.slots)):
+            if self.slots[slot] is not None:
+                continue
+            with self._cond:
+                if not self._waiting:
+                    return
+                r = self._waiting.popleft()
+            try:
+                token = self.decoder.prefill(slot, r.prompt_ids, r.sampling)
+            except Exception as e:  # this prompt failed (the slot stays free); the others go on
+                log.exception("prefill failed")
+                self._fail(r, EngineError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
+                continue
+            self.slots[slot] = r
+            r.on_start()
+            self._push(slot, token)
+
+    def _step(self) -> None:
+        rows = self.slots_in_use
+        tokens = self.decoder.step()
+        self.steps_with_rows[rows] += 1
+        now = time.monotonic()
+        self._rate.append((now, rows))
+        while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
+            self._rate.popleft()
+        for slot, r in enumerate(self.slots):
+            if r is not None:
+                self._push(slot, int(tokens[slot]))
+
+    def _push(self, slot: int, token: int) -> None:
+        """Hand one new token to the slot's request; end it on an eos id, a stop string or its limit."""
+        r = self.slots[slot]
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+        r.tokens.append(token)
+        eos = token in self.eos_ids
+        if r.on_token(token, eos) or eos:
+            self._end(slot, "stop")
+        elif len(r.tokens) >= r.max_tokens:
+            self._end(slot, "length")
+
+    def _release(self, slot: int) -> None:
+        self.slots[slot] = None
+        self.decoder.release(slot)
+
+    def _end(self, slot: int, reason: str) -> None:
+        r = self.slots[slot]
+        self._release(slot)
+        self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        try:
+            r.on_finish(reason)
+        finally:
+            r.finished.set()
+
+    def _fail(self, r: Request, error: EngineError) -> None:
+        r.error = error
+        try:
+            r.on_error(error)
+        finally:
+            r.finished.set()
+
+    def _fail_running(self, error: EngineError) -> None:
+        for slot, r in enumerate(self.slots):
+            if r is not None:
+                self._release(slot)
+                self._fail(r, error)

@@ -1,0 +1,174 @@
+"""Continuous batching (minimind_jax.engine) on a tiny random model: a request's tokens against the Generator's
+for the same prompt and seed, alone and with others joining and leaving at different steps; slots freed at
+once by an end, a stop and a cancellation; the queue's back-pressure, timeouts and shutdown."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from _util import cached_params, tiny
+from minimind_jax.engine import Engine, EngineError, Request, SlotDecoder
+from minimind_jax.generate import Generator, SamplingParams
+
+SLOTS, CACHE = 4, 64
+NO_EOS = (-7,)  # never produced: every row runs to its limit
+
+
+@pytest.fixture(scope="module")
+def gen():
+    cfg = tiny("tiny3")
+    return Generator(cached_params(cfg), cfg)
+
+
+def _prompts():
+    rng = np.random.RandomState(1)
+    return [list(rng.randint(3, 256, n)) for n in (7, 13, 3, 12, 16)]  # one prefill bucket (16): few compiles
+
+
+SAMPLING = [SamplingParams(temperature=1.0, top_p=0.9, seed=11), SamplingParams(temperature=0.7, top_k=20, seed=12),
+            SamplingParams.make_greedy(repetition_penalty=1.3), SamplingParams(temperature=1.2, top_p=1.0, seed=14),
+            SamplingParams(temperature=1.0, top_p=0.8, repetition_penalty=1.1, seed=15)]
+
+
+def _alone(dec: SlotDecoder, prompt, sampling, n: int, slot: int = 0) -> list[int]:
+    tokens = [dec.prefill(slot, prompt, sampling)]
+    while len(tokens) < n:
+        tokens.append(int(dec.step()[slot]))
+    dec.release(slot)
+    return tokens
+
+
+def test_a_slot_gives_the_generator_tokens_alone_and_among_others(gen):
+    prompts, n = _prompts(), 16
+    expected = [gen.generate([p], n, s, eos_ids=NO_EOS)[0].tokens for p, s in zip(prompts, SAMPLING)]
+    dec = SlotDecoder.for_generator(gen, slots=SLOTS, cache_len=CACHE)
+    for slot in (0, 3):  # alone, in any slot: the Generator's stream for that seed
+        assert _alone(dec, prompts[0], SAMPLING[0], n, slot) == expected[0]
+
+    # five requests over four slots, joining at steps 0, 0, 3, 5 and 9 (into the slot request 2 has freed)
+    schedule = {0: [(0, 0), (1, 2)], 3: [(2, 1)], 5: [(3, 3)], 9: [(4, 1)]}
+    limits = [n, n, 6, n, n]
+    got: dict[int, list[int]] = {}
+    running: dict[int, int] = {}  # request -> slot
+    for step in range(3 * n):
+        for i, slot in schedule.get(step, []):
+            assert not dec.active[slot]
+            got[i] = [dec.prefill(slot, prompts[i], SAMPLING[i])]
+            running[i] = slot
+        if not running:
+            break
+        tokens = dec.step()
+        for i, slot in list(running.items()):
+            got[i].append(int(tokens[slot]))
+            if len(got[i]) == limits[i]:
+                dec.release(running.pop(i))
+    assert [got[i] for i in range(5)] == [e[:m] for e, m in zip(expected, limits)]
+
+
+class _Collect(Request):
+    """Records the hooks' calls; ``then(k)`` runs on the engine thread at this request's k-th token."""
+
+    def __init__(self, *args, then=None, stop_after=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.then, self.stop_after = then, stop_after
+        self.events: list = []
+
+    def on_start(self):
+        self.events.append("start")
+
+    def on_token(self, token, is_eos):
+        if self.then is not None:
+            self.then(len(self.tokens))
+        return self.stop_after is not None and len(self.tokens) >= self.stop_after
+
+    def on_finish(self, reason):
+        self.events.append(reason)
+
+    def on_error(self, error):
+        self.events.append(error.code)
+
+
+def _at(k, action):
+    return lambda count: action() if count == k else None
+
+
+@pytest.fixture()
+def engine(gen):
+    eng = Engine(SlotDecoder.for_generator(gen, slots=2, cache_len=CACHE), eos_ids=NO_EOS, max_queue=8)
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def test_the_engine_joins_requests_mid_decode_with_the_same_tokens(gen, engine):
+    prompts = _prompts()
+    expected = [gen.generate([p], 16, s, eos_ids=NO_EOS)[0].tokens for p, s in zip(prompts, SAMPLING)]
+    late = [_Collect(prompts[i], 16, SAMPLING[i]) for i in (1, 2)]
+    first = _Collect(prompts[0], 16, SAMPLING[0], then=_at(3, lambda: engine.submit(late[0])))
+    stopper = _Collect(prompts[3], 16, SAMPLING[3], stop_after=5, then=_at(2, lambda: engine.submit(late[1])))
+    engine.submit(first)
+    engine.submit(stopper)
+    results = [r.result(120) for r in (first, stopper, *late)]
+    assert [r.tokens for r in results] == [expected[0], expected[3][:5], expected[1], expected[2]]
+    assert [r.finish_reason for r in results] == ["length", "stop", "length", "length"]
+    assert first.events == ["start", "length"] and stopper.events == ["start", "stop"]
+    # the late requests waited for no batch: each took the slot freed by the stop string or the limit at once
+    assert engine.steps_with_rows[2] >= 12 and engine.slots_in_use == 0 and engine.queued == 0
+    assert engine.tokens_per_s() > 0
+
+
+def test_cancel_frees_the_slot_before_the_next_step(gen, engine):
+    prompts = _prompts()
+    long = _Collect(prompts[4], 30, SAMPLING[4])
+    long.then = _at(4, lambda: setattr(long, "cancelled", True))
+    waiting = [_Collect(prompts[i], 8, SAMPLING[i]) for i in (0, 1)]
+    blocker = _Collect(prompts[2], 30, SAMPLING[2])
+    for r in (blocker, long, *waiting):
+        engine.submit(r)
+    assert long.result(120).finish_reason == "cancelled" and len(long.tokens) == 4
+    assert long.events == ["start", "cancelled"]
+    assert [r.result(120).finish_reason for r in waiting] == ["length", "length"]
+    blocker.cancelled = True
+    assert blocker.result(120).finish_reason == "cancelled" and len(blocker.tokens) < 30
+
+
+def test_back_pressure_timeout_and_shutdown(gen):
+    dec = SlotDecoder.for_generator(gen, slots=2, cache_len=CACHE)
+    eng = Engine(dec, eos_ids=NO_EOS, max_queue=1, timeout_s=60)
+    prompt = _prompts()[0]
+    with pytest.raises(EngineError) as e:
+        eng.submit(_Collect(prompt, 4))
+    assert e.value.status == 503  # not started
+    eng.start()
+    with pytest.raises(EngineError) as e:
+        eng.submit(_Collect(prompt, CACHE))
+    assert (e.value.status, e.value.code) == (400, "context_length_exceeded") and f"{CACHE} tokens" in e.value.message
+    holds = {1: threading.Event(), 3: threading.Event()}  # the running request holds the engine at tokens 1 and 3
+    running = _Collect(prompt, CACHE - len(prompt), then=lambda k: holds[k].wait() if k in holds else None)
+    other = eng.submit(_Collect(prompt, CACHE - len(prompt), then=_at(1, lambda: eng.submit(running))))
+    deadline = time.monotonic() + 60
+    while eng.queued or eng.slots_in_use < 2:  # both have left the queue for a slot
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    queued = eng.submit(_Collect(prompt, 4))
+    with pytest.raises(EngineError) as e:
+        eng.submit(_Collect(prompt, 4))
+    assert (e.value.status, e.value.code) == (429, "queue_full")
+    queued.deadline = time.monotonic()  # late: it ends with a timeout, without a slot
+    holds[1].set()
+    with pytest.raises(EngineError) as e:
+        queued.result(60)
+    assert (e.value.status, e.value.code) == (504, "timeout") and queued.events == ["timeout"]
+    closer = threading.Thread(target=eng.close)
+    closer.start()
+    while not eng.closing:
+        time.sleep(0.01)
+    holds[3].set()
+    closer.join(60)
+    assert running.events == ["start", "shutting_down"] and running.error.status == 503 and len(running.tokens) == 3
+    assert other.events == ["start", "shutting_down"]
+    with pytest.raises(EngineError) as e:
+        eng.submit(_Collect(prompt, 4))
+    assert e.value.status == 503
