@@ -52,7 +52,8 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-DAMAGE = {"flip": (_flip, "sha256 differs"), "truncate": (_truncate, "bytes,"), "delete": (lambda p: p.unlink(), "missing")}
+DAMAGE = {"flip": (_flip, "sha256 differs"), "truncate": (_truncate, "bytes,"),
+          "delete": (lambda p: p.unlink(), "missing")}
 
 
 def _listing(directory):
@@ -100,6 +101,7 @@ def test_damaged_steps_are_named_and_resume_falls_back_to_the_newest_intact_one(
     out = capsys.readouterr().out
     assert f"checkpoint step 6 in {state} is damaged ({flipped.relative_to(state / '6').as_posix()}: sha256" in out
     assert f"checkpoint step 4 in {state} is damaged ({deleted.relative_to(state / '4').as_posix()}: missing" in out
+    assert out.count("resuming from step 2, the newest intact one") == 2
     assert res.first_step == 2 and res.losses == runs[0].losses[2:8]  # bit-identical to the uninterrupted run
     assert _steps(state / "damaged") == [4, 6]  # kept for inspection, out of orbax's way
     assert _steps(state) == [2, 4, 6, 8]

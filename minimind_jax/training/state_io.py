@@ -66,7 +66,7 @@ class StateManager(ocp.CheckpointManager):
             ocp.CheckpointManager.wait_until_finished(self)  # orbax's finalise thread: rename, old steps removed
             if step_dir(self, step).is_dir():
                 write_manifest(step_dir(self, step))
-        except BaseException as e:  # raised again in the main thread by _join_hasher
+        except Exception as e:  # raised again in the main thread by _join_hasher
             self._hash_error = e
 
     def _join_hasher(self) -> None:
@@ -98,14 +98,15 @@ def latest_step(mgr: StateManager, *, verify: bool = True) -> int | None:
     steps = sorted(mgr.all_steps(), reverse=True)
     if not verify or not steps:
         return steps[0] if steps else None
-    for step in steps:
-        problem = check_step(mgr, step)
-        if problem is None:
-            return step
-        log(f"checkpoint step {step} in {mgr.directory} is damaged ({problem}): skipping it")
-    damaged = "; ".join(f"step {s}: {mgr.problems[s]}" for s in steps)
-    raise TrainConfigError(f"{mgr.directory}: every kept checkpoint is damaged ({damaged}); nothing was deleted. "
-                           f"To start over, move or delete {mgr.directory}")
+    intact = next((step for step in steps if check_step(mgr, step) is None), None)
+    if intact is None:
+        damaged = "; ".join(f"step {s}: {mgr.problems[s]}" for s in steps)
+        raise TrainConfigError(f"{mgr.directory}: every kept checkpoint is damaged ({damaged}); nothing was "
+                               f"deleted. To start over, move or delete {mgr.directory}")
+    for step in steps[:steps.index(intact)]:
+        log(f"checkpoint step {step} in {mgr.directory} is damaged ({mgr.problems[step]}): skipped, resuming "
+            f"from step {intact}, the newest intact one")
+    return intact
 
 
 def read_meta(mgr: StateManager, step: int) -> dict:
