@@ -4,6 +4,7 @@
     python scripts/eval.py --ckpt out/quickstart/sft_128/weights --data data/sample/sft.jsonl --suite
     python scripts/eval.py --ckpt MiniMind2/ --suite --greedy                 # MiniMind's eval: fixed questions
     python scripts/eval.py --ckpt ... --suite --prompts my_questions.txt --model_mode pretrain
+    python scripts/eval.py --ckpt out/quickstart/pretrain_128/weights --data data/sample/pretrain.jsonl --unseen
     python scripts/eval.py --ckpt ... --data data/sample/pretrain.jsonl --holdout 0.1   # the last 10 % of records
     python scripts/eval.py --ckpt ... --tasks minimind_ceval,minimind_cmmlu,minimind_arc   # lm-eval, offline samples
     python scripts/eval.py --ckpt ... --tasks arc_easy,piqa --limit 100                   # lm-eval tasks (hub)
@@ -12,8 +13,13 @@
 ``{"chosen", "rejected"}``: the loss is on the chosen replies), detected from the first record or given with
 ``--stage``. The loss is the next-token cross-entropy over the trained tokens (the whole text for pretrain, the
 assistant's replies for chat data), exactly as training computes it; every record counts (the last batch is
-padded, not dropped); ``--holdout F`` scores only the last fraction F of the records (hold them out of
-training with the same split). ``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model
+padded, not dropped). ``--unseen`` scores only the records the checkpoint's training run did not read: the run
+(``RUN/weights`` with ``RUN/train_config.yaml``) read the first ``step x accumulation_steps x batch_size`` records
+of its seeded shuffle order (the data pipeline's: grain's shuffle of the record indices with the run's ``seed``,
+identity with ``shuffle: false``), so the others are held out, as long as that is less than one epoch (a
+single-process run; ``--data`` must be the run's ``data_path``). The quickstart pretrain run reads 2,400 of the
+4,000 sample records (150 steps of 16), leaving 1,600 unseen. ``--holdout F`` scores the last fraction F of the
+records instead (held out only if training did not read them). ``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model
 (the ``eval`` extra): the shipped offline tasks (C-Eval-, CMMLU- and ARC-style multiple choice on the jsonl in
 ``--task-data``), a task YAML file, or any task name lm-eval knows. ``--suite`` answers the prompts in one batch (MiniMind's eval questions by default).
 """
@@ -24,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -52,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="score only the last FRACTION of the --data records (0 = all), e.g. 0.1")
+    p.add_argument("--unseen", action="store_true",
+                   help="score only the --data records the checkpoint's training run did not read (RUN/weights)")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: minimind_ceval, minimind_cmmlu, "
                    "minimind_arc (offline), a task .yaml, or lm-eval's names (ceval-valid, cmmlu, arc_easy, piqa, ...)")
     p.add_argument("--task-data", default=os.path.join(ROOT, "data", "sample", "eval"),
@@ -106,20 +115,67 @@ def record_range(total: int, max_records: int = 0, holdout: float = 0.0) -> rang
     return range(n - max(1, round(n * holdout)) if holdout else 0, n)
 
 
-def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_size, max_records=0, holdout=0.0):
-    """(mean loss over trained tokens, trained tokens, records) of the files, batch by batch with a progress bar."""
+def read_order(total: int, seed: int, shuffle: bool = True) -> list[int]:
+    """The order in which a single-process training run reads ``total`` records in its first epoch: the data
+    pipeline's ``grain.MapDataset.shuffle(seed)`` of the record indices (minimind_jax/data/pipeline.py)."""
+    import grain
+
+    return list(grain.MapDataset.range(total).shuffle(seed=seed)) if shuffle else list(range(total))
+
+
+def unseen_records(ckpt: str, data: list[str], total: int) -> list[int]:
+    """The indices (in file order) of the ``total`` records of ``data`` that the training run whose exported
+    weights are ``ckpt`` (``RUN/weights``, next to ``RUN/train_config.yaml``) did not read by its step."""
+    import yaml
+
+    from minimind_jax.checkpoint import CheckpointError, read_manifest
+
+    run_config = os.path.join(os.path.dirname(os.path.abspath(ckpt)), "train_config.yaml")
+    if not os.path.isfile(run_config):
+        raise ValueError(f"--unseen: {run_config} not found: give the weights of a training run (RUN/weights)")
+    with open(run_config, encoding="utf-8") as f:
+        run = yaml.safe_load(f) or {}
+    try:
+        source = read_manifest(ckpt).get("source")
+    except CheckpointError as e:
+        raise ValueError(f"--unseen: {e}") from None
+    step = source.get("step") if isinstance(source, dict) else None
+    if not isinstance(step, int):
+        raise ValueError(f"--unseen: {ckpt}: its manifest records no training step")
+    trained = run.get("data_path") or []
+    trained = [trained] if isinstance(trained, str) else trained
+    if [os.path.realpath(p) for p in trained] != [os.path.realpath(p) for p in data]:
+        raise ValueError(f"--unseen: the run trained on {', '.join(map(str, trained))}, not {', '.join(data)}")
+    read = step * int(run.get("accumulation_steps", 1)) * int(run.get("batch_size", 1))
+    if read >= total:
+        raise ValueError(f"--unseen: the run read every record ({step} steps of {read // max(step, 1)} records, "
+                         f"{total} records): none is held out")
+    return sorted(read_order(total, int(run.get("seed", 42)), bool(run.get("shuffle", True)))[read:])
+
+
+def select_records(args, total: int) -> list[int]:
+    """The --data records to score: --unseen, --holdout and --max-records applied."""
+    if args.unseen:
+        if args.holdout:
+            raise ValueError("give --unseen or --holdout, not both")
+        records = unseen_records(args.ckpt, args.data, total)
+        return records[:args.max_records] if args.max_records else records
+    return list(record_range(total, args.max_records, args.holdout))
+
+
+def evaluate_loss(params, config, policy, tok, source, records, max_seq_len, batch_size):
+    """(mean loss over trained tokens, trained tokens) of ``source``'s ``records``, batch by batch with a bar."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from tqdm import tqdm
 
-    from minimind_jax.data.jsonl import JsonlSource
     from minimind_jax.data.pipeline import make_transform
     from minimind_jax.data.samples import IGNORE_INDEX
     from minimind_jax.model.transformer import MiniMindLM
     from minimind_jax.training.stages import token_cross_entropy
 
-    source = JsonlSource(paths, stage)
+    stage = source.stage
     transform = make_transform(stage, tok, max_seq_len)
     ids_key, labels_key = ("chosen_input_ids", "chosen_labels") if stage == "dpo" else ("input_ids", "labels")
     model = MiniMindLM(config, policy)
@@ -129,26 +185,43 @@ def evaluate_loss(params, config, policy, tok, paths, stage, max_seq_len, batch_
         losses, mask = token_cross_entropy(model.apply({"params": p}, ids).logits, labels)
         return jnp.sum(losses), jnp.sum(mask)
 
-    records = record_range(len(source), max_records, holdout)
-    n = len(records)
     total, tokens = 0.0, 0
     params = jax.device_put(policy.cast_to_param(params))
-    with tqdm(total=n, desc="loss", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
+    with tqdm(total=len(records), desc="loss", unit="rec", file=sys.stderr, dynamic_ncols=True) as bar:
+        for start in range(0, len(records), batch_size):
+            batch = records[start:start + batch_size]
             ids = np.zeros((batch_size, max_seq_len), np.int32)
             labels = np.full((batch_size, max_seq_len), IGNORE_INDEX, np.int32)  # padding rows train nothing
-            for row in range(count):
-                arrays = transform(source[records[start + row]], None).arrays
+            for row, index in enumerate(batch):
+                arrays = transform(source[index], None).arrays
                 ids[row], labels[row] = arrays[ids_key], arrays[labels_key]
             s, m = batch_loss(params, ids, labels)
             total, tokens = total + float(s), tokens + int(m)
-            bar.update(count)
+            bar.update(len(batch))
             bar.set_postfix(loss=f"{total / max(tokens, 1):.4f}")
-    return total / max(tokens, 1), tokens, n
+    return total / max(tokens, 1), tokens
+
+
+def suite_progress(bar, rows: int, limit: int, eos) -> Callable[[list[list[int]]], None]:
+    """A ``Generator.generate`` callback moving ``bar`` (total ``rows x limit``) by each row's share of the work:
+    its new tokens, and the rest of its ``limit`` when it ends on an eos, so the bar ends full when the batch does
+    (counting decode steps against ``limit`` left it part way, e.g. at 22 %, when every answer ended early)."""
+    done = [0] * rows
+    eos = set(eos)
+
+    def update(new: list[list[int]]) -> None:
+        for i, tokens in enumerate(new):
+            if tokens and done[i] < limit:
+                now = limit if tokens[-1] in eos else min(limit, done[i] + len(tokens))
+                bar.update(now - done[i])
+                done[i] = now
+
+    return update
 
 
 def run_suite(gen, tok, prompts, args):
+    from tqdm import tqdm
+
     from minimind_jax.chat_format import split_reasoning
     from minimind_jax.generate import SamplingParams
 
@@ -160,15 +233,11 @@ def run_suite(gen, tok, prompts, args):
     else:
         ids = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in prompts]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    from tqdm import tqdm
-
-    bar = tqdm(total=args.max_new_tokens, desc=f"suite ({len(prompts)} prompts, one batch)", unit="step",
-               file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    results = gen.generate(ids, args.max_new_tokens, sampling, callback=lambda new: bar.update(1))
-    bar.total = bar.n  # every prompt ended before max_new_tokens: the bar ends full, not part way
-    bar.refresh()
-    bar.close()
+    with tqdm(total=len(ids) * args.max_new_tokens, desc=f"suite ({len(prompts)} prompts, one batch)", unit="tok",
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        results = gen.generate(ids, args.max_new_tokens, sampling,
+                               callback=suite_progress(bar, len(ids), args.max_new_tokens, gen.eos_ids))
     seconds = time.perf_counter() - t0
     answers = []
     for prompt, prompt_ids, res in zip(prompts, ids, results):
@@ -210,6 +279,7 @@ def main(argv=None) -> int:
         print("error: nothing to do: give --data FILE, --suite and/or --tasks", file=sys.stderr)
         return 2
     from minimind_jax import weights
+    from minimind_jax.data.jsonl import JsonlSource
     from minimind_jax.generate import Generator, default_eos_ids, tokenizer_for
     from minimind_jax.precision import get_policy
 
@@ -230,13 +300,16 @@ def main(argv=None) -> int:
             if len(set(stages.values())) > 1:
                 raise ValueError(f"the --data files hold different formats: {stages}; evaluate them separately")
             stage = next(iter(stages.values()))
-            loss, tokens, records = evaluate_loss(params, config, policy, tok, args.data, stage, args.max_seq_len,
-                                                  args.batch_size, args.max_records, args.holdout)
+            source = JsonlSource(args.data, stage)
+            records = select_records(args, len(source))
+            loss, tokens = evaluate_loss(params, config, policy, tok, source, records, args.max_seq_len,
+                                         args.batch_size)
             ppl = math.exp(min(loss, 700.0))
-            print(f"{', '.join(args.data)} ({stage}, {records} records, {tokens} trained tokens, max_seq_len "
-                  f"{args.max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
-            out.update(data=args.data, stage=stage, records=records, tokens=tokens, loss=loss, perplexity=ppl,
-                       holdout=args.holdout)
+            which = " unseen by the run" if args.unseen else ""
+            print(f"{', '.join(args.data)} ({stage}, {len(records)} records{which}, {tokens} trained tokens, "
+                  f"max_seq_len {args.max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
+            out.update(data=args.data, stage=stage, records=len(records), tokens=tokens, loss=loss, perplexity=ppl,
+                       holdout=args.holdout, unseen=args.unseen)
         if args.suite:
             prompts = SUITE
             if args.prompts:

@@ -116,7 +116,8 @@ def test_eval_suite_and_errors(ckpt, tmp_path, capsys):
     suite = json.loads(report.read_text())["suite"]
     assert [s["prompt"] for s in suite] == ["What is 1+1?", "Name a color."]
     assert all(1 <= s["tokens"] <= 5 for s in suite)
-    assert len(_answers(capsys.readouterr().out)) == 2
+    captured = capsys.readouterr()
+    assert len(_answers(captured.out)) == 2 and "100%" in captured.err.splitlines()[-2]  # the bar ends full
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n', encoding="utf-8")
     assert ev.main(["--ckpt", str(path), "--data", str(bad)]) == 2
@@ -154,3 +155,93 @@ def test_eval_tasks_runs_lm_eval_offline(ckpt, tmp_path, capsys):
     assert "minimind_arc" in capsys.readouterr().out
     assert ev.main(["--ckpt", str(path), "--tasks", "no_such_task"]) == 2
     assert "unknown task no_such_task" in capsys.readouterr().err
+
+
+class _Bar:
+    def __init__(self):
+        self.n, self.moves = 0, []
+
+    def update(self, k):
+        self.n += k
+        self.moves.append(k)
+
+
+def test_eval_suite_bar_counts_the_work_not_the_steps():
+    ev = _script("eval")
+    bar = _Bar()
+    update = ev.suite_progress(bar, rows=3, limit=6, eos=[2])
+    # row 0 ends on eos at its 2nd token, row 1 at the limit, row 2 on eos at its 4th; the batch stops at step 6
+    steps = [[[5], [7], [9]], [[2], [7], [9]], [[], [7], [9]], [[], [7], [2]], [[], [7], []], [[], [7], []]]
+    for new in steps:
+        update(new)
+    assert bar.n == 3 * 6 and min(bar.moves) > 0  # full when the batch ends, never backwards
+    bar2 = _Bar()
+    update = ev.suite_progress(bar2, rows=2, limit=256, eos=[2])
+    update([[5], [6]])
+    update([[2], [2]])  # every answer ended at step 2 of 256: the bar is full, not at 1 %
+    assert bar2.n == 2 * 256
+
+
+def _run_dir(tmp_path, cfg, data, step, **train):
+    """A training run's directory as the loop leaves it: RUN/weights (its manifest records the step) and
+    RUN/train_config.yaml."""
+    from minimind_jax.checkpoint import save_checkpoint
+    from minimind_jax.training import config as tconfig
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "weights", cached_params(cfg), cfg, source={"stage": "pretrain", "step": step})
+    settings = {"stage": "pretrain", "data_path": [str(data)], "batch_size": 2, "accumulation_steps": 1,
+                "max_seq_len": 64, **train}
+    tconfig.dump_yaml(tconfig.from_dict(settings), run / "train_config.yaml")
+    return run / "weights"
+
+
+def test_eval_read_order_is_the_training_pipelines(tmp_path):
+    from minimind_jax.data import make_dataset
+    from minimind_jax.tokenizer import load_tokenizer
+
+    ev = _script("eval")
+    data = tmp_path / "texts.jsonl"
+    texts = [f"record number {i} " + "abc" * i for i in range(12)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tok = load_tokenizer()
+    for seed, shuffle in ((7, True), (42, True), (0, False)):
+        pipeline = make_dataset("pretrain", str(data), tok, 64, 2, seed=seed, shuffle=shuffle)
+        seen = []
+        for batch in pipeline:
+            for row in batch["input_ids"]:
+                body = [int(t) for t in row if t not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)]
+                seen.append(texts.index(tok.decode(body)))
+        assert seen == ev.read_order(12, seed, shuffle)
+
+
+def test_eval_unseen_scores_the_records_the_run_did_not_read(ckpt, tmp_path, capsys):
+    cfg, _ = ckpt
+    ev = _script("eval")
+    data = ROOT / "data" / "sample" / "pretrain.jsonl"
+    lines = data.read_text(encoding="utf-8").splitlines()[:10]
+    ten = tmp_path / "ten.jsonl"
+    ten.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    weights = _run_dir(tmp_path, cfg, ten, step=3, seed=5)  # 3 steps of 2 records: 6 read, 4 unseen
+    unseen = sorted(ev.read_order(10, 5)[6:])
+    assert ev.unseen_records(str(weights), [str(ten)], 10) == unseen
+    direct = tmp_path / "unseen.jsonl"
+    direct.write_text("\n".join(lines[i] for i in unseen) + "\n", encoding="utf-8")
+    reports = [tmp_path / "unseen.json", tmp_path / "direct.json"]
+    assert ev.main(["--ckpt", str(weights), "--data", str(ten), "--unseen", "--max_seq_len", "64", "--json",
+                    str(reports[0])]) == 0
+    assert "4 records unseen by the run" in capsys.readouterr().out
+    assert ev.main(["--ckpt", str(weights), "--data", str(direct), "--max_seq_len", "64", "--json",
+                    str(reports[1])]) == 0
+    held, want = (json.loads(r.read_text()) for r in reports)
+    assert held["records"] == 4 and held["unseen"] and held["tokens"] == want["tokens"]
+    np.testing.assert_allclose(held["loss"], want["loss"], rtol=1e-6)
+    capsys.readouterr()
+    for argv, message in (([str(data)], "the run trained on"), ([str(ten), "--holdout", "0.5"], "not both")):
+        assert ev.main(["--ckpt", str(weights), "--unseen", "--data", *argv]) == 2
+        assert message in capsys.readouterr().err
+    every = _run_dir(tmp_path / "b", cfg, ten, step=5)
+    assert ev.main(["--ckpt", str(every), "--data", str(ten), "--unseen"]) == 2
+    assert "read every record" in capsys.readouterr().err
+    assert ev.main(["--ckpt", str(ckpt[1]), "--data", str(ten), "--unseen"]) == 2
+    assert "train_config.yaml not found" in capsys.readouterr().err
