@@ -146,7 +146,7 @@ LAYERS = [
     ("minimind_jax.chat_format", 0), ("minimind_jax.data", 0), ("minimind_jax.model", 1),
     ("minimind_jax.sharding", 2), ("minimind_jax.checkpoint", 2), ("convert", 3), ("minimind_jax.weights", 4),
     ("minimind_jax.lora", 4), ("minimind_jax.generate", 5), ("minimind_jax.evaluation.scoring", 5),
-    ("minimind_jax.training", 6), ("minimind_jax.rl", 6), ("minimind_jax.server", 7), ("minimind_jax.completions", 7),
+    ("minimind_jax.training", 6), ("minimind_jax.rl", 6), ("minimind_jax.engine", 6), ("minimind_jax.server", 7), ("minimind_jax.completions", 7),
     ("minimind_jax.evaluation", 7), ("convert.cli", 8), ("convert.__main__", 8), ("minimind_jax.evaluation.__main__", 8),
 ]
 
