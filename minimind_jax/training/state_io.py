@@ -167,8 +167,11 @@ def _files(directory: Path) -> list[str]:
 
 
 def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_manifest(directory: Path) -> None:
