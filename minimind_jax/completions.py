@@ -15,8 +15,10 @@ chunk and a last chunk with no choices and the usage; ``data: [DONE]`` ends the 
 start of a stop string is held back until it is not (a stop string never shows, not even in part), and so is a
 partial UTF-8 character. With ``logprobs`` each chunk carries the log-probs of the tokens whose text it completes
 (rescored on the prompt scorer once per step that releases tokens; the stream without ``logprobs`` costs nothing
-extra); the chunks' tokens and log-probs joined are the non-streamed response's. ``usage.completion_tokens`` of a
-stream counts each row's tokens up to its end (its eos, its limit, or the token that completed a stop string).
+extra); joined, the chunks' texts are the plain response's, and so are their tokens and log-probs unless a stop
+string cut the text (the stream leaves out the tokens from the one the stop string starts in; the plain response
+lists every generated token). ``usage.completion_tokens`` of a stream counts each row's tokens up to its end (its
+eos, its limit, or the token that completed a stop string).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from minimind_jax.chat_format import StopStrings
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
 
-__all__ = ["CompletionError", "CompletionRequest", "completions_router", "parse_completion_request"]
+__all__ = ["CompletionError", "CompletionRequest", "complete", "completions_router", "parse_completion_request",
+           "stream_completion"]
 
 
 class CompletionError(Exception):
@@ -169,7 +172,7 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def complete(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> tuple[list[dict], int]:
+def complete(req: CompletionRequest, generator, scorer: Scorer | None, tokenizer) -> tuple[list[dict], int]:
     """The ``choices`` of the response (prompt-major, ``n`` per prompt) and the number of generated tokens."""
     rows, samplings = req.rows()
     generated = ([r.tokens for r in generator.generate(rows, req.max_tokens, samplings)]
@@ -271,8 +274,9 @@ def _stream_logprobs(streams: list[_ChoiceStream], upto: list[int], scorer: Scor
     return blocks
 
 
-def stream_completion(req: CompletionRequest, generator, scorer: Scorer, tokenizer) -> Iterator[dict]:
-    """The stream's ``choices`` entries in order (one choice each), then ``{"usage": ...}``."""
+def stream_completion(req: CompletionRequest, generator, scorer: Scorer | None, tokenizer) -> Iterator[dict]:
+    """The stream's ``choices`` entries in order (one choice each), then ``{"usage": completion tokens}``;
+    ``scorer`` is needed only with ``logprobs``."""
     rows, samplings = req.rows()
     eos = set(generator.eos_ids)
     streams = [_ChoiceStream(tokenizer, prompt, req.stop, eos) for prompt in rows]

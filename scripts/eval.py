@@ -19,9 +19,12 @@ of its seeded shuffle order (the data pipeline's: grain's shuffle of the record 
 identity with ``shuffle: false``), so the others are held out, as long as that is less than one epoch (a
 single-process run; ``--data`` must be the run's ``data_path``). The quickstart pretrain run reads 2,400 of the
 4,000 sample records (150 steps of 16), leaving 1,600 unseen. ``--holdout F`` scores the last fraction F of the
-records instead (held out only if training did not read them). ``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model
-(the ``eval`` extra): the shipped offline tasks (C-Eval-, CMMLU- and ARC-style multiple choice on the jsonl in
-``--task-data``), a task YAML file, or any task name lm-eval knows. ``--suite`` answers the prompts in one batch (MiniMind's eval questions by default).
+records instead (held out only if training did not read them).
+
+``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model (the ``eval`` extra): the shipped
+offline tasks (C-Eval-, CMMLU- and ARC-style multiple choice on the jsonl in ``--task-data``), a task YAML file,
+or any task name lm-eval knows. ``--suite`` answers the prompts in one batch (MiniMind's eval questions by
+default); its progress bar counts each answer's share of ``prompts x max_new_tokens``.
 """
 
 import argparse
