@@ -4,18 +4,19 @@
 is the command line around it.
 
 Endpoints: ``POST /v1/chat/completions`` (plain JSON or Server-Sent Events with ``"stream": true``),
-``GET /v1/models``, ``GET /health`` (model name, parameter count, queue length), and the chat page at
+``GET /v1/models``, ``GET /health`` (model name, parameter count, requests waiting, slots and slots in use,
+tokens/s over the last 10 s), and the chat page at
 ``GET /`` (static HTML/CSS/JS in ``minimind_jax/static``: streamed replies, thinking shown apart and
 collapsible, a stop button that aborts the request, which cancels its row). Any ``model`` name is accepted
 and answered as the served model (one model per server).
 
-**Batching.** Every request becomes a :class:`Job` in one queue. A single worker thread takes the first job
-waiting, plus whatever else is queued (up to ``max_batch``), and runs them as one left-padded batch through
-``Generator.stream``: each row has its own sampling settings, seed and token limit. The batch is padded to
-a power of two rows (dummy rows stop after one token) so only a few batch shapes ever compile. Each row's
-new tokens become text deltas as they come, and go to that request's client; a row that is finished (eos,
-its limit, a stop string, a disconnected client) is answered at once, and the batch ends when every row is
-finished. Requests that arrive while a batch runs wait for the next one.
+**Batching.** Every request becomes a :class:`Job` on one :class:`~minimind_jax.engine.Engine`: a fixed
+number of decode slots (``max_batch``) over one preallocated KV cache (``cache_len`` tokens per slot), decoded
+one step at a time by a worker thread. A request is prefilled into a free slot and joins the running decode
+at the next step; each slot has its own sampling settings, seed, token limit and stop strings, and its
+tokens for a given seed are those it would get alone. Its new tokens become text deltas as they come and go
+to that request's client; a finished row (eos, its limit, a stop string, a disconnected client) frees its
+slot at once for the next request waiting.
 
 **What a request may say.** ``messages`` (roles system / developer / user / assistant / tool, text content
 or text parts, assistant ``tool_calls``), ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` /
@@ -35,12 +36,15 @@ and every generated token (the eos included).
 **Limits.** A body over ``max_body_bytes`` (8 MiB) gets 413 before it is read whole; JSON parsing and
 tokenising run off the event loop, and a prompt whose text has more bytes than the token limit could ever
 cover is refused before it is tokenised; the prompt may hold at most ``max_prompt_tokens`` (default: the
-context less one) tokens and prompt + ``max_tokens`` must fit the context (400 ``context_length_exceeded``
-naming the limit). A non-streaming client that disconnects cancels its row (checked every 0.25 s).
+context less one) tokens and prompt + ``max_tokens`` must fit the context (the model's, or the smaller
+``cache_len``; 400 ``context_length_exceeded`` naming the limit). At most ``max_queue`` requests wait for a
+slot (beyond: 429 ``queue_full``); one not done within ``request_timeout_s`` ends with 504 ``timeout``;
+while the server shuts down requests get 503 ``shutting_down``. A non-streaming client that disconnects
+cancels its row (checked every 0.25 s); a streaming one as soon as the server sees its connection close.
 
 **Errors.** Invalid requests get ``4xx`` with ``{"error": {"message", "type", "param", "code"}}``; a
-failure inside generation answers every request of that batch with ``500`` (or an ``error`` event if its
-stream had started), and the worker goes on with the next batch.
+failure inside a decode step answers every running request with ``500`` (or an ``error`` event if its
+stream had started; a failed prefill only its own request), empties the slots and goes on.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ import json
 import logging
 import queue
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -67,10 +70,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
 from minimind_jax.completions import completions_router
+from minimind_jax.engine import Engine, EngineError, SlotDecoder
+from minimind_jax.engine import Request as EngineRequest
 from minimind_jax.generate import SamplingParams, TextStream
 from minimind_jax.tokenizer import TokenizerError
 
-__all__ = ["APIError", "ChatRequest", "Engine", "Job", "create_app", "parse_chat_request"]
+__all__ = ["APIError", "ChatRequest", "Job", "PromptBuilder", "create_app", "parse_chat_request"]
 
 log = logging.getLogger("minimind_jax.server")
 
@@ -78,7 +83,6 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MAX_STOP = 16
 TEMPLATE_KWARGS = ("open_thinking", "enable_thinking")  # the only chat_template_kwargs a request may set
 MAX_BODY_BYTES = 8 * 2 ** 20
-_END = object()  # worker shutdown sentinel
 
 
 class APIError(Exception):
@@ -281,69 +285,56 @@ def _template_kwargs(value: Any) -> dict:
     return dict(value)
 
 
-# ------------------------------------------------------------------------------------------------ the worker
+# ------------------------------------------------------------------------------------------------ jobs
 
 
-class Job:
-    """One request in the engine: its prompt, limits and settings, and the channel its events go back on.
+class Job(EngineRequest):
+    """One chat request in the engine: its prompt, limits and settings, the text handling of its tokens (deltas
+    with a partial UTF-8 character held back, cut at stop strings, split into reasoning and content, tool calls
+    held back and parsed) and the channel its events go back on.
 
     Events (tuples, in order): ``("start",)`` after the prefill; any number of
     ``("delta", reasoning, content)``; then ``("done", finish_reason, tool_calls, has_reasoning,
-    completion_tokens)`` or ``("error", APIError)``.
+    completion_tokens)`` or ``("error", APIError)``. A cancelled job (its client left) sends nothing more.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, *,
+    def __init__(self, prompt_ids: Sequence[int], max_tokens: int, sampling: SamplingParams, tokenizer, *,
                  stop: Sequence[str] = (), parse_tools: bool = False, start_in_reasoning: bool = False,
                  stream: bool = False, loop: asyncio.AbstractEventLoop | None = None):
-        self.prompt_ids = list(prompt_ids)
-        self.max_tokens = max_tokens
-        self.sampling = sampling
-        self.stop = list(stop)
-        self.parse_tools = parse_tools
-        self.start_in_reasoning = start_in_reasoning
+        super().__init__(prompt_ids, max_tokens, sampling)
         self.stream = stream
-        self.cancelled = False  # the client went away
+        self.text = TextStream(tokenizer, skip_special_tokens=True)
+        self.stops = StopStrings(list(stop))
+        self.splitter = ReasoningSplitter(start_in_reasoning)
+        self.tools = ToolCallBuffer() if parse_tools else None
         self._loop = loop
         self.events: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
 
     def send(self, *event) -> None:
-        """Called from the worker thread."""
+        """Called from the engine's thread."""
         if self._loop is None:
             self.events.put(event)
         elif not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    # -- the engine's hooks
+    def on_start(self) -> None:
+        self.send("start")
 
-class _Row:
-    """Turns one row's new tokens into a job's events: text deltas (a partial UTF-8 character held back),
-    cut at stop strings, split into reasoning and content, tool calls held back and parsed."""
+    def on_token(self, token: int, is_eos: bool) -> bool:
+        if not is_eos:
+            self._text(self.text.push([token]))
+        return self.stops.stopped
 
-    def __init__(self, job: Job, tokenizer, eos: set[int]):
-        self.job = job
-        self.eos = eos
-        self.text = TextStream(tokenizer, skip_special_tokens=True)
-        self.stops = StopStrings(job.stop)
-        self.splitter = ReasoningSplitter(job.start_in_reasoning)
-        self.tools = ToolCallBuffer() if job.parse_tools else None
-        self.count = 0
-        self.done = False
-
-    def push(self, tokens: list[int]) -> None:
-        if self.stops.stop and len(tokens) > 1:  # one by one, so the count stops where a stop string ends
-            for t in tokens:
-                self.push([t])
+    def on_finish(self, reason: str) -> None:
+        if reason == "cancelled":
             return
-        if self.done:
-            return
-        self.count += len(tokens)
-        ended = bool(tokens) and tokens[-1] in self.eos
-        self._text(self.text.push([t for t in tokens if t not in self.eos]))
-        if self.stops.stopped or ended:
-            self.finish("stop")
-        elif self.count >= self.job.max_tokens:
-            self.finish("length")
-        elif self.job.cancelled:
-            self.done = True
+        tail = "" if self.stops.stopped else self.text.flush()
+        calls = self._text(tail, final=True)
+        self.send("done", "tool_calls" if calls else reason, calls, self.splitter.has_reasoning, len(self.tokens))
+
+    def on_error(self, error: EngineError) -> None:
+        self.send("error", api_error(error))
 
     def _text(self, delta: str, final: bool = False) -> list[dict]:
         delta = self.stops.feed(delta) + (self.stops.finish() if final else "")
@@ -358,136 +349,52 @@ class _Row:
                 rest, calls = self.tools.finish()
                 content += rest
         if reasoning or content:
-            self.job.send("delta", reasoning, content)
+            self.send("delta", reasoning, content)
         return calls
 
-    def finish(self, reason: str) -> None:
-        tail = "" if self.stops.stopped else self.text.flush()
-        calls = self._text(tail, final=True)
-        self.done = True
-        self.job.send("done", "tool_calls" if calls else reason, calls, self.splitter.has_reasoning, self.count)
 
-    def fail(self, message: str) -> None:
-        self.done = True
-        self.job.send("error", APIError(500, message, code="generation_failed"))
+def api_error(error: EngineError) -> APIError:
+    """The HTTP answer to an engine's refusal (429 queue full, 503 shutting down, 400 too long)."""
+    return APIError(error.status, error.message, code=error.code,
+                    type="rate_limit_error" if error.status == 429 else None)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def default_eos_ids(generator, tokenizer) -> tuple[int, ...]:
+    """The generator's eos ids and the tokenizer's eos token (a reply ends on either)."""
+    eos_ids = list(generator.eos_ids)
+    tok_eos = tokenizer.special_tokens_map.get("eos_token")
+    tok_eos = tokenizer.token_to_id(tok_eos) if tok_eos else None
+    if tok_eos is not None and tok_eos not in eos_ids:
+        eos_ids.append(tok_eos)
+    return tuple(eos_ids)
 
 
-class Engine:
-    """The request queue and the worker thread that serves it in batches (see the module docstring)."""
+# ------------------------------------------------------------------------------------------------ prompts
 
-    def __init__(self, generator, tokenizer, *, max_batch: int = 8, batch_wait_s: float = 0.005,
-                 eos_ids: Sequence[int] | None = None):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.generator = generator
+
+class PromptBuilder:
+    """Turns a :class:`ChatRequest` into (prompt ids, max new tokens, whether the prompt opened a think block)
+    within ``context`` tokens (the engine's slot length: at most the model's context); raises
+    :class:`APIError` (400) for a template error or a prompt that does not fit (or ``max_prompt_tokens``).
+    Runs off the event loop: tokenising a long prompt takes a while."""
+
+    def __init__(self, tokenizer, context: int, model_context: int, default_max_tokens: int,
+                 max_prompt_tokens: int | None = None):
         self.tokenizer = tokenizer
-        self.max_batch = max_batch
-        self.batch_wait_s = batch_wait_s
-        if eos_ids is None:
-            eos_ids = list(generator.eos_ids)
-            tok_eos = tokenizer.special_tokens_map.get("eos_token")
-            tok_eos = tokenizer.token_to_id(tok_eos) if tok_eos else None
-            if tok_eos is not None and tok_eos not in eos_ids:
-                eos_ids.append(tok_eos)
-        self.eos_ids = tuple(eos_ids)
-        self.batch_sizes: list[int] = []  # real rows of every batch served (for tests and logs)
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self.context = context
+        self.model_context = model_context
+        self.default_max_tokens = default_max_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self._max_token_bytes: int | None = None  # the tokenizer's longest token, in bytes (found when first needed)
 
-    # -- lifecycle
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="minimind-generate", daemon=True)
-            self._thread.start()
+    def _context_name(self) -> str:
+        if self.context == self.model_context:
+            return f"this model's context of {self.context} tokens"
+        return f"the server's context of {self.context} tokens (the model's is {self.model_context})"
 
-    def close(self, timeout: float | None = 30.0) -> None:
-        if self._thread is not None:
-            self._queue.put(_END)
-            self._thread.join(timeout)
-            self._thread = None
-
-    def submit(self, job: Job) -> None:
-        self._queue.put(job)
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    # -- the worker
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is _END:
-                return
-            batch = [job]
-            deadline = time.monotonic() + self.batch_wait_s
-            ending = False
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is _END:
-                    ending = True
-                    break
-                batch.append(nxt)
-            batch = [j for j in batch if not j.cancelled]
-            if batch:
-                self._serve(batch)
-            if ending:
-                return
-
-    def _serve(self, jobs: list[Job]) -> None:
-        rows = [_Row(j, self.tokenizer, set(self.eos_ids)) for j in jobs]
-        self.batch_sizes.append(len(jobs))
-        size = min(_pow2_at_least(len(jobs)), self.max_batch)
-        filler = min((j.prompt_ids for j in jobs), key=len)  # dummy rows: one greedy token each
-        prompts = [j.prompt_ids for j in jobs] + [filler] * (size - len(jobs))
-        limits = [j.max_tokens for j in jobs] + [1] * (size - len(jobs))
-        sampling = [j.sampling for j in jobs] + [SamplingParams.make_greedy()] * (size - len(jobs))
-        chunk = 1 if any(j.stream for j in jobs) else 8
-        t0 = time.perf_counter()
-        steps = None
-        try:
-            steps = self.generator.stream(prompts, limits, sampling, eos_ids=self.eos_ids, chunk=chunk)
-            for i, new in enumerate(steps):
-                if i == 0:
-                    for r in rows:
-                        r.job.send("start")
-                for r, tokens in zip(rows, new):
-                    r.push(tokens)
-                for r in rows:
-                    if not r.done and r.job.cancelled:
-                        r.done = True
-                if all(r.done for r in rows):
-                    break
-            for r in rows:  # the generator stopped a row we did not see end (should not happen)
-                if not r.done:
-                    r.finish("length")
-        except Exception as e:  # the server must outlive a failed batch: its requests get a 500
-            log.exception("generation failed for a batch of %d", len(jobs))
-            for r in rows:
-                if not r.done:
-                    r.fail(f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            if steps is not None and hasattr(steps, "close"):
-                steps.close()
-        log.info("batch of %d (padded to %d): %d tokens in %.2fs", len(jobs), size, sum(r.count for r in rows),
-                 time.perf_counter() - t0)
-
-    # -- prompts
-    def prepare(self, request: ChatRequest, default_max_tokens: int,
-                max_prompt_tokens: int | None = None) -> tuple[list[int], int, bool]:
-        """(prompt ids, max new tokens, whether the prompt opened a think block) for a request; raises
-        :class:`APIError` (400) for a template error or a prompt that does not fit the context (or
-        ``max_prompt_tokens``). Runs off the event loop: tokenising a long prompt takes a while."""
-        context = self.generator.config.max_position_embeddings
-        limit = min(context - 1, max_prompt_tokens or context)
+    def __call__(self, request: ChatRequest) -> tuple[list[int], int, bool]:
+        context, cap = self.context, self.max_prompt_tokens
+        limit = min(context - 1, cap or context)
         self._refuse_hopeless(request, limit)
         try:
             ids = self.tokenizer.apply_chat_template(
@@ -497,14 +404,13 @@ class Engine:
             raise _bad(f"cannot apply the chat template to these messages: {e}", "messages") from e
         n = len(ids)
         if n > limit:
-            raise _bad(f"the prompt is {n} tokens; the limit is {limit} (this model's context is {context} tokens"
-                       f"{', --max-prompt-tokens ' + str(max_prompt_tokens) if max_prompt_tokens else ''})",
-                       "messages", "context_length_exceeded")
+            raise _bad(f"the prompt is {n} tokens; the limit is {limit} ({self._context_name()}"
+                       f"{', --max-prompt-tokens ' + str(cap) if cap else ''})", "messages", "context_length_exceeded")
         if request.max_tokens is None:
-            max_tokens = min(default_max_tokens, context - n)
+            max_tokens = min(self.default_max_tokens, context - n)
         elif n + request.max_tokens > context:
-            raise _bad(f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds this model's "
-                       f"context of {context} tokens", "max_tokens", "context_length_exceeded")
+            raise _bad(f"the prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds "
+                       f"{self._context_name()}", "max_tokens", "context_length_exceeded")
         else:
             max_tokens = request.max_tokens
         opened = prompt_opens_reasoning(self.tokenizer.decode(ids[-16:]))
@@ -567,17 +473,25 @@ async def next_event(job: Job, request: Request, poll_s: float = 0.25):
 
 
 def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
-               default_max_tokens: int = 1024, batch_wait_s: float = 0.005, eos_ids: Sequence[int] | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None):
-    """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`, or anything with
-    its ``config``, ``eos_ids`` and ``stream``) with ``tokenizer``'s chat template. The worker thread starts
-    with the app (its lifespan) and stops with it; ``app.state.engine`` is the :class:`Engine`. Request bodies
-    over ``max_body_bytes`` get 413; prompts over ``max_prompt_tokens`` (default: the context) get 400."""
+               default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
+               request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None):
+    """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
+    chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
+    :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens, default the
+    model's context, over the generator's params); its thread starts with the app (its lifespan) and stops
+    with it; ``app.state.engine`` is the engine. ``max_queue`` requests may wait for a slot (then 429), a
+    request not done within ``request_timeout_s`` gets 504. Request bodies over ``max_body_bytes`` get 413;
+    prompts over ``max_prompt_tokens`` (default: the context) get 400."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
-    engine = Engine(generator, tokenizer, max_batch=max_batch, batch_wait_s=batch_wait_s, eos_ids=eos_ids)
-    created = int(time.time())
+    if decoder is None:
+        decoder = SlotDecoder.for_generator(generator, slots=max_batch, cache_len=cache_len)
+    engine = Engine(decoder, eos_ids if eos_ids is not None else default_eos_ids(generator, tokenizer),
+                    max_queue=max_queue, timeout_s=request_timeout_s)
+    prompts = PromptBuilder(tokenizer, decoder.cache_len, generator.config.max_position_embeddings,
+                            default_max_tokens, max_prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -589,7 +503,38 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
 
     app = FastAPI(title="minimind-jax", lifespan=lifespan)
     app.state.engine = engine
+    _error_handlers(app)
+    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch,
+                                          read_body=lambda request: read_body(request, max_body_bytes)))
+    _pages(app, model_name, _parameter_count(generator), engine)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await read_body(request, max_body_bytes))
+        prompt_ids, max_tokens, opened = await asyncio.to_thread(prompts, req)
+        job = Job(prompt_ids, max_tokens, req.sampling, tokenizer, stop=req.stop, parse_tools=req.tools is not None,
+                  start_in_reasoning=opened, stream=req.stream, loop=asyncio.get_running_loop())
+        try:
+            engine.submit(job)
+        except EngineError as e:
+            raise api_error(e) from None
+        try:
+            first = await next_event(job, request)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if first[0] == "error":
+            raise first[1]
+        answer = _Answer(req, job, model_name)
+        if not req.stream:
+            return await answer.whole(request)
+        return StreamingResponse(answer.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -608,10 +553,10 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
         log.exception("unexpected error")
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status_code=500)
 
-    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch,
-                                          read_body=lambda request: read_body(request, max_body_bytes)))
 
-    parameters = _parameter_count(generator)
+def _pages(app: FastAPI, model_name: str, parameters: int | None, engine: Engine) -> None:
+    """The chat page, its static files, ``/health`` and ``/v1/models``."""
+    created = int(time.time())
     static = importlib.resources.files("minimind_jax") / "static"
     pages = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 
@@ -627,101 +572,89 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "parameters": parameters, "queued": engine.pending}
+        return {"status": "ok", "model": model_name, "parameters": parameters, "queued": engine.queued,
+                "slots": len(engine.slots), "slots_in_use": engine.slots_in_use,
+                "tokens_per_s": round(engine.tokens_per_s(), 1)}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
             {"id": model_name, "object": "model", "created": created, "owned_by": "minimind-jax"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_chat_request(await read_body(request, max_body_bytes))
-        prompt_ids, max_tokens, opened = await asyncio.to_thread(engine.prepare, req, default_max_tokens,
-                                                                 max_prompt_tokens)
-        job = Job(prompt_ids, max_tokens, req.sampling, stop=req.stop, parse_tools=req.tools is not None,
-                  start_in_reasoning=opened, stream=req.stream, loop=asyncio.get_running_loop())
-        engine.submit(job)
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
 
-        def usage(completion: int) -> dict:
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-                    "total_tokens": len(prompt_ids) + completion}
+class _Answer:
+    """A started job's answer: one chat.completion (``whole``) or its Server-Sent Events (``events``)."""
 
+    def __init__(self, req: ChatRequest, job: Job, model_name: str):
+        self.req, self.job, self.model = req, job, model_name
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def usage(self, completion: int) -> dict:
+        n = len(self.job.prompt_ids)
+        return {"prompt_tokens": n, "completion_tokens": completion, "total_tokens": n + completion}
+
+    async def whole(self, request: Request) -> dict:
+        reasoning, content = [], []
         try:
-            first = await next_event(job, request)
+            while True:
+                event = await next_event(self.job, request)
+                if event[0] == "delta":
+                    reasoning.append(event[1])
+                    content.append(event[2])
+                elif event[0] == "error":
+                    raise event[1]
+                else:
+                    break
         except asyncio.CancelledError:
-            job.cancelled = True
+            self.job.cancelled = True
             raise
-        if first[0] == "error":
-            raise first[1]
+        _, finish, calls, has_reasoning, completion = event
+        message = {"role": "assistant", "content": "".join(content)}
+        if calls:
+            message["tool_calls"] = calls
+            message["content"] = message["content"] or None
+        if has_reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "usage": self.usage(completion)}
 
-        if not req.stream:
-            reasoning, content = [], []
-            try:
-                while True:
-                    event = await next_event(job, request)
-                    if event[0] == "delta":
-                        reasoning.append(event[1])
-                        content.append(event[2])
-                    elif event[0] == "error":
-                        raise event[1]
-                    else:
-                        break
-            except asyncio.CancelledError:
-                job.cancelled = True
-                raise
-            _, finish, calls, has_reasoning, completion = event
-            message = {"role": "assistant", "content": "".join(content)}
-            if calls:
-                message["tool_calls"] = calls
-                message["content"] = message["content"] or None
-            if has_reasoning:
-                message["reasoning_content"] = "".join(reasoning)
-            return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                    "usage": usage(completion)}
+    def chunk(self, delta: dict, finish: str | None = None) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.req.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "system_fingerprint": None,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            if req.include_usage:
-                body["usage"] = None
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        async def sse():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    event = await job.events.get()
-                    if event[0] == "delta":
-                        delta = {}
-                        if event[1]:
-                            delta["reasoning_content"] = event[1]
-                        if event[2]:
-                            delta["content"] = event[2]
-                        yield chunk(delta)
-                    elif event[0] == "error":
-                        yield f"data: {json.dumps(event[1].body(), ensure_ascii=False)}\n\n"
-                        break
-                    else:
-                        _, finish, calls, _, completion = event
-                        if calls:
-                            yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                        yield chunk({}, finish)
-                        if req.include_usage:
-                            yield ("data: " + json.dumps({
-                                "id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                                "system_fingerprint": None, "choices": [], "usage": usage(completion)}) + "\n\n")
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # a no-op once the row is done; stops its generation if the client left
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    return app
+    async def events(self):
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await self.job.events.get()
+                if event[0] == "delta":
+                    delta = {}
+                    if event[1]:
+                        delta["reasoning_content"] = event[1]
+                    if event[2]:
+                        delta["content"] = event[2]
+                    yield self.chunk(delta)
+                elif event[0] == "error":
+                    yield f"data: {json.dumps(event[1].body(), ensure_ascii=False)}\n\n"
+                    break
+                else:
+                    _, finish, calls, _, completion = event
+                    if calls:
+                        yield self.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                    yield self.chunk({}, finish)
+                    if self.req.include_usage:
+                        yield ("data: " + json.dumps({
+                            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "system_fingerprint": None, "choices": [],
+                            "usage": self.usage(completion)}) + "\n\n")
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            self.job.cancelled = True  # a no-op once the job is done; frees its slot if the client left

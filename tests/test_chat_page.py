@@ -3,8 +3,8 @@
 The server runs the tiny random model (tiny3 with the shipped tokenizer's 6400 ids) through its real engine;
 the page is typed into and clicked like a person would. What the page shows is checked against the tokens the
 engine generated for each request (and each request's prompt against the conversation so far), the thinking
-switch against the prompt and where the text lands, and the stop button against the server: the row it
-stops must stop being decoded. A screenshot of the two-turn conversation (the second reply's thinking
+switch against the prompt and where the text lands, and the stop button against the server: the slot of the
+row it stops must be freed. A screenshot of the two-turn conversation (the second reply's thinking
 collapsed) is saved to ``out/test-artifacts/chat_page.png``.
 
 Skips (with the reason) without selenium or without Debian's ``chromium`` and ``chromium-driver`` (``.ci/run``
@@ -22,6 +22,7 @@ import pytest
 
 from _util import cached_params, tiny
 from minimind_jax.chat_format import split_reasoning
+from minimind_jax.engine import SlotDecoder
 from minimind_jax.generate import Generator
 from minimind_jax.server import create_app
 from minimind_jax.tokenizer import load_tokenizer
@@ -58,26 +59,34 @@ return {
 """
 
 
-class RecordingGenerator:
-    """The tiny model's Generator as the server sees it, recording every stream the engine runs: the prompt of
-    its first row, that row's tokens so far, and whether the engine has let go of it (the slot is free)."""
+class RecordingDecoder:
+    """The server's decode slots over the tiny model, recording every request the engine puts in a slot: its
+    prompt, its tokens so far, and whether the engine has let go of it (the slot is free)."""
 
-    def __init__(self, generator: Generator):
-        self.generator = generator
-        self.streams: list[dict] = []
+    def __init__(self, decoder: SlotDecoder):
+        self.decoder = decoder
+        self.requests: list[dict] = []
+        self._in_slot: dict[int, dict] = {}
 
-    def __getattr__(self, name):
-        return getattr(self.generator, name)
+    def __getattr__(self, name):  # slots, cache_len, active, reset
+        return getattr(self.decoder, name)
 
-    def stream(self, prompts, *args, **kwargs):
-        record = {"prompt": list(prompts[0]), "tokens": [], "closed": threading.Event()}
-        self.streams.append(record)
-        try:
-            for new in self.generator.stream(prompts, *args, **kwargs):
-                record["tokens"].extend(new[0])
-                yield new
-        finally:
-            record["closed"].set()
+    def prefill(self, slot, prompt_ids, sampling):
+        record = {"prompt": list(prompt_ids), "tokens": [], "closed": threading.Event()}
+        self.requests.append(record)
+        record["tokens"].append(self.decoder.prefill(slot, prompt_ids, sampling))
+        self._in_slot[slot] = record
+        return record["tokens"][0]
+
+    def step(self):
+        tokens = self.decoder.step()
+        for slot, record in self._in_slot.items():
+            record["tokens"].append(int(tokens[slot]))
+        return tokens
+
+    def release(self, slot):
+        self.decoder.release(slot)
+        self._in_slot.pop(slot)["closed"].set()
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +97,9 @@ def tok():
 @pytest.fixture(scope="module")
 def served(tok):
     cfg = tiny("tiny3", vocab_size=len(tok))
-    gen = RecordingGenerator(Generator(cached_params(cfg), cfg))
-    server = _Server(create_app(gen, tok, "tiny3", max_batch=1))
+    generator = Generator(cached_params(cfg), cfg)
+    gen = RecordingDecoder(SlotDecoder.for_generator(generator, slots=1))
+    server = _Server(create_app(generator, tok, "tiny3", decoder=gen))
     yield server, gen
     server.stop()
 
@@ -158,9 +168,9 @@ def _server_reply(record: dict, tok, *, thinking: bool) -> tuple[str | None, str
 
 
 def _one_stream(gen, since: int) -> dict:
-    """The record of the one generator stream the engine ran for one request sent after ``since`` streams."""
-    new = gen.streams[since:]
-    assert len(new) == 1, f"the engine ran {len(new)} Generator.stream calls for one request (this test records those)"
+    """The record of the one request the engine decoded for one message sent after ``since`` requests."""
+    new = gen.requests[since:]
+    assert len(new) == 1, f"the engine decoded {len(new)} requests for one message (this test records those)"
     return new[0]
 
 
@@ -177,7 +187,7 @@ def _two_turns(driver, gen, tok):
     server generated, the second's reasoning in a thinking block that is collapsed when the reply ends."""
     _set(driver, "max-tokens", TURN_TOKENS)
     first = "Hello <b>there</b>"  # shown as text: no <b> element appears
-    n_streams = len(gen.streams)
+    n_streams = len(gen.requests)
     _type(driver, first, enter=True)
     state = _wait(driver, "the first reply finished", lambda s: len(s["messages"]) == 2 and s["messages"][1]["finish"])
     user, reply = state["messages"]
@@ -213,7 +223,7 @@ def _start_long_reply(driver, gen) -> dict:
     for _ in range(3):
         _click(driver, "new-chat")
         assert _state(driver)["messages"] == []
-        n_streams = len(gen.streams)
+        n_streams = len(gen.requests)
         _type(driver, "Tell me a long story.", enter=True)
         grown = []
         state = _wait(driver, "the reply growing while streamed", lambda s: len(s["messages"]) == 2 and (
@@ -260,4 +270,5 @@ def test_chat_page_in_a_browser(served, browser, tok):
     state = _wait(browser, "the error", lambda s: s["error"] is not None, timeout=20)
     assert "context" in state["error"] and state["messages"][1]["content"] == stopped
     assert not state["sendDisabled"]
-    assert server.raw("GET", "/health")[1]["queued"] == 0
+    health = server.raw("GET", "/health")[1]
+    assert health["queued"] == 0 and health["slots_in_use"] == 0

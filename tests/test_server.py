@@ -118,12 +118,12 @@ def test_non_streaming_and_streaming_answer_what_the_generator_says(model, tok):
     assert greedy.choices[0].message.content == expected
 
 
-def test_two_concurrent_clients_are_batched_and_both_answered(model, tok):
+def test_two_concurrent_clients_are_decoded_together_and_both_answered(model, tok):
     server, gen = model
     asks = [(HELLO, 12, 5), ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}], 7, 6)]
     expected = [_expected(gen, tok, m, n, seed) for m, n, seed in asks]
     engine = server.app.state.engine
-    before = len(engine.batch_sizes)
+    before = engine.steps_with_rows[2]
     barrier = threading.Barrier(len(asks))
 
     def ask(i):
@@ -135,16 +135,16 @@ def test_two_concurrent_clients_are_batched_and_both_answered(model, tok):
         return "".join(c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
             model="m", messages=messages, max_tokens=n, stream=True, **_sampled(seed)))
 
-    for _ in range(3):  # the two requests normally share a batch; retry if the scheduler split them
+    for _ in range(3):  # the two requests normally share decode steps; retry if one ended before the other came
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first, second = pool.map(ask, range(2))
         # each row samples with its own seed: the batch changes nothing
         assert first.choices[0].message.content == expected[0][0]
         assert first.usage.completion_tokens == expected[0][3]
         assert second == expected[1][0]
-        if 2 in engine.batch_sizes[before:]:
+        if engine.steps_with_rows[2] > before:
             break
-    assert 2 in engine.batch_sizes[before:]
+    assert engine.steps_with_rows[2] > before
 
 
 def test_stop_and_seed(model, tok):
@@ -196,22 +196,29 @@ def test_models_and_health(model):
     server, gen = model
     assert [m.id for m in server.client.models.list()] == ["tiny3"]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(gen.params))
-    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "tiny3", "parameters": n_params,
-                                                  "queued": 0})
+    status, health = server.raw("GET", "/health")
+    assert status == 200 and health.pop("tokens_per_s") >= 0
+    assert health == {"status": "ok", "model": "tiny3", "parameters": n_params, "queued": 0, "slots": 4,
+                      "slots_in_use": 0}
 
 
 # ---------------------------------------------------------------------------------------------- a scripted model
 
 
 class ScriptedGenerator:
-    """Generator stand-in: every row answers a fixed text (picked by a keyword in its prompt), one token per
-    step, then eos; records every batch. "FAIL" raises before the first step, "FAIL_LATER" after two."""
+    """Generator stand-in with its own decode slots (the engine's decoder): every slot answers a fixed text
+    (picked by a keyword in its prompt), one token per step, then eos; records every request (prompt text,
+    tokens given, whether its slot was released). "FAIL" raises in the prefill, "FAIL_LATER" in the step
+    after its second token; while a "SLOW" or "HOLD" row is decoded every step takes 30 ms."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, slots: int = 8):
         self.tok = tok
         self.config = types.SimpleNamespace(vocab_size=len(tok), max_position_embeddings=512)
         self.eos_ids = (2,)
-        self.batches = []  # (rows, steps taken)
+        self.slots, self.cache_len = slots, 512
+        self.active = np.zeros(slots, bool)
+        self.records = []  # {"prompt", "tokens", "released"} per request, in the order they were prefilled
+        self._script = [None] * slots
 
     def script(self, prompt: str) -> str:
         if "THINK" in prompt:
@@ -223,29 +230,47 @@ class ScriptedGenerator:
             return ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
         if "SLOW" in prompt:
             return "slow " * 40
+        if "HOLD" in prompt:
+            return "wait " * 400
         return "Hi there."
 
-    def stream(self, prompts, max_new_tokens, sampling, *, eos_ids, chunk=1):
-        texts = [self.tok.decode(p) for p in prompts]
-        record = [len(prompts), 0]
-        self.batches.append(record)
-        if any("FAIL" in t and "FAIL_LATER" not in t for t in texts):
+    def prefill(self, slot, prompt_ids, sampling):
+        text = self.tok.decode(prompt_ids)
+        if "FAIL" in text and "FAIL_LATER" not in text:
             raise RuntimeError("scripted failure")
-        rows = [self.tok.encode(self.script(t), add_special_tokens=False)[:m - 1] + [eos_ids[0]]
-                for t, m in zip(texts, max_new_tokens)]
-        for step in range(max(map(len, rows))):
-            if step == 2 and any("FAIL_LATER" in t for t in texts):
-                raise RuntimeError("scripted failure mid-stream")
-            if any("SLOW" in t for t in texts):
-                time.sleep(0.03)
-            record[1] = step + 1
-            yield [row[step:step + 1] for row in rows]
+        script = self.tok.encode(self.script(text), add_special_tokens=False) + [self.eos_ids[0]]
+        record = {"prompt": text, "tokens": script[:1], "released": False}
+        self.records.append(record)
+        self._script[slot] = (record, script)
+        self.active[slot] = True
+        return script[0]
+
+    def step(self):
+        live = [self._script[s] for s in np.flatnonzero(self.active)]
+        if any("SLOW" in r["prompt"] or "HOLD" in r["prompt"] for r, _ in live):
+            time.sleep(0.03)
+        if any("FAIL_LATER" in r["prompt"] and len(r["tokens"]) == 2 for r, _ in live):
+            raise RuntimeError("scripted failure mid-stream")
+        out = np.zeros(self.slots, np.int64)
+        for slot in np.flatnonzero(self.active):
+            record, script = self._script[slot]
+            record["tokens"].append(script[min(len(record["tokens"]), len(script) - 1)])
+            out[slot] = record["tokens"][-1]
+        return out
+
+    def release(self, slot):
+        self.active[slot] = False
+        self._script[slot][0]["released"] = True
+
+    def reset(self):
+        for slot in np.flatnonzero(self.active):
+            self.release(slot)
 
 
 @pytest.fixture(scope="module")
 def scripted(tok):
     gen = ScriptedGenerator(tok)
-    server = _Server(create_app(gen, tok, "scripted", max_batch=8))
+    server = _Server(create_app(gen, tok, "scripted", decoder=gen))
     yield server, gen
     server.stop()
 
@@ -314,22 +339,25 @@ def test_generation_failure_is_a_500_and_the_server_goes_on(scripted):
         "Hi there."
 
 
-def test_queued_requests_share_a_batch_and_a_dropped_stream_stops(scripted):
+def test_queued_requests_join_the_running_decode_and_a_dropped_stream_stops(scripted):
     server, gen = scripted
     engine = server.app.state.engine
     slow = server.client.chat.completions.create(model="s", messages=_user("SLOW"), stream=True)
-    next(iter(slow))  # the slow batch is running: the next three queue up behind it
-    n = len(engine.batch_sizes)
+    next(iter(slow))  # the slow row is being decoded: the next three join it, without waiting for its end
+    record = gen.records[-1]
+    before = list(engine.steps_with_rows)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(server.client.chat.completions.create, model="s", messages=_user(f"q{i}"))
                    for i in range(3)]
-        time.sleep(0.2)
-        slow.close()  # the client goes away mid-stream
         answers = [f.result(timeout=60).choices[0].message.content for f in futures]
-    assert answers == ["Hi there."] * 3
-    assert engine.batch_sizes[n:] == [3]
-    assert gen.batches[-2][1] < 40  # the abandoned slow row stopped early
-    assert gen.batches[-1][0] == 4  # 3 rows padded to a power of two
+    assert answers == ["Hi there."] * 3 and not record["released"]  # answered while the slow row ran
+    assert sum(engine.steps_with_rows[3:]) > sum(before[3:])  # steps with the slow row and two others or more
+    slow.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while not record["released"]:
+        assert time.monotonic() < deadline, "the abandoned row's slot was not freed"
+        time.sleep(0.01)
+    assert len(record["tokens"]) < 41  # it stopped before the end of its answer
 
 
 def test_parse_chat_request_defaults_and_extensions():

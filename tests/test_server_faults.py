@@ -1,14 +1,17 @@
 """The server under hostile or unlucky requests: body limits, template injection, hopeless prompts, absurd
-sampling values, clients that leave before their answer."""
+sampling values, clients that leave before their answer, more clients than slots and queue, requests that
+take too long, a server shutting down."""
 
+import concurrent.futures
 import http.client
 import json
 import socket
 import time
 
+import openai
 import pytest
 
-from test_server import HELLO, ScriptedGenerator, _Server
+from test_server import HELLO, ScriptedGenerator, _Server, _user
 from minimind_jax.server import APIError, create_app, parse_chat_request
 from minimind_jax.tokenizer import load_tokenizer
 
@@ -21,7 +24,7 @@ def tok():
 @pytest.fixture(scope="module")
 def server(tok):
     gen = ScriptedGenerator(tok)
-    srv = _Server(create_app(gen, tok, "scripted", max_batch=8, max_body_bytes=64 * 1024, max_prompt_tokens=100))
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen, max_body_bytes=64 * 1024, max_prompt_tokens=100))
     yield srv, gen
     srv.stop()
 
@@ -61,10 +64,10 @@ def test_completions_share_the_body_limit_and_json_checks(server):
                                           ([], "chat_template_kwargs")])
 def test_only_the_thinking_switch_reaches_the_template(server, kwargs, param):
     srv, gen = server
-    before = len(gen.batches)
+    before = len(gen.records)
     status, body = _post(srv, {"messages": HELLO, "chat_template_kwargs": kwargs})
     assert status == 400 and body["error"]["param"] == param, body
-    assert len(gen.batches) == before  # nothing was generated
+    assert len(gen.records) == before  # nothing was generated
     status, body = _post(srv, {"messages": HELLO, "chat_template_kwargs": {"enable_thinking": True}})
     assert status == 200
 
@@ -100,14 +103,57 @@ def test_non_streaming_client_that_leaves_stops_its_generation(server):
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     deadline = time.monotonic() + 30
-    while not gen.batches or gen.batches[-1][1] < 2:  # its batch has started
+    while not gen.records or len(gen.records[-1]["tokens"]) < 2:  # its decode has started
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    record = gen.batches[-1]
+    record = gen.records[-1]
     sock.close()
     time.sleep(1.5)  # the scripted SLOW answer takes 40 steps x 30 ms = 1.2 s when nobody stops it
-    assert record[1] < 40, record
+    assert record["released"] and len(record["tokens"]) < 40, record
     assert srv.raw("GET", "/health")[0] == 200
+
+
+@pytest.fixture()
+def one_slot(tok):
+    """A server of one slot and a queue of one; a request not done in 1.5 s times out."""
+    gen = ScriptedGenerator(tok, slots=1)
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen, max_queue=1, request_timeout_s=1.5))
+    yield srv, gen
+    srv.stop()
+
+
+def test_more_clients_than_slots_and_queue_are_429_and_slow_ones_504(one_slot):
+    srv, gen = one_slot
+    held = srv.client.chat.completions.create(model="s", messages=_user("HOLD"), stream=True)
+    chunks = iter(held)
+    next(chunks)  # the slot is taken for 400 steps x 30 ms, far beyond the timeout
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_post, srv, {"messages": _user("HOLD again")})
+        deadline = time.monotonic() + 30
+        while srv.raw("GET", "/health")[1]["queued"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        health = srv.raw("GET", "/health")[1]
+        assert (health["slots"], health["slots_in_use"], health["queued"]) == (1, 1, 1)
+        status, body = _post(srv, {"messages": HELLO})
+        assert status == 429 and body["error"]["code"] == "queue_full" and body["error"]["type"] == "rate_limit_error"
+        assert "1 requests are waiting" in body["error"]["message"]
+        with pytest.raises(openai.APIError, match="timeout of 1.5 s"):  # the stream ends with an error event
+            for _ in chunks:
+                pass
+        status, body = waiting.result(60)  # it ran out of time too (in the queue, or in the slot after it)
+    assert status == 504 and body["error"]["code"] == "timeout", body
+    assert gen.records and all(r["released"] for r in gen.records)
+    assert srv.raw("GET", "/health")[1]["slots_in_use"] == 0
+    answer = srv.client.chat.completions.create(model="s", messages=HELLO)
+    assert answer.choices[0].message.content == "Hi there."
+
+
+def test_a_server_shutting_down_is_503(one_slot):
+    srv, _ = one_slot
+    srv.app.state.engine.close()  # what the app's lifespan does when uvicorn stops
+    status, body = _post(srv, {"messages": HELLO})
+    assert status == 503 and body["error"]["code"] == "shutting_down" and body["error"]["type"] == "server_error"
 
 
 def test_parse_rejects_template_override():
