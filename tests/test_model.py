@@ -1,4 +1,5 @@
-"""The Flax model: shapes and dtypes per policy, causality, masks, the KV cache, scan / remat, dropout."""
+"""The Flax model: shapes and dtypes per policy, causality, masks, the KV cache, scan / remat, dropout, and the
+attention kernels."""
 
 import chex
 import jax
@@ -8,6 +9,7 @@ import pytest
 from _util import VOCAB, cached_params, random_ids, tiny, to_scanned
 
 from minimind_jax import KVCache, MiniMindLM, ModelConfig, init_params, logical_axes
+from minimind_jax.model.attention import attend, attention_bias
 from minimind_jax.precision import POLICIES, get_policy
 
 
@@ -283,3 +285,83 @@ def test_decode_loop_updates_the_kv_cache_in_place(scan):
                    and (" copy(" in line or " concatenate(" in line)]
     assert any(f"= {full}" in line and "dynamic-update-slice" in line for line in hlo.splitlines())
     assert not whole_cache, whole_cache[:2]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def _numpy_attention(q, k, v, allowed):
+    """softmax(q k^T / sqrt(d)) v in float64 over the allowed (t, s) slots, query head i on kv head i // g."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed[:, None], scores, -1e300)  # finite: a fully masked row is uniform, not NaN
+    scores = scores - scores.max(-1, keepdims=True)
+    probs = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _attention_case(kind, dtype):
+    """(q, k, v, bias, allowed (b, t, s)) for a plain causal mask, left padding, or a cache slot offset."""
+    b, t, nh, nkv, d = 2, 6, 4, 2, 8
+    s, start, mask = t, 0, None
+    if kind == "padding":
+        mask = jnp.asarray([[1] * t, [0] * 2 + [1] * (t - 2)], jnp.int32)
+    elif kind == "cache":  # t new queries at slots 3.. of a 12-slot buffer, the last 3 slots unwritten
+        s, start, mask = 12, jnp.int32(3), jnp.asarray([[1] * 9 + [0] * 3] * b, jnp.int32)
+    gen = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(gen.standard_normal(shape), dtype) for shape in
+               ((b, t, nh, d), (b, s, nkv, d), (b, s, nkv, d)))
+    bias = attention_bias(t, s, start, mask)
+    allowed = np.arange(s)[None, None, :] <= int(start) + np.arange(t)[None, :, None]
+    if mask is not None:
+        allowed = allowed & (np.asarray(mask)[:, None, :] == 1)
+    return q, k, v, bias, np.broadcast_to(allowed, (b, t, s))
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding", "cache"])
+def test_attention_implementations_match_numpy_and_each_other(kind):
+    """The CPU einsums (``xla_cpu``), ``jax.nn.dot_product_attention``'s XLA kernel (``generic``) and ``auto``:
+    fp32 outputs within 1e-6 of each other and 2e-6 of a float64 numpy transcription, gradients within 1e-6;
+    bf16 within 2e-2 of the fp32 result (fully masked rows, left padding, are excluded: any output is fine)."""
+    q, k, v, bias, allowed = _attention_case(kind, jnp.float32)
+    assert (bias is None) == (kind == "causal")
+    real = allowed.any(-1)  # (b, t): rows with at least one visible key
+    want = _numpy_attention(q, k, v, allowed)
+
+    def loss(kernels):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(jnp.where(real[..., None, None], attend(q, k, v, bias, kernels), 0) ** 2),
+            argnums=(0, 1, 2)))
+
+    ref_out = attend(q, k, v, bias, "xla_cpu")
+    np.testing.assert_allclose(np.asarray(ref_out)[real], want[real], atol=2e-6, rtol=0)
+    ref_loss, ref_grads = loss("xla_cpu")(q, k, v)
+    for kernels in ("generic", "auto"):
+        np.testing.assert_allclose(np.asarray(attend(q, k, v, bias, kernels))[real], np.asarray(ref_out)[real],
+                                   atol=1e-6, rtol=0)
+        value, grads = loss(kernels)(q, k, v)
+        np.testing.assert_allclose(float(value), float(ref_loss), rtol=1e-6)
+        chex.assert_trees_all_close(grads, ref_grads, atol=1e-6, rtol=1e-6)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    for kernels in ("xla_cpu", "generic"):
+        out = attend(*half, bias, kernels)
+        chex.assert_type(out, jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(out, np.float32)[real], np.asarray(ref_out)[real], atol=2e-2, rtol=0)
+
+
+def test_attention_kernels_switch_is_validated():
+    q, k, v, bias, _ = _attention_case("causal", jnp.float32)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        attend(q, k, v, bias, "cudnn")
+
+
+@pytest.mark.parametrize("kernels", ["generic", "xla_cpu"])
+def test_model_attention_kernels_match_in_a_padded_forward(kernels):
+    """The whole model with either attention kernel against ``auto`` (the CPU einsums here): left padding
+    through the mask, fp32 logits within 1e-5."""
+    params = cached_params(tiny("tiny3"))
+    ids = random_ids((2, 9), seed=3)
+    mask = jnp.asarray([[1] * 9, [0] * 4 + [1] * 5])
+    out = {k: MiniMindLM(tiny("tiny3", kernels=k)).apply({"params": params}, ids, attention_mask=mask).logits
+           for k in ("auto", kernels)}
+    chex.assert_trees_all_close(out[kernels], out["auto"], atol=1e-5, rtol=1e-5)

@@ -4,17 +4,33 @@ Masks: a query at absolute slot ``p`` sees key slots ``<= p`` (causal) whose ``a
 (padding). Without a cache the slots are the input positions; with a cache the new keys are written at
 ``cache_index .. cache_index + seq`` of a fixed-size buffer, and ``attention_mask`` covers the whole
 buffer, so decoding compiles once per (batch, buffer length) whatever the prompt length.
+
+The softmax(q k^T / sqrt(d) + mask) v itself is :func:`attend`, chosen by ``ModelConfig.kernels`` like the
+other kernels (:mod:`minimind_jax.model.kernels`):
+
+* a CUDA GPU (``auto``, bf16 / fp16, head_dim <= 128 and a multiple of 8, more than one query): cuDNN flash
+  attention (``jax.nn.dot_product_attention(implementation="cudnn")``), which never stores the
+  (batch, heads, q, kv) scores, forward or backward, and skips the masked blocks of a plain causal mask;
+* the CPU (``auto``, ``xla_cpu``): the two einsums below with float32 accumulation, the scores in float32;
+* elsewhere (``generic``, other platforms, float32 on a GPU, decode steps): ``jax.nn.dot_product_attention``'s
+  XLA implementation, the same math (float32 scores), which XLA may fuse but which stores the scores.
+
+The cuDNN branch is traced only on a host whose JAX has a CUDA GPU of compute capability >= 8.0: tracing it
+asks JAX's CUDA plugin for the cuDNN version, which a CPU-only install lacks, so an export for CUDA made on a
+CPU machine carries the XLA attention. Attention dropout (``dropout > 0`` in training) always takes the einsum
+path: the fused kernels have no dropout on the probabilities.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from minimind_jax.config import ModelConfig
+from minimind_jax.config import KERNELS, ModelConfig
 from minimind_jax.model.layers import Linear, RMSNorm, apply_rope
 from minimind_jax.precision import Policy
 
@@ -22,11 +38,15 @@ _MASKED = -1e30  # large but finite: a fully masked row (left padding) gives a u
 
 
 def attention_bias(q_len: int, kv_len: int, start: jax.Array | int,
-                   attention_mask: jax.Array | None) -> jax.Array:
+                   attention_mask: jax.Array | None) -> jax.Array | None:
     """Additive float32 bias of shape (batch or 1, 1, 1, q_len, kv_len): 0 where allowed, -1e30 elsewhere.
 
-    The two singleton axes broadcast over (kv heads, query groups) of the attention scores.
+    The two singleton axes broadcast over (kv heads, query groups) of the attention scores. None when the
+    mask is plain causal over the input positions (no cache: ``start`` 0 and as many keys as queries, no
+    ``attention_mask``): :func:`attend` then applies it as ``is_causal``, without a mask tensor.
     """
+    if attention_mask is None and isinstance(start, int) and start == 0 and kv_len == q_len:
+        return None
     q_slot = start + jnp.arange(q_len)[:, None]
     allowed = (jnp.arange(kv_len)[None, :] <= q_slot)[None]
     if attention_mask is not None:
@@ -61,19 +81,15 @@ class Attention(nn.Module):
             k, v, new_cache = _write_and_read(layer_cache, k, v, cache_index, self.layer)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
 
-        # GQA without repeating K/V: queries grouped as (kv_head, group).
-        g = nh // nkv
-        q = q.reshape(b, t, nkv, g, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(d)) + bias
-        probs = jax.nn.softmax(scores, axis=-1)  # float32, like autocast
-        probs = nn.Dropout(cfg.dropout, name="attn_dropout")(probs, deterministic=not self.train)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        if self.train and cfg.dropout > 0:
+            dropout = nn.Dropout(cfg.dropout, name="attn_dropout")
+            out = einsum_attention(q, k, v, bias, lambda p: dropout(p, deterministic=False))
+        else:
+            out = attend(q, k, v, bias, cfg.kernels)
         out = out.astype(pol.compute_dtype).reshape(b, t, nh * d)
         out = Linear(cfg.hidden_size, cfg, pol, ("heads", "embed"), name="o_proj")(out)
         out = nn.Dropout(cfg.dropout, name="resid_dropout")(out, deterministic=not self.train)
         return out, new_cache
-
 
 
 def _write_and_read(layer_cache, k, v, slot, layer: int | None):
@@ -95,3 +111,69 @@ def _write_and_read(layer_cache, k, v, slot, layer: int | None):
     ck = jax.lax.dynamic_update_slice(ck, k[None], (layer, 0, slot, 0, 0))
     cv = jax.lax.dynamic_update_slice(cv, v[None], (layer, 0, slot, 0, 0))
     return ck[layer], cv[layer], (ck, cv)
+
+
+# ------------------------------------------------------------------------------------------------ attend
+def attend(q, k, v, bias, kernels: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(d) + mask) v of q (b, t, heads, d) over k, v (b, s, kv_heads, d) (GQA: query head
+    ``i`` reads kv head ``i // (heads / kv_heads)``), returned (b, t, heads, d) in ``q``'s dtype.
+
+    ``bias`` is :func:`attention_bias`'s (b or 1, 1, 1, t, s) additive mask, or None for plain causal.
+    ``kernels`` picks the implementation (see the module docstring)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "xla_cpu":
+        return einsum_attention(q, k, v, bias)
+    if kernels == "generic":
+        return _xla_attention(q, k, v, bias)
+    cuda = _cudnn_attention if _cudnn_applies(q) else _xla_attention
+    return jax.lax.platform_dependent(q, k, v, bias, cpu=einsum_attention, cuda=cuda, default=_xla_attention)
+
+
+def einsum_attention(q, k, v, bias, dropout=None) -> jax.Array:
+    """Queries grouped as (kv_head, group) so K / V are never repeated; float32 scores and softmax (like
+    autocast); ``dropout`` (a function) on the probabilities; accumulated in float32, returned in ``q``'s dtype."""
+    b, t, nh, d = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, t, nkv, nh // nkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d)) + (_causal_bias(t, k.shape[1]) if bias is None else bias)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, t, nh, d)
+
+
+def _causal_bias(q_len: int, kv_len: int) -> jax.Array:
+    return attention_bias(q_len, kv_len, jnp.int32(0), None)
+
+
+def _xla_attention(q, k, v, bias):
+    bias = None if bias is None else bias[:, :, 0]  # (b|1, 1, t, s): broadcast over the heads
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=bias is None, implementation="xla")
+
+
+def _cudnn_attention(q, k, v, bias):
+    # A boolean mask: cuDNN adds it as a bias in q's dtype, with a large negative that float16 can hold.
+    mask = None if bias is None else bias[:, :, 0] > _MASKED / 2
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bias is None, implementation="cudnn")
+
+
+def _cudnn_applies(q) -> bool:
+    """Whether cuDNN flash attention takes these queries: half precision, head_dim <= 128 and a multiple
+    of 8, more than one query (a decode step is memory-bound: the XLA kernel reads the cache once), on a
+    host that can trace it."""
+    _, t, _, d = q.shape
+    half = jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and d <= 128 and d % 8 == 0 and t > 1 and cudnn_available()
+
+
+@functools.cache
+def cudnn_available() -> bool:
+    """This host's default JAX backend is a CUDA GPU of compute capability >= 8.0 (Ampere or newer), where
+    cuDNN flash attention runs and can be traced."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    return capability is not None and tuple(int(x) for x in capability.split(".")[:2]) >= (8, 0)
