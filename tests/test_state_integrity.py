@@ -113,9 +113,12 @@ def test_every_step_damaged_is_one_clear_error_and_nothing_is_touched(runs, tmp_
         DAMAGE[kind][0](_largest_file(state / str(step)))
     before = _listing(tmp_path)
     with pytest.raises(TrainConfigError, match=r"every kept checkpoint is damaged \(step 6: .*sha256.*step 4: .*"
-                                               r"bytes.*step 2: .*missing.*move or delete"):
+                                               r"bytes.*step 2: .*missing.*overwrite=true without --from_resume"):
         _resume(tmp_path)
     assert _listing(tmp_path) == before
+    # a fresh run over it with overwrite=true replaces it (no checkpoint is read, none verified)
+    loop.train(tiny_run(tmp_path, max_steps=2, overwrite=True, **SETTINGS))
+    assert sorted(p.name for p in state.iterdir() if p.name.isdigit()) == ["2"]
 
 
 def test_a_step_without_manifest_is_used_unverified_and_its_restore_errors_are_one_line(runs, tmp_path, capsys):

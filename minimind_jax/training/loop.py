@@ -170,7 +170,7 @@ def _starting_point(cfg: TrainConfig) -> Start:
     start = Start(model_cfg, Path(cfg.out_dir) / tconfig.run_name(cfg, model_cfg))
     if start.state_dir.is_dir():
         start.manager = state_io.manager(start.state_dir, cfg)
-        start.resume_step = state_io.latest_step(start.manager)
+        start.resume_step = state_io.latest_step(start.manager, verify=bool(cfg.from_resume))
     if cfg.from_resume and start.resume_step is not None:
         start.meta = state_io.read_meta(start.manager, start.resume_step)
         start.model_cfg = _resumed_model(cfg, start)

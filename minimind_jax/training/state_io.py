@@ -102,7 +102,7 @@ def latest_step(mgr: StateManager, *, verify: bool = True) -> int | None:
     if intact is None:
         damaged = "; ".join(f"step {s}: {mgr.problems[s]}" for s in steps)
         raise TrainConfigError(f"{mgr.directory}: every kept checkpoint is damaged ({damaged}); nothing was "
-                               f"deleted. To start over, move or delete {mgr.directory}")
+                               f"deleted. To start over, pass overwrite=true without --from_resume, or move {mgr.directory} away")
     for step in steps[:steps.index(intact)]:
         log(f"checkpoint step {step} in {mgr.directory} is damaged ({mgr.problems[step]}): skipped, resuming "
             f"from step {intact}, the newest intact one")
