@@ -17,7 +17,8 @@ padded, not dropped). ``--unseen`` scores only the records the checkpoint's trai
 (``RUN/weights`` with ``RUN/train_config.yaml``) read the first ``step x accumulation_steps x batch_size`` records
 of its seeded shuffle order (the data pipeline's: grain's shuffle of the record indices with the run's ``seed``,
 identity with ``shuffle: false``), so the others are held out, as long as that is less than one epoch (a
-single-process run; ``--data`` must be the run's ``data_path``). The quickstart pretrain run reads 2,400 of the
+single-process run; ``--data`` must be the run's ``data_path``; records are cut at the run's ``max_seq_len``
+unless ``--max_seq_len`` is given). The quickstart pretrain run reads 2,400 of the
 4,000 sample records (150 steps of 16), leaving 1,600 unseen. ``--holdout F`` scores the last fraction F of the
 records instead (held out only if training did not read them).
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], help="jsonl file(s) for the loss / perplexity")
     p.add_argument("--stage", default="auto", choices=["auto", "pretrain", "sft", "dpo"],
                    help="data format (auto: from the first record's keys)")
-    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=512)
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
+                   help="tokens per record for --data (default 512; with --unseen the run's max_seq_len)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
     p.add_argument("--max-records", type=int, default=0, help="evaluate only the first N records (0 = all)")
     p.add_argument("--holdout", type=float, default=0.0,
@@ -126,9 +128,9 @@ def read_order(total: int, seed: int, shuffle: bool = True) -> list[int]:
     return list(grain.MapDataset.range(total).shuffle(seed=seed)) if shuffle else list(range(total))
 
 
-def unseen_records(ckpt: str, data: list[str], total: int) -> list[int]:
-    """The indices (in file order) of the ``total`` records of ``data`` that the training run whose exported
-    weights are ``ckpt`` (``RUN/weights``, next to ``RUN/train_config.yaml``) did not read by its step."""
+def read_run(ckpt: str) -> tuple[dict, int]:
+    """The settings (``RUN/train_config.yaml``) and the step of the training run whose exported weights are
+    ``ckpt`` (``RUN/weights``; its manifest records the step)."""
     import yaml
 
     from minimind_jax.checkpoint import CheckpointError, read_manifest
@@ -143,8 +145,14 @@ def unseen_records(ckpt: str, data: list[str], total: int) -> list[int]:
     except CheckpointError as e:
         raise ValueError(f"--unseen: {e}") from None
     step = source.get("step") if isinstance(source, dict) else None
-    if not isinstance(step, int):
-        raise ValueError(f"--unseen: {ckpt}: its manifest records no training step")
+    if not isinstance(run, dict) or not isinstance(step, int):
+        raise ValueError(f"--unseen: {ckpt}: not the weights of a training run (no step in its manifest)")
+    return run, step
+
+
+def unseen_records(run: dict, step: int, data: list[str], total: int) -> list[int]:
+    """The indices (in file order) of the ``total`` records of ``data`` that the training run with settings ``run``
+    had not read by ``step``."""
     trained = run.get("data_path") or []
     trained = [trained] if isinstance(trained, str) else trained
     if [os.path.realpath(p) for p in trained] != [os.path.realpath(p) for p in data]:
@@ -156,14 +164,37 @@ def unseen_records(ckpt: str, data: list[str], total: int) -> list[int]:
     return sorted(read_order(total, int(run.get("seed", 42)), bool(run.get("shuffle", True)))[read:])
 
 
-def select_records(args, total: int) -> list[int]:
+def select_records(args, run: dict, step: int, total: int) -> list[int]:
     """The --data records to score: --unseen, --holdout and --max-records applied."""
-    if args.unseen:
-        if args.holdout:
-            raise ValueError("give --unseen or --holdout, not both")
-        records = unseen_records(args.ckpt, args.data, total)
-        return records[:args.max_records] if args.max_records else records
-    return list(record_range(total, args.max_records, args.holdout))
+    if not args.unseen:
+        return list(record_range(total, args.max_records, args.holdout))
+    if args.holdout:
+        raise ValueError("give --unseen or --holdout, not both")
+    records = unseen_records(run, step, args.data, total)
+    return records[:args.max_records] if args.max_records else records
+
+
+def run_data(args, params, config, policy, tok) -> dict:
+    """Loss and perplexity of the --data records, printed; the figures for --json."""
+    from minimind_jax.data.jsonl import JsonlSource
+
+    stages = {p: (detect_stage(p) if args.stage == "auto" else args.stage) for p in args.data}
+    if len(set(stages.values())) > 1:
+        raise ValueError(f"the --data files hold different formats: {stages}; evaluate them separately")
+    stage = next(iter(stages.values()))
+    source = JsonlSource(args.data, stage)
+    run, step = read_run(args.ckpt) if args.unseen else ({}, 0)
+    max_seq_len = args.max_seq_len or int(run.get("max_seq_len", 512))  # --unseen: the run's, unless given
+    if max_seq_len < 2:
+        raise ValueError("--max_seq_len must be >= 2")
+    records = select_records(args, run, step, len(source))
+    loss, tokens = evaluate_loss(params, config, policy, tok, source, records, max_seq_len, args.batch_size)
+    ppl = math.exp(min(loss, 700.0))
+    which = " unseen by the run" if args.unseen else ""
+    print(f"{', '.join(args.data)} ({stage}, {len(records)} records{which}, {tokens} trained tokens, "
+          f"max_seq_len {max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
+    return dict(data=args.data, stage=stage, records=len(records), tokens=tokens, loss=loss, perplexity=ppl,
+                max_seq_len=max_seq_len, holdout=args.holdout, unseen=args.unseen)
 
 
 def evaluate_loss(params, config, policy, tok, source, records, max_seq_len, batch_size):
@@ -220,6 +251,17 @@ def suite_progress(bar, rows: int, limit: int, eos) -> Callable[[list[list[int]]
                 done[i] = now
 
     return update
+
+
+def suite_prompts(path: str | None) -> list[str]:
+    """The --prompts file's non-blank lines, else :data:`SUITE`."""
+    if not path:
+        return SUITE
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
 
 
 def run_suite(gen, tok, prompts, args):
@@ -282,7 +324,6 @@ def main(argv=None) -> int:
         print("error: nothing to do: give --data FILE, --suite and/or --tasks", file=sys.stderr)
         return 2
     from minimind_jax import weights
-    from minimind_jax.data.jsonl import JsonlSource
     from minimind_jax.generate import Generator, default_eos_ids, tokenizer_for
     from minimind_jax.precision import get_policy
 
@@ -293,35 +334,19 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"--data: no such file: {path}")
         if args.prompts and not os.path.isfile(args.prompts):
             raise FileNotFoundError(f"--prompts: no such file: {args.prompts}")
-        if args.batch_size < 1 or args.max_seq_len < 2:
-            raise ValueError("--batch_size must be >= 1 and --max_seq_len >= 2")
-        config, params = weights.load(args.ckpt, what="--ckpt")
-        tok = tokenizer_for(args.ckpt, args.tokenizer)
-        policy = get_policy(args.policy)
+        if args.batch_size < 1:
+            raise ValueError("--batch_size must be >= 1")
+        if not os.path.exists(args.ckpt):
+            raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or directory")
+        if args.data or args.suite:  # --tasks loads the checkpoint itself
+            config, params = weights.load(args.ckpt, what="--ckpt")
+            tok = tokenizer_for(args.ckpt, args.tokenizer)
+            policy = get_policy(args.policy)
         if args.data:
-            stages = {p: (detect_stage(p) if args.stage == "auto" else args.stage) for p in args.data}
-            if len(set(stages.values())) > 1:
-                raise ValueError(f"the --data files hold different formats: {stages}; evaluate them separately")
-            stage = next(iter(stages.values()))
-            source = JsonlSource(args.data, stage)
-            records = select_records(args, len(source))
-            loss, tokens = evaluate_loss(params, config, policy, tok, source, records, args.max_seq_len,
-                                         args.batch_size)
-            ppl = math.exp(min(loss, 700.0))
-            which = " unseen by the run" if args.unseen else ""
-            print(f"{', '.join(args.data)} ({stage}, {len(records)} records{which}, {tokens} trained tokens, "
-                  f"max_seq_len {args.max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
-            out.update(data=args.data, stage=stage, records=len(records), tokens=tokens, loss=loss, perplexity=ppl,
-                       holdout=args.holdout, unseen=args.unseen)
+            out.update(run_data(args, params, config, policy, tok))
         if args.suite:
-            prompts = SUITE
-            if args.prompts:
-                with open(args.prompts, encoding="utf-8") as f:
-                    prompts = [line.strip() for line in f if line.strip()]
-            if not prompts:
-                raise ValueError(f"{args.prompts}: no prompts")
             gen = Generator(params, config, policy, eos_ids=default_eos_ids(config, tok))
-            out["suite"] = run_suite(gen, tok, prompts, args)
+            out["suite"] = run_suite(gen, tok, suite_prompts(args.prompts), args)
         if args.tasks:
             out["tasks"] = run_tasks(args)
     except (ValueError, FileNotFoundError, OSError) as e:

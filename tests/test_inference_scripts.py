@@ -224,17 +224,17 @@ def test_eval_unseen_scores_the_records_the_run_did_not_read(ckpt, tmp_path, cap
     ten.write_text("\n".join(lines) + "\n", encoding="utf-8")
     weights = _run_dir(tmp_path, cfg, ten, step=3, seed=5)  # 3 steps of 2 records: 6 read, 4 unseen
     unseen = sorted(ev.read_order(10, 5)[6:])
-    assert ev.unseen_records(str(weights), [str(ten)], 10) == unseen
+    assert ev.unseen_records(*ev.read_run(str(weights)), [str(ten)], 10) == unseen
     direct = tmp_path / "unseen.jsonl"
     direct.write_text("\n".join(lines[i] for i in unseen) + "\n", encoding="utf-8")
     reports = [tmp_path / "unseen.json", tmp_path / "direct.json"]
-    assert ev.main(["--ckpt", str(weights), "--data", str(ten), "--unseen", "--max_seq_len", "64", "--json",
-                    str(reports[0])]) == 0
+    assert ev.main(["--ckpt", str(weights), "--data", str(ten), "--unseen", "--json", str(reports[0])]) == 0
     assert "4 records unseen by the run" in capsys.readouterr().out
     assert ev.main(["--ckpt", str(weights), "--data", str(direct), "--max_seq_len", "64", "--json",
                     str(reports[1])]) == 0
     held, want = (json.loads(r.read_text()) for r in reports)
     assert held["records"] == 4 and held["unseen"] and held["tokens"] == want["tokens"]
+    assert held["max_seq_len"] == 64  # the run's, not the default 512
     np.testing.assert_allclose(held["loss"], want["loss"], rtol=1e-6)
     capsys.readouterr()
     for argv, message in (([str(data)], "the run trained on"), ([str(ten), "--holdout", "0.5"], "not both")):
