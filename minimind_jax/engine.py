@@ -24,6 +24,7 @@ once, so the next waiting request joins at the next step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import threading
@@ -129,6 +130,9 @@ class SlotDecoder:
             raise ValueError(f"cache_len {cache_len} exceeds the model's max_position_embeddings "
                              f"({config.max_position_embeddings})")
         self.config = config
+        # vmap has no batching rule for ragged_dot along the slot axis (jax 0.10), so the vmapped decode step
+        # runs MoE layers densely (what ``auto`` does on the CPU anyway); the prefill keeps the config's choice.
+        self.step_config = dataclasses.replace(config, moe_impl="dense") if config.use_moe else config
         self.policy = get_policy(policy)
         self.params = params
         self.slots = slots
@@ -166,8 +170,8 @@ class SlotDecoder:
 
     def step(self) -> np.ndarray:
         """One token for every slot, (slots,) int; only the active slots' entries mean anything."""
-        self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active), config=self.config,
-                                          policy=self.policy)
+        self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active),
+                                          config=self.step_config, policy=self.policy)
         return np.asarray(tokens)
 
     def release(self, slot: int) -> None:

@@ -67,6 +67,17 @@ def test_a_slot_gives_the_generator_tokens_alone_and_among_others(gen):
     assert [got[i] for i in range(5)] == [e[:m] for e, m in zip(expected, limits)]
 
 
+def test_moe_with_scanned_layers_decodes_in_slots():
+    """The vmapped step over an MoE model (dense dispatch in the step) and the scanned cache layout."""
+    cfg = tiny("tiny3", use_moe=True, scan_layers=True)
+    moe = Generator(cached_params(cfg), cfg)
+    prompt, sampling = _prompts()[1], SAMPLING[0]
+    expected = moe.generate([prompt], 8, sampling, eos_ids=NO_EOS)[0].tokens
+    dec = SlotDecoder.for_generator(moe, slots=2, cache_len=32)
+    dec.prefill(0, _prompts()[0], SAMPLING[1])  # a neighbour in the other slot
+    assert _alone(dec, prompt, sampling, 8, slot=1) == expected
+
+
 class _Collect(Request):
     """Records the hooks' calls; ``then(k)`` runs on the engine thread at this request's k-th token."""
 
