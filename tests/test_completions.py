@@ -70,6 +70,17 @@ def test_openai_client_generation_n_stop_seed(served):
     a = api.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=1.0, seed=3)
     b = api.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=1.0, seed=3)
     assert a.choices[0].text == b.choices[0].text
+    # token-id prompts (a batch of them), echo and top_p through the client
+    ids = tok.encode("Once upon a time", add_special_tokens=False)
+    both = api.completions.create(model="tiny", prompt=[ids, ids[:2]], max_tokens=0, echo=True, logprobs=1,
+                                  top_p=0.5)
+    assert [c.text for c in both.choices] == [tok.decode(ids), tok.decode(ids[:2])]
+    np.testing.assert_allclose(both.choices[0].logprobs.token_logprobs[1:], _direct_logprobs(cfg, params, ids)[0],
+                               atol=1e-5)
+    assert both.usage.prompt_tokens == len(ids) + 2 and both.usage.completion_tokens == 0
+    nucleus = api.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=1.0, top_p=1e-6, seed=9)
+    greedy = api.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0)
+    assert nucleus.choices[0].text == greedy.choices[0].text  # a tiny top_p keeps only the best token
     full = api.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0).choices[0].text
     if len(full) > 2:
         cut = api.completions.create(model="tiny", prompt="Hi", max_tokens=8, temperature=0, stop=[full[2]])
