@@ -152,3 +152,20 @@ def test_a_nonfinite_reward_stops_the_run_naming_the_record(init_dir, tmp_path, 
         train(grpo_run(tmp_path, init, save_interval=1))
     state = tmp_path / "grpo_64" / "state"
     assert sorted(int(p.name) for p in state.iterdir() if p.name.isdigit()) == [1]  # step 1 kept, nothing half-written
+
+
+def test_rl_eval_script_scores_a_checkpoint(init_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_eval", ROOT / "scripts" / "rl_eval.py")
+    rl_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl_eval)
+    init, _ = init_dir
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(Path(RLAIF).read_text().splitlines(keepends=True)[:3]))
+    assert rl_eval.main(["--ckpt", str(init), "--data", str(held), "--generations", "2", "--max_new_tokens", "4",
+                         "--rewards", "{numeric: 1, minimind: 0.5}"]) == 0
+    out = capsys.readouterr().out
+    assert "3 prompts" in out and "sampled (2 per prompt): mean reward" in out and "greedy" in out
+    assert "numeric" in out and "minimind" in out
+    assert rl_eval.main(["--ckpt", str(init), "--data", str(tmp_path / "missing.jsonl")]) == 2
