@@ -100,9 +100,9 @@ def get_stage(name: str) -> Stage:
 
 
 def eval_apply(config, policy) -> Callable:
-    """``apply(params, input_ids)`` in evaluation mode (no dropout, no aux loss) under ``policy``."""
+    """``apply(params, input_ids, **kwargs)`` in evaluation mode (no dropout, no aux loss) under ``policy``."""
     model = MiniMindLM(config, policy)
-    return lambda params, input_ids: model.apply({"params": params}, input_ids)
+    return lambda params, input_ids, **kwargs: model.apply({"params": params}, input_ids, **kwargs)
 
 
 def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokenizer=None) -> Stage:
