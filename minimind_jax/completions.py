@@ -177,19 +177,18 @@ def complete(req: CompletionRequest, generator, scorer: Scorer | None, tokenizer
     rows, samplings = req.rows()
     generated = ([r.tokens for r in generator.generate(rows, req.max_tokens, samplings)]
                  if req.max_tokens else [[] for _ in rows])
-    need_scores = req.logprobs is not None
+    seqs = [prompt + new for prompt, new in zip(rows, generated)]  # an eos a row stopped on keeps its log-prob,
+    # as lm-eval's parser expects; every row scored in one batch
+    scores = scorer.score(seqs, top=req.logprobs) if req.logprobs is not None else [None] * len(rows)
+    eos = set(generator.eos_ids)
     choices = []
-    for index, (prompt, new) in enumerate(zip(rows, generated)):
-        eos = set(generator.eos_ids)
+    for index, (prompt, new, ids, sc) in enumerate(zip(rows, generated, seqs, scores)):
         finish = "stop" if new and new[-1] in eos else "length"
         text, stopped = _cut(tokenizer.decode([t for t in new if t not in eos]), req.stop)
         finish = "stop" if stopped else finish
         prompt_text = tokenizer.decode(prompt) if req.echo else ""
-        logprobs = None
-        if need_scores:
-            ids = prompt + new  # an eos it stopped on keeps its log-prob, as lm-eval's parser expects
-            scores = scorer.score([ids], top=req.logprobs)[0]
-            logprobs = _logprobs_block(tokenizer, ids, scores, 0 if req.echo else len(prompt), req.logprobs)
+        logprobs = None if sc is None else _logprobs_block(tokenizer, ids, sc, 0 if req.echo else len(prompt),
+                                                           req.logprobs)
         choices.append({"index": index, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": finish})
     return choices, sum(map(len, generated))
 
