@@ -5,10 +5,12 @@ keeps them busy.
 slot has its own length (the next write column and position id), last token, seen-token set (repetition
 penalty), step counter and sampling settings. :meth:`SlotDecoder.prefill` runs one prompt (right-padded to
 a power-of-two bucket, so it compiles once per bucket) and writes its keys / values into a free slot;
-:meth:`SlotDecoder.step` decodes one token for every slot at once (compiled once per (slots, cache_len)):
-the model is ``vmap``-ed over the slots, so each slot writes its own column and attends to its own first
-``length`` columns, whatever the other slots hold. Free slots are computed too (the shapes are fixed) but
-their results are dropped and their state does not move.
+:meth:`SlotDecoder.step` decodes one token for every slot at once: the model is ``vmap``-ed over the
+slots, so each slot writes its own column and attends to its own first ``length`` columns, whatever the
+other slots hold. The step runs over slots 0..w-1, w the power of two above the highest slot in use (new
+requests take the lowest free slot), so it compiles once per (w, cache_len) and a lightly loaded server
+does not pay for its free slots; free slots below w are computed too, but their results are dropped and
+their state does not move.
 
 Sampling is :func:`~minimind_jax.generate.pick_tokens`: a slot's token ``i`` is drawn with the key
 ``fold_in(key(seed), i)``, the same stream :class:`~minimind_jax.generate.Generator` uses for a row, so a
@@ -92,24 +94,40 @@ def _prefill_slot(params, state: _Slots, slot, ids, n, rows, *, config: ModelCon
         rows=jax.tree.map(lambda every, one: every.at[slot].set(one[0]), state.rows, rows)), token[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
-def _step_slots(params, state: _Slots, active, *, config: ModelConfig, policy: Policy):
-    """One decode step of every slot: feed its last token at column ``length``, pick the next. Slots that are
-    not ``active`` compute too, but nothing of theirs moves. Returns (state, tokens (slots,))."""
+def _first_slots(state: _Slots, width: int) -> _Slots:
+    """The state of slots 0..width-1 (the cache's slot axis is 1, every other field's 0)."""
+    return state.replace(k=state.k[:, :width], v=state.v[:, :width],
+                         **{f: jax.tree.map(lambda x: x[:width], getattr(state, f))
+                            for f in ("length", "last", "seen", "steps", "rows")})
+
+
+def _with_first_slots(state: _Slots, part: _Slots) -> _Slots:
+    return state.replace(k=state.k.at[:, :part.k.shape[1]].set(part.k), v=state.v.at[:, :part.v.shape[1]].set(part.v),
+                         **{f: jax.tree.map(lambda x, y: x.at[:y.shape[0]].set(y), getattr(state, f), getattr(part, f))
+                            for f in ("length", "last", "seen", "steps")})
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "width"), donate_argnames=("state",))
+def _step_slots(params, state: _Slots, active, *, config: ModelConfig, policy: Policy, width: int):
+    """One decode step of slots 0..width-1: feed each its last token at column ``length``, pick the next.
+    Slots that are not ``active`` (width,) compute too, but nothing of theirs moves. Returns (state, tokens
+    (width,)). ``width`` (a power of two, compiled once each) spares the work of the free slots above the
+    highest one in use."""
     model = MiniMindLM(config, policy)
+    part = _first_slots(state, width)
 
     def one_slot(k, v, length, token):  # one slot as a batch of one, with its own cache index
         out = model.apply({"params": params}, token[None, None], cache=KVCache(k[:, None], v[:, None], length))
         return out.logits[0, -1].astype(jnp.float32), out.cache.k[:, 0], out.cache.v[:, 0]
 
-    logits, k, v = jax.vmap(one_slot, in_axes=(1, 1, 0, 0), out_axes=(0, 1, 1))(
-        state.k, state.v, state.length, state.last)
-    rows = state.rows.replace(greedy=state.rows.greedy | ~active)  # free slots never force the sampling path
-    token = pick_tokens(logits, state.seen, rows, state.steps)
-    seen = state.seen.at[jnp.arange(token.shape[0]), token].max(active)
+    logits, k, v = jax.vmap(one_slot, in_axes=(1, 1, 0, 0), out_axes=(0, 1, 1))(part.k, part.v, part.length, part.last)
+    rows = part.rows.replace(greedy=part.rows.greedy | ~active)  # free slots never force the sampling path
+    token = pick_tokens(logits, part.seen, rows, part.steps)
+    seen = part.seen.at[jnp.arange(width), token].max(active)
     moved = active.astype(jnp.int32)
-    return state.replace(k=k, v=v, length=state.length + moved, last=jnp.where(active, token, state.last),
-                         seen=seen, steps=state.steps + moved), token
+    part = part.replace(k=k, v=v, length=part.length + moved, last=jnp.where(active, token, part.last), seen=seen,
+                        steps=part.steps + moved)
+    return _with_first_slots(state, part), token
 
 
 class SlotDecoder:
@@ -170,9 +188,13 @@ class SlotDecoder:
 
     def step(self) -> np.ndarray:
         """One token for every slot, (slots,) int; only the active slots' entries mean anything."""
-        self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active),
-                                          config=self.step_config, policy=self.policy)
-        return np.asarray(tokens)
+        used = np.flatnonzero(self.active)
+        width = min(bucket_length(int(used[-1]) + 1 if used.size else 1, minimum=1), self.slots)
+        self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active[:width]),
+                                          config=self.step_config, policy=self.policy, width=width)
+        out = np.zeros(self.slots, np.int32)
+        out[:width] = np.asarray(tokens)
+        return out
 
     def release(self, slot: int) -> None:
         self.active[slot] = False

@@ -39,6 +39,14 @@
       tokens + attention); for MoE also the count with every expert on every token (what XLA:CPU reports for
       ragged_dot); ``--memory`` adds XLA's memory analysis (temp / argument / output bytes)
 
+  python scripts/bench.py serve [--preset tiny3] [--clients 1 4 16] [--requests 2] [--slots 8] [--prompt 8 60]
+                                [--new 8 96] [--engines continuous batch]
+      the server's engine without HTTP: N client threads, each sending its requests (mixed prompt lengths and
+      max_tokens, sampled, no eos) one after another, against the continuous-batching engine (decode slots) and
+      against batch-at-a-time scheduling over Generator.stream (the server's previous engine); requests/s,
+      aggregate tokens/s, time to first token and inter-token latency (p50 / p95), after a warm-up run that
+      compiles every shape; and whether both engines gave the same tokens for every seed
+
   python scripts/bench.py gpu [--steps 10] [--json gpu_check.json]
       on one GPU: minimind3 (bf16), minimind3-moe and a ~1B preset for a few steps each (tok/s, MFU against the
       GPU table's peak of the dtype, peak device memory, compile time), then decoding; writes one JSON
@@ -805,6 +813,139 @@ def bench_gpu(args) -> None:
     print(f"wrote {args.json}")
 
 
+class _BatchAtATime:
+    """The scheduling the server had before its engine: a worker takes the first request waiting plus whatever
+    else is queued (up to ``max_batch``, after a 5 ms wait), pads the batch to a power of two rows and runs it
+    through ``Generator.stream`` until every row is done; requests arriving meanwhile wait for the next batch."""
+
+    def __init__(self, generator, max_batch: int):
+        import queue
+        import threading
+
+        self.generator, self.max_batch = generator, max_batch
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, request) -> None:
+        self.queue.put(request)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(60)
+
+    def _run(self) -> None:
+        import queue
+
+        from minimind_jax.generate import SamplingParams
+
+        while (first := self.queue.get()) is not None:
+            batch, deadline = [first], time.monotonic() + 0.005
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            size = min(1 << (len(batch) - 1).bit_length(), self.max_batch)
+            pad = size - len(batch)
+            prompts = [r.prompt_ids for r in batch] + [batch[0].prompt_ids] * pad
+            limits = [r.max_tokens for r in batch] + [1] * pad
+            sampling = [r.sampling for r in batch] + [SamplingParams.make_greedy()] * pad
+            for new in self.generator.stream(prompts, limits, sampling, eos_ids=(-1,), chunk=1):
+                for r, tokens in zip(batch, new):
+                    for t in tokens:
+                        r.tokens.append(t)
+                        r.on_token(t, False)
+            for r in batch:
+                r.finished.set()
+
+
+def _serve_workload(args, seed: int) -> list[list[tuple[list[int], int]]]:
+    """Per client, its requests: (prompt ids, max_tokens) of mixed lengths, the same for both engines."""
+    rng = np.random.RandomState(seed)
+    return [[(list(rng.randint(3, 6400, rng.randint(args.prompt[0], args.prompt[1] + 1))),
+              int(rng.randint(args.new[0], args.new[1] + 1))) for _ in range(args.requests)]
+            for _ in range(max(args.clients))]
+
+
+def _serve_run(submit, workload, clients: int) -> dict:
+    """``clients`` threads, each sending its requests one after the other; figures of the whole run."""
+    import threading
+
+    from minimind_jax.engine import Request
+    from minimind_jax.generate import SamplingParams
+
+    class Timed(Request):
+        def on_token(self, token, is_eos):
+            self.times.append(time.perf_counter())
+            return False
+
+    done: list = []
+
+    def client(k: int) -> None:
+        for j, (prompt, new) in enumerate(workload[k]):
+            r = Timed(prompt, new, SamplingParams(temperature=1.0, top_p=0.9, seed=1000 * k + j))
+            r.times, r.sent = [], time.perf_counter()
+            submit(r)
+            r.finished.wait()
+            done.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [r.times[0] - r.sent for r in done]
+    itl = [b - a for r in done for a, b in zip(r.times, r.times[1:])]
+    tokens = sum(len(r.tokens) for r in done)
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1e3 if xs else float("nan")  # noqa: E731
+    return {"requests_s": len(done) / wall, "tokens_s": tokens / wall, "ttft_p50": pct(ttft, 50),
+            "ttft_p95": pct(ttft, 95), "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95), "wall": wall,
+            "tokens": [r.tokens for r in sorted(done, key=lambda r: r.sampling.seed)]}
+
+
+def bench_serve(args) -> None:
+    from minimind_jax import ModelConfig, init_params
+    from minimind_jax.engine import Engine, SlotDecoder
+    from minimind_jax.generate import Generator
+
+    config = ModelConfig.preset(args.preset, vocab_size=6400)
+    gen = Generator(init_params(config, jax.random.key(0)), config)
+    cache_len = args.cache_len or config.max_position_embeddings
+    workload = _serve_workload(args, seed=0)
+    print(f"serve {args.preset} (random weights, fp32), {args.slots} slots / max batch, cache {cache_len}; per client "
+          f"{args.requests} requests one after another, prompts {args.prompt[0]}-{args.prompt[1]} tokens, "
+          f"{args.new[0]}-{args.new[1]} new tokens (sampled, no eos); device {jax.devices()[0].device_kind}")
+    engine = Engine(SlotDecoder.for_generator(gen, slots=args.slots, cache_len=cache_len), eos_ids=(),
+                    max_queue=max(args.clients) * args.requests)
+    engine.start()
+    batch = _BatchAtATime(gen, args.slots)
+    engines = {"continuous": engine.submit, "batch": batch.submit}
+    for name in args.engines:  # warm-up: the whole workload once, so no figure includes a compile
+        t0 = time.perf_counter()
+        for clients in args.clients:
+            _serve_run(engines[name], workload, clients)
+        print(f"  warm-up ({name}, every shape compiled): {time.perf_counter() - t0:.1f} s")
+    print(f"  {'engine':11s} {'clients':>7s} {'req/s':>7s} {'tok/s':>8s} {'TTFT p50':>9s} {'p95 ms':>7s} "
+          f"{'ITL p50':>8s} {'p95 ms':>7s}")
+    results = {}
+    for clients in args.clients:
+        for name in args.engines:
+            r = results[name, clients] = _serve_run(engines[name], workload, clients)
+            print(f"  {name:11s} {clients:7d} {r['requests_s']:7.2f} {r['tokens_s']:8.1f} {r['ttft_p50']:9.1f} "
+                  f"{r['ttft_p95']:7.1f} {r['itl_p50']:8.1f} {r['itl_p95']:7.1f}")
+    engine.close()
+    batch.close()
+    for clients in args.clients:
+        new, old = results.get(("continuous", clients)), results.get(("batch", clients))
+        if new and old:
+            print(f"  {clients} clients: continuous / batch tokens/s {new['tokens_s'] / old['tokens_s']:.2f}x, "
+                  f"TTFT p95 {new['ttft_p95'] / old['ttft_p95']:.2f}x; same tokens per seed: "
+                  f"{new['tokens'] == old['tokens']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -874,6 +1015,16 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="generic", choices=["auto", "xla_cpu", "generic"])
     p.add_argument("--memory", action="store_true", help="also print XLA's memory analysis of the step")
     p.set_defaults(fn=bench_flops)
+    p = sub.add_parser("serve", help="the server's continuous-batching engine vs batch-at-a-time, N concurrent clients")
+    p.add_argument("--preset", default="tiny3")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=2, help="requests per client, sent one after another")
+    p.add_argument("--slots", type=int, default=8, help="decode slots (continuous) / max batch (batch-at-a-time)")
+    p.add_argument("--prompt", type=int, nargs=2, default=[8, 60], help="prompt tokens: min max")
+    p.add_argument("--new", type=int, nargs=2, default=[8, 96], help="new tokens: min max")
+    p.add_argument("--cache-len", type=int, default=None, help="tokens per slot (default: the model's context)")
+    p.add_argument("--engines", nargs="+", default=["continuous", "batch"], choices=["continuous", "batch"])
+    p.set_defaults(fn=bench_serve)
     p = sub.add_parser("gpu", help="the GPU check: train minimind3 / minimind3-moe / ~1B, then decode (one GPU)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default="gpu_check.json")
