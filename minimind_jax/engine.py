@@ -335,8 +335,9 @@ class Engine:
     def tokens_per_s(self) -> float:
         """Tokens generated per second over the last few seconds (0 when idle)."""
         now = time.monotonic()
-        recent = [(t, k) for t, k in list(self._rate) if now - t <= _RATE_WINDOW_S]
-        return sum(k for _, k in recent) / _RATE_WINDOW_S if recent else 0.0
+        with self._cond:  # the worker appends to it meanwhile
+            recent = [k for t, k in self._rate if now - t <= _RATE_WINDOW_S]
+        return sum(recent) / _RATE_WINDOW_S
 
     # -- the worker
     def _run(self) -> None:
@@ -412,9 +413,10 @@ class Engine:
         tokens = self.decoder.step()
         self.steps_with_rows[rows] += 1
         now = time.monotonic()
-        self._rate.append((now, rows))
-        while self._rate and now - self._rate[0][0] > _RATE_WINDOW_S:
-            self._rate.popleft()
+        with self._cond:
+            self._rate.append((now, rows))
+            while now - self._rate[0][0] > _RATE_WINDOW_S:
+                self._rate.popleft()
         for slot, r in enumerate(self.slots):
             if r is not None:
                 self._push(slot, int(tokens[slot]))

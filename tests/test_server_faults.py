@@ -149,6 +149,26 @@ def test_more_clients_than_slots_and_queue_are_429_and_slow_ones_504(one_slot):
     assert answer.choices[0].message.content == "Hi there."
 
 
+def test_twenty_clients_against_four_slots(tok):
+    """20 clients at once, 4 slots and 8 places in the queue: every client gets an answer or a 429, never an
+    error of the server, and the server is idle and answering afterwards."""
+    gen = ScriptedGenerator(tok, slots=4)
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen, max_queue=8))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(lambda i: _post(srv, {"messages": _user(f"SLOW {i}"), "max_tokens": 10}),
+                                    range(20)))
+        statuses = sorted(status for status, _ in results)
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 9, statuses  # the 8 queued and 1 slot at least
+        assert all(body["choices"][0]["message"]["content"].startswith("slow") for status, body in results
+                   if status == 200)
+        assert not gen.active.any() and len(gen.records) == statuses.count(200)
+        health = srv.raw("GET", "/health")[1]
+        assert (health["slots_in_use"], health["queued"]) == (0, 0)
+    finally:
+        srv.stop()
+
+
 def test_a_server_shutting_down_is_503(one_slot):
     srv, _ = one_slot
     srv.app.state.engine.close()  # what the app's lifespan does when uvicorn stops
