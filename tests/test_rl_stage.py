@@ -100,13 +100,15 @@ def test_stage_loss_equals_the_grpo_loss(init_dir, loss_type):
 
 
 def test_grpo_on_the_loop_then_resume_onto_another_mesh(init_dir, tmp_path, capsys):
-    """4 steps on data=8; the same run stopped after 2 and resumed on data=2 x fsdp=2 x tensor=2 draws the same
-    prompts and rollouts (seeded by step) and gives the same losses and rewards (fp32, 1e-5)."""
+    """3 steps on data=8; the same run stopped after 1 and resumed on data=2 x fsdp=2 x tensor=2 draws the same
+    prompts and rollouts (seeded by step) and gives the same losses and rewards (fp32, 1e-5). Prompts are cut
+    to 16 tokens so every step has the same shapes (one compilation)."""
     init, _ = init_dir
-    whole = train(grpo_run(tmp_path / "a", init))
+    short = {"max_seq_len": 16, "max_steps": 3}
+    whole = train(grpo_run(tmp_path / "a", init, **short))
     run = tmp_path / "a" / "grpo_64"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "kl", "clip_fraction", "max_abs_log_ratio", "reward_mean", "reward_std", "reward_minimind",
                 "reward_numeric", "advantage_std", "response_length", "fraction_truncated", "truncated_prompts",
                 "rollout_tok_s", "tokens_per_s"):
@@ -114,14 +116,15 @@ def test_grpo_on_the_loop_then_resume_onto_another_mesh(init_dir, tmp_path, caps
     assert rows[0]["kl"] == 0.0 and rows[0]["max_abs_log_ratio"] == 0.0
     assert rows[-1]["kl"] > 0  # the policy moved away from the reference
     assert (run / "reward.png").stat().st_size > 1000 and (run / "weights").is_dir()
-    assert "4 prompts" not in capsys.readouterr().out  # (describe line names 2 prompts x 4 rollouts)
+    assert rows[0]["truncated_prompts"] > 0
+    assert "3 steps of 1 x 2 prompts x 4 rollouts (prompt <= 16, <= 12 new tokens)" in capsys.readouterr().out
 
-    train(grpo_run(tmp_path / "b", init, max_steps=2))
-    rest = train(grpo_run(tmp_path / "b", init, from_resume=1, mesh="data=2,fsdp=2,tensor=2"))
+    train(grpo_run(tmp_path / "b", init, **{**short, "max_steps": 1}))
+    rest = train(grpo_run(tmp_path / "b", init, from_resume=1, mesh="data=2,fsdp=2,tensor=2", **short))
     assert "resharded onto data=2 x fsdp=2 x tensor=2" in capsys.readouterr().out
-    np.testing.assert_allclose(rest.losses, whole.losses[2:], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rest.losses, whole.losses[1:], atol=1e-5, rtol=0)
     b_rows = [json.loads(line) for line in (tmp_path / "b" / "grpo_64" / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose([r["reward_mean"] for r in b_rows[-2:]], [r["reward_mean"] for r in rows[2:]],
+    np.testing.assert_allclose([r["reward_mean"] for r in b_rows[-2:]], [r["reward_mean"] for r in rows[1:]],
                                atol=1e-6)
 
 
@@ -149,7 +152,7 @@ def test_a_nonfinite_reward_stops_the_run_naming_the_record(init_dir, tmp_path, 
 
     monkeypatch.setitem(rewards.REWARDS, "numeric", nan_on_the_second_step)
     with pytest.raises(RewardError, match=r"rlaif\.jsonl:\d+: the reward is nan"):
-        train(grpo_run(tmp_path, init, save_interval=1))
+        train(grpo_run(tmp_path, init, save_interval=1, max_seq_len=16))
     state = tmp_path / "grpo_64" / "state"
     assert sorted(int(p.name) for p in state.iterdir() if p.name.isdigit()) == [1]  # step 1 kept, nothing half-written
 
