@@ -278,3 +278,20 @@ def test_sft_step_memory_chunked_against_full_logits(capsys):
             print(f"\nSFT step, tiny3 at vocab {vocab:,}, 4 x 512 tokens: temp {results[vocab, 'full logits'] / 2**20:,.0f}"
                   f" MiB on full logits, {results[vocab, 'chunked'] / 2**20:,.0f} MiB chunked")
     assert results[151_936, "chunked"] < results[151_936, "full logits"] / 4
+
+
+def test_chunked_head_is_float32_on_a_gpu_unless_told_otherwise():
+    """Lowered for CUDA (where a float32 dot defaults to TF32), the chunked head's float32 dots, forward and
+    backward, ask for HIGHEST precision; under ``jax.default_matmul_precision("tensorfloat32")`` (a policy
+    that opts into TF32) they leave the choice to it; bf16 operands take no precision."""
+    def dots(dtype, context=None):
+        hidden, head, targets, _ = _inputs(dtype, True)
+        fn = jax.jit(jax.grad(lambda hd, w: jnp.sum(token_log_probs(hd, w, targets, head_out_in=True, chunk=16)),
+                              argnums=(0, 1)))
+        with jax.default_matmul_precision(context):
+            text = fn.trace(hidden, head).lower(lowering_platforms=("cuda",)).as_text()
+        return [line for line in text.splitlines() if "dot_general" in line]
+
+    assert len(dots(jnp.float32)) == 3 and all("HIGHEST" in d for d in dots(jnp.float32))
+    assert not any("HIGHEST" in d for d in dots(jnp.float32, "tensorfloat32"))
+    assert not any("HIGHEST" in d for d in dots(jnp.bfloat16))

@@ -269,7 +269,16 @@ def map_head_chunks(fn, hidden, head, per_token=(), consts=(), *, head_out_in: b
 
 def _chunk_logits(h_chunk, w, out_in: bool):
     spec = "nh,vh->nv" if out_in else "nh,hv->nv"
-    return jnp.einsum(spec, h_chunk, w.astype(h_chunk.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum(spec, h_chunk, w.astype(h_chunk.dtype), preferred_element_type=jnp.float32,
+                      precision=_precision(h_chunk.dtype))
+
+
+def _precision(dtype):
+    """float32 operands: float32 dots (``HIGHEST``: on NVIDIA GPUs the default precision of a float32 dot is
+    TF32), unless the caller set one with ``jax.default_matmul_precision`` (as the model does for its policy)."""
+    if jnp.dtype(dtype) == jnp.float32 and jax.config.jax_default_matmul_precision is None:
+        return jax.lax.Precision.HIGHEST
+    return None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -301,11 +310,10 @@ def _chunk_map_bwd(fn, out_in, res, g):
 def _head_vjp(hc, w, dz, out_in: bool):
     """(d hidden, d head) float32 of one chunk from d logits, ``hc``'s dtype operands."""
     wc = w.astype(hc.dtype)
+    dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32, precision=_precision(hc.dtype))
     if out_in:  # logits = hc @ w.T, w (vocab, h)
-        return (jnp.einsum("nv,vh->nh", dz, wc, preferred_element_type=jnp.float32),
-                jnp.einsum("nv,nh->vh", dz, hc, preferred_element_type=jnp.float32))
-    return (jnp.einsum("nv,hv->nh", dz, wc, preferred_element_type=jnp.float32),
-            jnp.einsum("nh,nv->hv", hc, dz, preferred_element_type=jnp.float32))
+        return dot("nv,vh->nh", dz, wc), dot("nv,nh->vh", dz, hc)
+    return dot("nv,hv->nh", dz, wc), dot("nh,nv->hv", hc, dz)
 
 
 def _no_gradient(tree):
