@@ -118,7 +118,10 @@ def make_stage_loss(settings: GRPOSettings, config: ModelConfig, policy, eos_id:
     def loss(apply, params, frozen, micro, rng):
         logp, aux = batch_log_probs(apply, params, micro, rng, config=config, policy=policy)
         ref_logp = jax.lax.stop_gradient(batch_log_probs(apply, frozen, micro, rng, config=config, policy=policy)[0])
-        cmask = obj.completion_mask(micro["completion_ids"], micro["completion_pad"], eos_id)
+        if "loss_mask" in micro:  # multi-turn (agent) rollouts: the generated tokens only, tool turns excluded
+            cmask = micro["loss_mask"]
+        else:
+            cmask = obj.completion_mask(micro["completion_ids"], micro["completion_pad"], eos_id)
         per_token = obj.policy_token_loss(logp, None, ref_logp, micro["advantages"], loss_type=settings.loss_type,
                                           beta=settings.beta, epsilon=settings.epsilon,
                                           epsilon_high=settings.epsilon_high)

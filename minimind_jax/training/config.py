@@ -38,8 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALLED_CONFIG_DIR = Path(sysconfig.get_path("data")) / "share" / "minimind-jax" / "configs"
 CONFIG_DIR = REPO_ROOT / "configs" if (REPO_ROOT / "configs").is_dir() else INSTALLED_CONFIG_DIR
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo")
-RL_STAGES = ("grpo",)  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "agent")
+RL_STAGES = ("grpo", "agent")  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
 LOSS_TYPES = ("grpo", "cispo")
 LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,7 +57,7 @@ class TrainConfig:
     """Every training setting, documented next to its default (MiniMind's where it has one)."""
 
     # --- what to train
-    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo
+    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo | agent
     data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
     preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -123,9 +123,10 @@ class TrainConfig:
     distill_alpha: float = 0.5  # distill: alpha * CE + (1 - alpha) * T^2 * KL (MiniMind: 0.5); flag --alpha
     distill_temperature: float = 1.5  # distill: T (MiniMind: 1.5); flag --temperature
     special_token_weight: float = 10.0  # reason: loss weight of <think> </think> <answer> </answer> tokens
-    # --- reinforcement learning (grpo; MiniMind-3's train_grpo.py defaults; max_seq_len is the prompt's limit)
+    # --- reinforcement learning (grpo, agent; MiniMind-3's train_grpo.py defaults; max_seq_len is the prompt's
+    # limit)
     num_generations: int = 6  # rollouts per prompt: the group whose rewards give each other's advantages
-    max_gen_len: int = 1024  # new tokens per rollout
+    max_gen_len: int = 1024  # new tokens per rollout (agent: per turn)
     loss_type: str = "cispo"  # grpo (clipped ratio) | cispo (MiniMind's default: weight min(ratio, eps_high))
     kl_beta: float = 0.1  # weight of the k3 KL to the frozen reference (flag --beta in RL stages)
     clip_epsilon: float = 0.2  # grpo: ratio clipped to [1 - eps, 1 + eps]
@@ -134,9 +135,12 @@ class TrainConfig:
     rollout_top_k: int = 50
     rollout_top_p: float = 0.85
     thinking_ratio: float = 0.9  # the share of prompts rendered with thinking opened
-    # reward name -> weight: minimind (length / thinking / repetition shaping), exact, numeric (against the
-    # record's gt), think_format; e.g. rewards='{numeric: 1, minimind: 0.5}'
+    # grpo: reward name -> weight: minimind (length / thinking / repetition shaping), exact, numeric (against
+    # the record's gt), think_format; e.g. rewards='{numeric: 1, minimind: 0.5}' (agent: MiniMind's
+    # trajectory reward)
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"minimind": 1.0})
+    agent_max_turns: int = 3  # agent: generation turns per trajectory (tool results between them)
+    agent_max_total_tokens: int = 2500  # agent: tokens of a whole trajectory (generated + tool turns)
 
     # ------------------------------------------------------------------------------------------------ derived
     @property
@@ -227,7 +231,7 @@ class TrainConfig:
 
     def _check_rl_settings(self, bad) -> None:
         """Rollout, reward and RL loss settings."""
-        for key in ("num_generations", "max_gen_len"):
+        for key in ("num_generations", "max_gen_len", "agent_max_turns", "agent_max_total_tokens"):
             if getattr(self, key) < 1:
                 bad(key, f"must be positive, got {getattr(self, key)}")
         if self.stage in RL_STAGES and self.num_generations < 2:
@@ -245,7 +249,7 @@ class TrainConfig:
                 bad(f"rewards.{name}", f"unknown reward; known: {', '.join(REWARDS)}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 bad(f"rewards.{name}", f"the weight must be a finite number, got {weight!r}")
-        if self.stage in RL_STAGES and not any(self.rewards.values()):
+        if self.stage == "grpo" and not any(self.rewards.values()):
             bad("rewards", "no reward has a non-zero weight")
 
     def _check_model(self, bad) -> None:

@@ -10,7 +10,7 @@ from, builds it once the model config is known, and then calls the same methods 
 * ``meta()`` -> what the run's checkpoint metadata records about the extra models;
 * ``export(run_dir, params, frozen, step)`` -> writes the run's result, returns the params the sample runs.
 
-Stages: pretrain / sft / reason train the model alone; ``dpo`` and ``grpo`` keep a frozen reference (a copy of
+Stages: pretrain / sft / reason train the model alone; ``dpo``, ``grpo`` and ``agent`` keep a frozen reference (a copy of
 the initial weights); ``lora`` trains adapters over the frozen base; ``distill`` keeps the frozen teacher.
 """
 
@@ -77,7 +77,7 @@ class StageModels:
 
 
 class WithReference(StageModels):
-    """dpo, grpo: a frozen reference, a copy of the initial weights, sharded like the model."""
+    """dpo, grpo, agent: a frozen reference, a copy of the initial weights, sharded like the model."""
 
     needs_init = True
     frozen_name = "reference"
@@ -183,7 +183,7 @@ class Distill(StageModels):
 
 MODELS: dict[str, type[StageModels]] = {"pretrain": StageModels, "sft": StageModels, "reason": StageModels,
                                         "dpo": WithReference, "lora": Lora, "distill": Distill,
-                                        "grpo": WithReference}
+                                        "grpo": WithReference, "agent": WithReference}
 
 
 def models_for(stage: str) -> type[StageModels]:

@@ -31,6 +31,8 @@ The stages (``build_stage(cfg, ...)`` makes one from a ``TrainConfig``):
   data are prompts (``rlaif.jsonl``), ``prepare`` samples ``num_generations`` completions of each, scores them
   (``rewards``) and computes group advantages; the loss is MiniMind's per-token policy loss + ``beta`` k3 KL to
   the frozen reference, mean over a sequence's tokens then over the sequences.
+* ``agent``: the same loss on multi-turn tool-use trajectories (``agent_rl.jsonl``, :mod:`minimind_jax.rl.agent`),
+  over the tokens the model generated (tool turns carry no loss), rewarded by MiniMind's trajectory reward.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numpy as np
 from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
-from minimind_jax.rl import grpo
+from minimind_jax.rl import agent, grpo
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -125,6 +127,8 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokeni
         return Stage("lora", "sft", make_lora_loss(scale), count_trained_tokens)
     if name == "grpo":
         return grpo_stage(cfg, model_config, policy, tokenizer)
+    if name == "agent":
+        return agent_stage(cfg, model_config, policy, tokenizer)
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -149,3 +153,22 @@ def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
                  count_tokens=grpo.count_tokens,
                  describe=f"{cfg.batch_size} prompts x {settings.num_generations} rollouts (prompt <= "
                           f"{cfg.max_seq_len}, <= {cfg.max_gen_len} new tokens)")
+
+
+def agent_stage(cfg, model_config, policy, tokenizer) -> Stage:
+    """Agentic RL: multi-turn rollouts with the mocked tools (:mod:`minimind_jax.rl.agent`), CISPO / GRPO loss on
+    the generated tokens only."""
+    if tokenizer is None:
+        raise ValueError("the agent stage needs the tokenizer (tool calls are parsed from the decoded text)")
+    settings = grpo_settings(cfg)
+    prepare = agent.AgentRolloutStep(settings, model_config, policy.name, tokenizer,
+                                     RLPromptSource(cfg.data_path, "agent", skip_bad_lines=cfg.skip_bad_lines),
+                                     cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
+                                     max_turns=cfg.agent_max_turns, max_total_tokens=cfg.agent_max_total_tokens)
+    return Stage("agent", "agent", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
+                 grpo.count_sequences, agent.BATCH_KEYS, sequences_per_example=settings.num_generations,
+                 rows_per_example=settings.num_generations, data_keys=grpo.PROMPT_KEYS, prepare=prepare,
+                 count_tokens=grpo.count_tokens,
+                 describe=f"{cfg.batch_size} tasks x {settings.num_generations} trajectories (<= "
+                          f"{cfg.agent_max_turns} turns of <= {cfg.max_gen_len} new tokens, "
+                          f"<= {cfg.agent_max_total_tokens} in all)")
