@@ -1,4 +1,5 @@
-"""grain input pipelines for the three stages: jsonl -> shard -> shuffle -> repeat -> transform -> batch.
+"""grain input pipelines for every stage (pretrain text, conversations, DPO pairs, RL prompts): jsonl -> shard ->
+shuffle -> repeat -> transform -> batch.
 
 :func:`make_dataset` builds a ``grain.MapDataset`` chain::
 
