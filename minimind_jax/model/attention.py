@@ -8,9 +8,10 @@ buffer, so decoding compiles once per (batch, buffer length) whatever the prompt
 The softmax(q k^T / sqrt(d) + mask) v itself is :func:`attend`, chosen by ``ModelConfig.kernels`` like the
 other kernels (:mod:`minimind_jax.model.kernels`):
 
-* a CUDA GPU (``auto``, bf16 / fp16, head_dim <= 128 and a multiple of 8, more than one query): cuDNN flash
-  attention (``jax.nn.dot_product_attention(implementation="cudnn")``), which never stores the
-  (batch, heads, q, kv) scores, forward or backward, and skips the masked blocks of a plain causal mask;
+* a CUDA GPU (``auto``, bf16 / fp16, head_dim <= 128 and a multiple of 8, more than one query, even lengths
+  with a mask): cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``), which never
+  stores the (batch, heads, q, kv) scores, forward or backward, and skips the masked blocks of a plain causal
+  mask;
 * the CPU (``auto``, ``xla_cpu``): the two einsums below with float32 accumulation, the scores in float32;
 * elsewhere (``generic``, other platforms, float32 on a GPU, decode steps): ``jax.nn.dot_product_attention``'s
   XLA implementation, the same math (float32 scores), which XLA may fuse but which stores the scores.
@@ -126,7 +127,7 @@ def attend(q, k, v, bias, kernels: str = "auto") -> jax.Array:
         return einsum_attention(q, k, v, bias)
     if kernels == "generic":
         return _xla_attention(q, k, v, bias)
-    cuda = _cudnn_attention if _cudnn_applies(q) else _xla_attention
+    cuda = _cudnn_attention if _cudnn_applies(q, k, bias) else _xla_attention
     return jax.lax.platform_dependent(q, k, v, bias, cpu=einsum_attention, cuda=cuda, default=_xla_attention)
 
 
@@ -160,13 +161,14 @@ def _cudnn_attention(q, k, v, bias):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=bias is None, implementation="cudnn")
 
 
-def _cudnn_applies(q) -> bool:
+def _cudnn_applies(q, k, bias) -> bool:
     """Whether cuDNN flash attention takes these queries: half precision, head_dim <= 128 and a multiple
-    of 8, more than one query (a decode step is memory-bound: the XLA kernel reads the cache once), on a
-    host that can trace it."""
+    of 8, more than one query (a decode step is memory-bound: the XLA kernel reads the cache once), even
+    query and key lengths with a mask (cuDNN's backward with a bias needs them), on a host that can trace it."""
     _, t, _, d = q.shape
     half = jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return half and d <= 128 and d % 8 == 0 and t > 1 and cudnn_available()
+    even = bias is None or (t % 2 == 0 and k.shape[1] % 2 == 0)
+    return half and d <= 128 and d % 8 == 0 and t > 1 and even and cudnn_available()
 
 
 @functools.cache
