@@ -172,6 +172,7 @@ class RolloutStep:
     seed: int
     eos_id: int
     pad_id: int
+    extra_rewards: Mapping[str, RewardFn] = dataclasses.field(default_factory=dict)  # e.g. a reward model
 
     def __call__(self, data_batch, state, step: int):
         accum, b, width = data_batch["prompt_ids"].shape
@@ -185,7 +186,8 @@ class RolloutStep:
         texts = [self.tokenizer.decode([int(t) for t in row[pad]], skip_special_tokens=True)
                  for row, pad in zip(r.completion_ids, r.completion_pad)]
         rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]
-        total, parts = score_components(self.reward_weights, texts, rows, [p.where for p in records for _ in range(g)])
+        total, parts = score_components(self.reward_weights, texts, rows, [p.where for p in records for _ in range(g)],
+                                        extra=self.extra_rewards)
         rewards = np.asarray(total, np.float32)
         adv = np.asarray(obj.group_advantages(jnp.asarray(rewards), g))
         batch = {**r.batch, "advantages": adv}

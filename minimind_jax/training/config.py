@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALLED_CONFIG_DIR = Path(sysconfig.get_path("data")) / "share" / "minimind-jax" / "configs"
 CONFIG_DIR = REPO_ROOT / "configs" if (REPO_ROOT / "configs").is_dir() else INSTALLED_CONFIG_DIR
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "agent")
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "agent", "reward")
 RL_STAGES = ("grpo", "agent")  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
 LOSS_TYPES = ("grpo", "cispo")
 LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
@@ -57,7 +57,7 @@ class TrainConfig:
     """Every training setting, documented next to its default (MiniMind's where it has one)."""
 
     # --- what to train
-    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo | agent
+    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo | agent | reward
     data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
     preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -136,9 +136,10 @@ class TrainConfig:
     rollout_top_p: float = 0.85
     thinking_ratio: float = 0.9  # the share of prompts rendered with thinking opened
     # grpo: reward name -> weight: minimind (length / thinking / repetition shaping), exact, numeric (against
-    # the record's gt), think_format; e.g. rewards='{numeric: 1, minimind: 0.5}' (agent: MiniMind's
-    # trajectory reward)
+    # the record's gt), think_format, reward_model (the score of `reward_model`); e.g.
+    # rewards='{numeric: 1, minimind: 0.5}' (agent: MiniMind's trajectory reward)
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"minimind": 1.0})
+    reward_model: str | None = None  # a reward model trained by --stage reward (its <run>/reward_model)
     agent_max_turns: int = 3  # agent: generation turns per trajectory (tool results between them)
     agent_max_total_tokens: int = 2500  # agent: tokens of a whole trajectory (generated + tool turns)
 
@@ -245,12 +246,14 @@ class TrainConfig:
         if not 0.0 <= self.thinking_ratio <= 1.0:
             bad("thinking_ratio", f"must be in [0, 1], got {self.thinking_ratio}")
         for name, weight in self.rewards.items():
-            if name not in REWARDS:
-                bad(f"rewards.{name}", f"unknown reward; known: {', '.join(REWARDS)}")
+            if name not in REWARDS and name != "reward_model":
+                bad(f"rewards.{name}", f"unknown reward; known: {', '.join(REWARDS)}, reward_model")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 bad(f"rewards.{name}", f"the weight must be a finite number, got {weight!r}")
         if self.stage == "grpo" and not any(self.rewards.values()):
             bad("rewards", "no reward has a non-zero weight")
+        if self.rewards.get("reward_model") and not self.reward_model:
+            bad("reward_model", "rewards name reward_model: give --reward_model DIR (trained by --stage reward)")
 
     def _check_model(self, bad) -> None:
         """The weights to start from and the model settings."""

@@ -10,8 +10,9 @@ from, builds it once the model config is known, and then calls the same methods 
 * ``meta()`` -> what the run's checkpoint metadata records about the extra models;
 * ``export(run_dir, params, frozen, step)`` -> writes the run's result, returns the params the sample runs.
 
-Stages: pretrain / sft / reason train the model alone; ``dpo``, ``grpo`` and ``agent`` keep a frozen reference (a copy of
-the initial weights); ``lora`` trains adapters over the frozen base; ``distill`` keeps the frozen teacher.
+Stages: pretrain / sft / reason train the model alone; ``dpo``, ``grpo`` and ``agent`` keep a frozen
+reference (a copy of the initial weights); ``reward`` trains the model with a scalar head; ``lora`` trains
+adapters over the frozen base; ``distill`` keeps the frozen teacher.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from minimind_jax.checkpoint import save_checkpoint
 from minimind_jax.config import ModelConfig, param_count
 from minimind_jax.model.transformer import init_params
 from minimind_jax.precision import get_policy
+from minimind_jax.rl import reward_model
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import log
 
@@ -181,9 +183,34 @@ class Distill(StageModels):
                             "policy": self.cfg.teacher_policy}}
 
 
+class RewardHead(StageModels):
+    """reward: the model plus a scalar head, both trained; the result is ``<run>/reward_model`` (the backbone as a
+    checkpoint, the head in its manifest; see :mod:`minimind_jax.rl.reward_model`)."""
+
+    needs_init = True
+
+    def fresh(self, base):
+        return {"model": base, "head": reward_model.init_head(self.model_cfg.hidden_size)}, None
+
+    def shapes(self):
+        head = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            reward_model.init_head(self.model_cfg.hidden_size))
+        return {"model": model_shapes(self.model_cfg, self.policy), "head": head}, None
+
+    def shardings(self, model_sharding, mesh):
+        return {"model": model_sharding, "head": {"kernel": shd.replicated(mesh), "bias": shd.replicated(mesh)}}, None
+
+    def export(self, run_dir, params, frozen, step):
+        if jax.process_index() == 0:
+            out = reward_model.save(run_dir / "reward_model", params, self.model_cfg, step=step)
+            log(f"reward model: {out} (use it with --stage grpo rewards='{{reward_model: 1}}' "
+                f"--reward_model {out})")
+        return params["model"]
+
+
 MODELS: dict[str, type[StageModels]] = {"pretrain": StageModels, "sft": StageModels, "reason": StageModels,
                                         "dpo": WithReference, "lora": Lora, "distill": Distill,
-                                        "grpo": WithReference, "agent": WithReference}
+                                        "grpo": WithReference, "agent": WithReference, "reward": RewardHead}
 
 
 def models_for(stage: str) -> type[StageModels]:

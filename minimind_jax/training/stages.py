@@ -31,6 +31,8 @@ The stages (``build_stage(cfg, ...)`` makes one from a ``TrainConfig``):
   data are prompts (``rlaif.jsonl``), ``prepare`` samples ``num_generations`` completions of each, scores them
   (``rewards``) and computes group advantages; the loss is MiniMind's per-token policy loss + ``beta`` k3 KL to
   the frozen reference, mean over a sequence's tokens then over the sequences.
+* ``reward``: a reward model (:mod:`minimind_jax.rl.reward_model`: the model + a scalar head) trained on DPO
+  pairs with the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``; grpo's ``reward_model`` reward.
 * ``agent``: the same loss on multi-turn tool-use trajectories (``agent_rl.jsonl``, :mod:`minimind_jax.rl.agent`),
   over the tokens the model generated (tool turns carry no loss), rewarded by MiniMind's trajectory reward.
 """
@@ -46,7 +48,7 @@ import numpy as np
 from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
-from minimind_jax.rl import agent, grpo
+from minimind_jax.rl import agent, grpo, reward_model
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -129,6 +131,8 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokeni
         return grpo_stage(cfg, model_config, policy, tokenizer)
     if name == "agent":
         return agent_stage(cfg, model_config, policy, tokenizer)
+    if name == "reward":
+        return Stage("reward", "dpo", reward_model.make_loss(), count_pairs, DPO_KEYS, sequences_per_example=2)
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -144,9 +148,13 @@ def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
     if tokenizer is None:
         raise ValueError("the grpo stage needs the tokenizer (rollouts are decoded and scored as text)")
     settings = grpo_settings(cfg)
+    extra = {}
+    if cfg.rewards.get("reward_model"):
+        extra["reward_model"] = reward_model.RewardScorer(cfg.reward_model, tokenizer, policy.name)
     prepare = grpo.RolloutStep(settings, model_config, policy.name, tokenizer,
                                RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
-                               dict(cfg.rewards), cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0)
+                               dict(cfg.rewards), cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
+                               extra_rewards=extra)
     return Stage("grpo", "rlaif", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
                  grpo.count_sequences, grpo.BATCH_KEYS, sequences_per_example=settings.num_generations,
                  rows_per_example=settings.num_generations, data_keys=grpo.PROMPT_KEYS, prepare=prepare,
