@@ -168,6 +168,24 @@ class SlotDecoder:
         self._state = _empty_slots(self.config, self.slots, self.cache_len, self.policy.compute_dtype)
         self.active[:] = False
 
+    def warm_up(self) -> float:
+        """Compile every step width and prompt bucket now (seconds taken), so that no request waits for a
+        compile later; runs only while every slot is free (what it computes is dropped)."""
+        if self.active.any():
+            raise RuntimeError("warm_up needs every slot free")
+        t0 = time.perf_counter()
+        for p in sorted({min(bucket_length(n), self.cache_len) for n in range(1, self.cache_len)}):
+            self.prefill(0, [0] * min(p, self.cache_len - 1), SamplingParams(seed=0))
+            self.release(0)
+        width = 1
+        while True:
+            self.active[width - 1] = True
+            self.step()
+            self.active[:] = False
+            if width >= self.slots:
+                return time.perf_counter() - t0
+            width = min(2 * width, self.slots)
+
     def prefill(self, slot: int, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
         """Put a prompt into the free ``slot`` and return its first new token."""
         n = len(prompt_ids)
@@ -264,16 +282,20 @@ class Engine:
     ``max_queue`` requests may wait for a slot (more: :class:`EngineError` 429 ``queue_full``); a request not
     done ``timeout_s`` after it was submitted ends with 504 ``timeout``; after :meth:`close` new requests get
     503 ``shutting_down`` and the ones waiting or running end with it. ``decoder`` is a :class:`SlotDecoder`
-    or anything with its ``slots``, ``cache_len``, ``active``, ``prefill``, ``step``, ``release``, ``reset``.
+    or anything with its ``slots``, ``cache_len``, ``active``, ``prefill``, ``step``, ``release``, ``reset``
+    (and ``warm_up`` with ``warm_up=True``: every step width and prompt bucket compiles before the first
+    request, instead of stalling the running rows the first time a shape is needed).
     """
 
-    def __init__(self, decoder, eos_ids: Sequence[int], *, max_queue: int = 64, timeout_s: float | None = None):
+    def __init__(self, decoder, eos_ids: Sequence[int], *, max_queue: int = 64, timeout_s: float | None = None,
+                 warm_up: bool = False):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.decoder = decoder
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.warm_up = warm_up  # compile every shape (decoder.warm_up) before serving, requests queue meanwhile
         self.slots: list[Request | None] = [None] * decoder.slots
         self.steps_with_rows = [0] * (decoder.slots + 1)  # how many decode steps ran with k slots in use
         self._waiting: collections.deque[Request] = collections.deque()
@@ -341,6 +363,12 @@ class Engine:
 
     # -- the worker
     def _run(self) -> None:
+        if self.warm_up:
+            try:
+                log.info("decode slots compiled in %.1f s", self.decoder.warm_up())
+            except Exception:  # serving goes on; the shapes compile when first used
+                log.exception("warm-up failed")
+                self.decoder.reset()
         while True:
             with self._cond:
                 while not self._closing and not self._waiting and not self.decoder.active.any():

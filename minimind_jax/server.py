@@ -475,21 +475,23 @@ async def next_event(job: Job, request: Request, poll_s: float = 0.25):
 def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
                default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
-               request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None):
+               request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None,
+               warm_up: bool = False):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
     chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
     :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens, default the
     model's context, over the generator's params); its thread starts with the app (its lifespan) and stops
     with it; ``app.state.engine`` is the engine. ``max_queue`` requests may wait for a slot (then 429), a
-    request not done within ``request_timeout_s`` gets 504. Request bodies over ``max_body_bytes`` get 413;
-    prompts over ``max_prompt_tokens`` (default: the context) get 400."""
+    request not done within ``request_timeout_s`` gets 504; ``warm_up`` compiles every decode shape when the
+    app starts (requests wait meanwhile). Request bodies over ``max_body_bytes`` get 413; prompts over
+    ``max_prompt_tokens`` (default: the context) get 400."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
     if decoder is None:
         decoder = SlotDecoder.for_generator(generator, slots=max_batch, cache_len=cache_len)
     engine = Engine(decoder, eos_ids if eos_ids is not None else default_eos_ids(generator, tokenizer),
-                    max_queue=max_queue, timeout_s=request_timeout_s)
+                    max_queue=max_queue, timeout_s=request_timeout_s, warm_up=warm_up)
     prompts = PromptBuilder(tokenizer, decoder.cache_len, generator.config.max_position_embeddings,
                             default_max_tokens, max_prompt_tokens)
 

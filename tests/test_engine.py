@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from _util import cached_params, tiny
+from minimind_jax import engine as engine_mod
 from minimind_jax.engine import Engine, EngineError, Request, SlotDecoder
 from minimind_jax.generate import Generator, SamplingParams
 
@@ -65,6 +66,27 @@ def test_a_slot_gives_the_generator_tokens_alone_and_among_others(gen):
             if len(got[i]) == limits[i]:
                 dec.release(running.pop(i))
     assert [got[i] for i in range(5)] == [e[:m] for e, m in zip(expected, limits)]
+
+
+def _compiled() -> tuple[int, int]:
+    return engine_mod._prefill_slot._cache_size(), engine_mod._step_slots._cache_size()
+
+
+def test_warm_up_compiles_every_shape_and_changes_no_answer(gen):
+    dec = SlotDecoder.for_generator(gen, slots=3, cache_len=40)  # widths 1, 2, 3; prompt buckets 16, 32, 40
+    eng = Engine(dec, eos_ids=NO_EOS, warm_up=True)
+    eng.start()
+    try:
+        prompt, sampling = _prompts()[0], SAMPLING[0]
+        expected = gen.generate([prompt], 4, sampling, eos_ids=NO_EOS)[0].tokens
+        assert eng.submit(Request(prompt, 4, sampling)).result(120).tokens == expected  # served after the warm-up
+        compiled = _compiled()
+        rng = np.random.RandomState(5)
+        requests = [eng.submit(Request(list(rng.randint(3, 256, n)), 4)) for n in (35, 20, 5)]  # buckets 40, 32, 16
+        assert all(len(r.result(120).tokens) == 4 for r in requests)
+        assert _compiled() == compiled  # nothing compiled while serving
+    finally:
+        eng.close()
 
 
 def test_moe_with_scanned_layers_decodes_in_slots():
