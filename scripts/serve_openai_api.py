@@ -10,8 +10,9 @@ directory):
     curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "stream": true}'
 
---ckpt is this project's checkpoint directory or anything the converter reads. Concurrent requests are
-batched together (up to --max-batch rows per decode). The logic lives in minimind_jax/server.py.
+--ckpt is this project's checkpoint directory or anything the converter reads. Requests run on a
+continuous-batching engine: --max-batch decode slots over one KV cache of --cache-len tokens per slot; a new
+request joins the running decode at the next step. The logic lives in minimind_jax/server.py and engine.py.
 """
 
 import argparse
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A quiet start: no C++ (XLA/TSL) info lines and no absl/libtpu chatter from the TPU probe on CPU/GPU machines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TPU_MIN_LOG_LEVEL", "2")
+DEFAULT_CACHE_LEN = 4096  # MiniMind's 32768-token context x 8 slots would preallocate 8 x 32768 cached tokens
 
 
 def served_name(ckpt: str) -> str:
@@ -42,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8998)
     p.add_argument("--policy", default="fp32", help="precision policy: fp32, bf16, bf16-params, ...")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one batch")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots: most requests decoded together")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="KV-cache tokens per slot = the longest prompt + reply served (default: the model's "
+                        "context, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot (then 429)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (then 504)")
+    p.add_argument("--warm-up", action="store_true", help="compile every decode shape before serving")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: from --ckpt)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="new-token limit of a request that sets no max_tokens (capped by the context left)")
@@ -67,11 +75,13 @@ def main(argv=None) -> None:
     generator = Generator.from_checkpoint(args.ckpt, policy=args.policy)
     tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
     name = args.model_name or served_name(args.ckpt)
+    cache_len = args.cache_len or min(generator.config.max_position_embeddings, DEFAULT_CACHE_LEN)
     app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
                      default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                     max_body_bytes=int(args.max_body_mb * 2 ** 20))
-    print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}) "
-          f"on http://{args.host}:{args.port}/v1", flush=True)
+                     max_body_bytes=int(args.max_body_mb * 2 ** 20), cache_len=cache_len,
+                     max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up)
+    print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}, "
+          f"{args.max_batch} slots of {cache_len} tokens) on http://{args.host}:{args.port}/v1", flush=True)
     print(f"chat page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
