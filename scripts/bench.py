@@ -759,6 +759,49 @@ def bench_flops(args) -> None:
                   f"{mem.argument_size_in_bytes / 2**20:,.1f} MiB, output {mem.output_size_in_bytes / 2**20:,.1f} MiB")
 
 
+def bench_grpo(args) -> None:
+    """Memory (XLA's memory_analysis of the compiled step) and time of one GRPO / CISPO train step: the policy and
+    the frozen reference both run forward on ``prompts x generations`` rollouts of ``prompt + new`` tokens, their
+    log-probs through the chunked head; plus the rollouts' KV cache (analytical)."""
+    from minimind_jax import ModelConfig, param_count
+    from minimind_jax.precision import get_policy
+    from minimind_jax.rl import grpo
+    from minimind_jax.training.stages import Stage
+    from minimind_jax.training.step import init_train_state, make_optimizer, make_train_step
+
+    config = ModelConfig.preset(args.preset)
+    rows, length = args.prompts * args.generations, args.prompt_len + args.new_tokens
+    tx, _ = make_optimizer(3e-7, 100)
+    settings = grpo.GRPOSettings(num_generations=args.generations)
+    stage = Stage("grpo", "rlaif", grpo.make_stage_loss(settings, config, args.policy, config.eos_token_id),
+                  grpo.count_sequences, grpo.BATCH_KEYS)
+    state, _ = init_train_state(config, tx, seed=0, policy=args.policy)
+    state = state.replace(frozen=jax.tree.map(jnp.array, state.params))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, config.vocab_size, (1, rows, length)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "completion_ids": ids[:, :, args.prompt_len:],
+             "completion_pad": np.ones((1, rows, args.new_tokens), bool),
+             "advantages": rng.standard_normal((1, rows)).astype(np.float32)}
+    step = jax.jit(make_train_step(stage, config, args.policy, tx), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    step_s = time.perf_counter() - t0
+    itemsize = np.dtype(get_policy(args.policy).compute_dtype).itemsize
+    kv = 2 * config.num_hidden_layers * rows * length * config.num_key_value_heads * config.head_dim * itemsize
+    total, _ = param_count(config)
+    print(f"grpo step {args.preset} ({total / 1e6:.1f}M params), policy {args.policy}, {args.prompts} prompts x "
+          f"{args.generations} rollouts x ({args.prompt_len} + {args.new_tokens}) tokens, device "
+          f"{jax.devices()[0].platform}")
+    print(f"  memory_analysis: temp {mem.temp_size_in_bytes / 2**20:,.1f} MiB, arguments "
+          f"{mem.argument_size_in_bytes / 2**20:,.1f} MiB (policy, reference, optimizer state, batch); rollout "
+          f"KV cache {kv / 2**20:,.1f} MiB; compile {compile_s:.1f} s, step {step_s:.2f} s")
+
+
 # (name, config factory, policy, batch, seq) of the GPU check: a few steps each.
 def _gpu_runs():
     from minimind_jax import ModelConfig
@@ -1025,6 +1068,14 @@ def main(argv=None) -> int:
     p.add_argument("--cache-len", type=int, default=None, help="tokens per slot (default: the model's context)")
     p.add_argument("--engines", nargs="+", default=["continuous", "batch"], choices=["continuous", "batch"])
     p.set_defaults(fn=bench_serve)
+    p = sub.add_parser("grpo", help="memory and time of one GRPO / CISPO train step (policy + reference)")
+    p.add_argument("--preset", default="minimind3")
+    p.add_argument("--policy", default="bf16")
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=1024)
+    p.set_defaults(fn=bench_grpo)
     p = sub.add_parser("gpu", help="the GPU check: train minimind3 / minimind3-moe / ~1B, then decode (one GPU)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default="gpu_check.json")
