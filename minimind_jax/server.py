@@ -25,13 +25,19 @@ other choice acts as ``"auto"``), ``stream`` / ``stream_options.include_usage``;
 ``repetition_penalty`` (MiniMind's sampling) and ``chat_template_kwargs`` with only ``open_thinking`` /
 ``enable_thinking`` (booleans: the generation prompt opens ``<think>``); any other template variable, a
 client's own ``chat_template`` among them, is refused.
-``presence_penalty``, ``frequency_penalty``, ``user`` and the like are accepted and ignored; ``n > 1``,
-``logprobs`` and JSON ``response_format`` are refused.
+``n`` (1-8 choices; choice i samples with seed + i, so each is the answer that seed gives alone),
+``logprobs`` / ``top_logprobs`` (0-20); ``presence_penalty``, ``frequency_penalty``, ``user`` and the like are
+accepted and ignored; JSON ``response_format`` is refused.
 
 **The answer.** The text is cut at the first stop string; ``<think>`` reasoning goes to
 ``reasoning_content`` (see :mod:`minimind_jax.chat_format`); when the request had ``tools``,
 ``<tool_call>`` blocks become ``tool_calls`` (``finish_reason: "tool_calls"``). ``usage`` counts the prompt
-and every generated token (the eos included).
+and every generated token of every choice (the eos included). With ``logprobs``, each choice has OpenAI's
+``logprobs.content``: one ``{token, logprob, bytes, top_logprobs}`` entry per generated token (the eos a reply
+ended on left out), the log-probs being the model's own distribution (log-softmax of its logits, before
+temperature, top-p and penalties) scored by a forward pass of prompt + reply
+(:class:`~minimind_jax.evaluation.scoring.Scorer`); a stream sends a choice's ``logprobs`` with its last
+chunk (the one with its ``finish_reason``). Streamed chunks carry their choice's ``index``.
 
 **Limits.** A body over ``max_body_bytes`` (8 MiB) gets 413 before it is read whole; JSON parsing and
 tokenising run off the event loop, and a prompt whose text has more bytes than the token limit could ever
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib.resources
 import json
 import logging
@@ -72,6 +79,7 @@ from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuf
 from minimind_jax.completions import completions_router
 from minimind_jax.engine import Engine, EngineError, SlotDecoder
 from minimind_jax.engine import Request as EngineRequest
+from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
 from minimind_jax.tokenizer import TokenizerError
 
@@ -81,6 +89,7 @@ log = logging.getLogger("minimind_jax.server")
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MAX_STOP = 16
+MAX_CHOICES = 8  # the most choices (``n``) one request may ask for
 TEMPLATE_KWARGS = ("open_thinking", "enable_thinking")  # the only chat_template_kwargs a request may set
 MAX_BODY_BYTES = 8 * 2 ** 20
 
@@ -120,6 +129,13 @@ class ChatRequest:
     include_usage: bool = False
     tools: list[dict] | None = None  # None: no tools (also for tool_choice "none")
     template_kwargs: dict = dataclasses.field(default_factory=dict)
+    n: int = 1  # choices; choice i samples with seed + i
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (with logprobs)
+
+    def choice_sampling(self, i: int) -> SamplingParams:
+        """The sampling settings of choice ``i``: the request's, with seed + i."""
+        return dataclasses.replace(self.sampling, seed=(self.sampling.seed + i) % 2 ** 32)
 
 
 def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
@@ -242,11 +258,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
 
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported", "n", "unsupported_value")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise _bad("logprobs are not supported", "logprobs", "unsupported_value")
+    n = _integer(body, "n", 1, MAX_CHOICES) or 1
+    logprobs, top_logprobs = _logprobs_settings(body)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
@@ -266,7 +279,18 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
     return ChatRequest(messages=messages, sampling=sampling, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stream=bool(stream), include_usage=bool(options.get("include_usage")), tools=tools,
-                       template_kwargs=template_kwargs)
+                       template_kwargs=template_kwargs, n=n, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def _logprobs_settings(body: dict) -> tuple[bool, int]:
+    """(logprobs, top_logprobs) of the request; top_logprobs needs logprobs: true (as OpenAI answers)."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _bad(f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs", "invalid_type")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise _bad("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    return bool(logprobs), top or 0
 
 
 def _template_kwargs(value: Any) -> dict:
@@ -367,6 +391,62 @@ def default_eos_ids(generator, tokenizer) -> tuple[int, ...]:
     if tok_eos is not None and tok_eos not in eos_ids:
         eos_ids.append(tok_eos)
     return tuple(eos_ids)
+
+
+# ------------------------------------------------------------------------------------------------ logprobs
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's ``bytes_to_unicode``), inverted: the character that spells a byte in a
+    token's name -> the byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+             *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars = dict(zip(shown, shown))
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + len(chars) - len(shown)
+    return {chr(c): b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The UTF-8 bytes a token stands for (a byte-level token may hold part of a character); an added token
+    (``<think>``, ``<|im_end|>``) is its own text."""
+    name = tokenizer.id_to_token(int(token_id)) or ""
+    alphabet = _byte_alphabet()
+    if int(token_id) in tokenizer.added_tokens_decoder or not all(ch in alphabet for ch in name):
+        return name.encode("utf-8")
+    return bytes(alphabet[ch] for ch in name)
+
+
+class ReplyScorer:
+    """OpenAI's chat ``logprobs.content`` of replies: a forward pass of prompt + reply on a
+    :class:`~minimind_jax.evaluation.scoring.Scorer` (built on first use, one row per pass), so each log-prob
+    is the model's own (before temperature, top-p and penalties). The eos a reply ended on is left out."""
+
+    def __init__(self, generator, tokenizer, eos_ids: Sequence[int]):
+        self.generator, self.tokenizer, self.eos = generator, tokenizer, set(eos_ids)
+        self._scorer: Scorer | None = None
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        raw = token_bytes(self.tokenizer, token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": float(logprob), "bytes": list(raw)}
+
+    def content(self, prompt: Sequence[int], replies: Sequence[Sequence[int]], top: int) -> list[list[dict]]:
+        """For each reply (its generated ids): one entry per token, with its ``top`` best alternatives."""
+        if self._scorer is None:
+            g = self.generator
+            self._scorer = Scorer(g.params, g.config, g.policy, batch_size=1)
+        replies = [list(r[:-1]) if r and r[-1] in self.eos else list(r) for r in replies]
+        todo = [i for i, r in enumerate(replies) if r]
+        scores = self._scorer.score([list(prompt) + replies[i] for i in todo], top=MAX_TOP_LOGPROBS if top else 0)
+        out = [[] for _ in replies]
+        for i, sc in zip(todo, scores):
+            start = len(prompt) - 1  # scores index i is about token i + 1
+            out[i] = [{**self._entry(t, sc.logprobs[start + j]),
+                       "top_logprobs": [self._entry(a, lp) for a, lp in sc.top[start + j][:top]] if top else []}
+                      for j, t in enumerate(replies[i])]
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -494,6 +574,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                     max_queue=max_queue, timeout_s=request_timeout_s, warm_up=warm_up)
     prompts = PromptBuilder(tokenizer, decoder.cache_len, generator.config.max_position_embeddings,
                             default_max_tokens, max_prompt_tokens)
+    scorer = ReplyScorer(generator, tokenizer, engine.eos_ids)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -514,26 +595,39 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     async def chat_completions(request: Request):
         req = parse_chat_request(await read_body(request, max_body_bytes))
         prompt_ids, max_tokens, opened = await asyncio.to_thread(prompts, req)
-        job = Job(prompt_ids, max_tokens, req.sampling, tokenizer, stop=req.stop, parse_tools=req.tools is not None,
-                  start_in_reasoning=opened, stream=req.stream, loop=asyncio.get_running_loop())
-        try:
-            engine.submit(job)
-        except EngineError as e:
-            raise api_error(e) from None
-        try:
-            first = await next_event(job, request)
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-        if first[0] == "error":
-            raise first[1]
-        answer = _Answer(req, job, model_name)
+        jobs = [Job(prompt_ids, max_tokens, req.choice_sampling(i), tokenizer, stop=req.stop,
+                    parse_tools=req.tools is not None, start_in_reasoning=opened, stream=req.stream,
+                    loop=asyncio.get_running_loop()) for i in range(req.n)]
+        await _start(engine, jobs, request)
+        answer = _Answer(req, jobs, model_name, scorer)
         if not req.stream:
             return await answer.whole(request)
         return StreamingResponse(answer.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _start(engine: Engine, jobs: list[Job], request: Request) -> None:
+    """Submit the choices' jobs and wait until each is prefilled; a refusal or an error cancels them all."""
+    try:
+        for job in jobs:
+            engine.submit(job)
+        for job in jobs:
+            first = await next_event(job, request)
+            if first[0] == "error":
+                raise first[1]
+    except EngineError as e:
+        _cancel(jobs)
+        raise api_error(e) from None
+    except BaseException:
+        _cancel(jobs)
+        raise
+
+
+def _cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled = True  # a no-op once the job is done; frees its slot otherwise
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -585,78 +679,121 @@ def _pages(app: FastAPI, model_name: str, parameters: int | None, engine: Engine
 
 
 class _Answer:
-    """A started job's answer: one chat.completion (``whole``) or its Server-Sent Events (``events``)."""
+    """Started jobs' answer (one job per choice): one chat.completion (``whole``) or its Server-Sent Events
+    (``events``, each chunk naming its choice's ``index``)."""
 
-    def __init__(self, req: ChatRequest, job: Job, model_name: str):
-        self.req, self.job, self.model = req, job, model_name
+    def __init__(self, req: ChatRequest, jobs: list[Job], model_name: str, scorer: ReplyScorer):
+        self.req, self.jobs, self.model, self.scorer = req, jobs, model_name, scorer
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def usage(self, completion: int) -> dict:
-        n = len(self.job.prompt_ids)
+        n = len(self.jobs[0].prompt_ids)
         return {"prompt_tokens": n, "completion_tokens": completion, "total_tokens": n + completion}
 
-    async def whole(self, request: Request) -> dict:
-        reasoning, content = [], []
-        try:
-            while True:
-                event = await next_event(self.job, request)
-                if event[0] == "delta":
-                    reasoning.append(event[1])
-                    content.append(event[2])
-                elif event[0] == "error":
-                    raise event[1]
-                else:
-                    break
-        except asyncio.CancelledError:
-            self.job.cancelled = True
-            raise
-        _, finish, calls, has_reasoning, completion = event
-        message = {"role": "assistant", "content": "".join(content)}
-        if calls:
-            message["tool_calls"] = calls
-            message["content"] = message["content"] or None
-        if has_reasoning:
-            message["reasoning_content"] = "".join(reasoning)
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                "usage": self.usage(completion)}
+    async def logprobs(self, jobs: list[Job]) -> list[dict | None]:
+        """The ``logprobs`` of each job's choice (None each without ``logprobs``), scored off the event loop."""
+        if not self.req.logprobs:
+            return [None] * len(jobs)
+        content = await asyncio.to_thread(self.scorer.content, jobs[0].prompt_ids, [j.tokens for j in jobs],
+                                          self.req.top_logprobs)
+        return [{"content": c, "refusal": None} for c in content]
 
-    def chunk(self, delta: dict, finish: str | None = None) -> str:
+    async def whole(self, request: Request) -> dict:
+        try:
+            ends = [await self._collect(job, request) for job in self.jobs]
+            logprobs = await self.logprobs(self.jobs)
+        except BaseException:
+            _cancel(self.jobs)
+            raise
+        choices = []
+        for index, ((reasoning, content, end), lp) in enumerate(zip(ends, logprobs)):
+            _, finish, calls, has_reasoning, _ = end
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+                message["content"] = message["content"] or None
+            if has_reasoning:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish})
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": choices, "usage": self.usage(sum(e[4] for *_, e in ends))}
+
+    @staticmethod
+    async def _collect(job: Job, request: Request) -> tuple[str, str, tuple]:
+        """(reasoning, content, the done event) of one job."""
+        reasoning, content = [], []
+        while True:
+            event = await next_event(job, request)
+            if event[0] == "delta":
+                reasoning.append(event[1])
+                content.append(event[2])
+            elif event[0] == "error":
+                raise event[1]
+            else:
+                return "".join(reasoning), "".join(content), event
+
+    def chunk(self, index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         if self.req.include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    async def events(self):
-        try:
-            yield self.chunk({"role": "assistant", "content": ""})
+    async def _merged(self):
+        """(choice index, event) of every job as they come, until each job has ended."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, job: Job) -> None:
             while True:
-                event = await self.job.events.get()
+                event = await job.events.get()
+                await merged.put((index, event))
+                if event[0] != "delta":
+                    return
+
+        tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(self.jobs)]
+        try:
+            for _ in self.jobs:
+                while True:
+                    index, event = await merged.get()
+                    yield index, event
+                    if event[0] != "delta":
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def events(self):
+        completion, merged = 0, self._merged()
+        try:
+            for index in range(len(self.jobs)):
+                yield self.chunk(index, {"role": "assistant", "content": ""})
+            async for index, event in merged:
                 if event[0] == "delta":
                     delta = {}
                     if event[1]:
                         delta["reasoning_content"] = event[1]
                     if event[2]:
                         delta["content"] = event[2]
-                    yield self.chunk(delta)
+                    yield self.chunk(index, delta)
                 elif event[0] == "error":
                     yield f"data: {json.dumps(event[1].body(), ensure_ascii=False)}\n\n"
                     break
                 else:
-                    _, finish, calls, _, completion = event
+                    _, finish, calls, _, tokens = event
+                    completion += tokens
                     if calls:
-                        yield self.chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-                    yield self.chunk({}, finish)
-                    if self.req.include_usage:
-                        yield ("data: " + json.dumps({
-                            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "system_fingerprint": None, "choices": [],
-                            "usage": self.usage(completion)}) + "\n\n")
-                    break
+                        yield self.chunk(index, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                    (logprobs,) = await self.logprobs([self.jobs[index]])
+                    yield self.chunk(index, {}, finish, logprobs)
+            else:
+                if self.req.include_usage:
+                    yield ("data: " + json.dumps({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "system_fingerprint": None, "choices": [],
+                        "usage": self.usage(completion)}) + "\n\n")
             yield "data: [DONE]\n\n"
         finally:
-            self.job.cancelled = True  # a no-op once the job is done; frees its slot if the client left
+            await merged.aclose()  # stops its forwarding tasks
+            _cancel(self.jobs)  # frees the slots of a client that left

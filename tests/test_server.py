@@ -14,6 +14,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -22,7 +23,8 @@ import uvicorn
 from _util import cached_params, tiny
 from minimind_jax.chat_format import split_reasoning
 from minimind_jax.generate import Generator, SamplingParams
-from minimind_jax.server import create_app, parse_chat_request
+from minimind_jax.model.transformer import MiniMindLM
+from minimind_jax.server import create_app, parse_chat_request, token_bytes
 from minimind_jax.tokenizer import load_tokenizer
 
 HELLO = [{"role": "user", "content": "Hello! Please tell me about the sun."}]  # 17..32 prompt tokens
@@ -165,6 +167,54 @@ def test_stop_and_seed(model, tok):
     assert a == b != c.choices[0].message.content
 
 
+def _forward_logprobs(gen, ids):
+    """log p(next token | ids[:p + 1]) at every position p: a direct fp32 forward pass, no cache."""
+    logits = MiniMindLM(gen.config, gen.policy).apply({"params": gen.params}, jnp.asarray([ids])).logits[0]
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def test_n_choices_and_logprobs_equal_the_generator_and_a_forward_pass(model, tok):
+    server, gen = model
+    ids, eos = _prompt(tok, HELLO), tok.token_to_id("<|im_end|>")
+    kw = dict(model="m", messages=HELLO, max_tokens=10, n=3, logprobs=True, top_logprobs=3, **_sampled(11))
+    r = server.client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    total = 0
+    for i, choice in enumerate(r.choices):  # choice i is what seed 11 + i gives alone
+        content, finish, _, n_new = _expected(gen, tok, HELLO, 10, seed=11 + i)
+        assert (choice.message.content, choice.finish_reason) == (content, finish)
+        total += n_new
+        tokens = gen.generate([ids], 10, SamplingParams(temperature=1.0, top_p=1.0, seed=11 + i),
+                              eos_ids=(eos,))[0].tokens
+        reply = tokens[:-1] if tokens[-1] == eos else tokens
+        logp = _forward_logprobs(gen, ids + reply)[len(ids) - 1:]  # row j: the distribution of reply token j
+        entries = choice.logprobs.content
+        assert len(entries) == len(reply)
+        np.testing.assert_allclose([e.logprob for e in entries], logp[np.arange(len(reply)), reply], atol=1e-5)
+        for e, row in zip(entries, logp):
+            best = np.argsort(-row)[:3]
+            np.testing.assert_allclose([a.logprob for a in e.top_logprobs], row[best], atol=1e-5)
+            assert [bytes(a.bytes) for a in e.top_logprobs] == [token_bytes(tok, t) for t in best]
+        raw = b"".join(bytes(e.bytes) for e in entries)
+        assert raw.decode("utf-8", "replace") == tok.decode(reply)  # the tokens' bytes spell the reply
+    assert r.usage.completion_tokens == total and len({c.message.content for c in r.choices}) > 1
+
+    chunks = list(server.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    for i, choice in enumerate(r.choices):  # each choice's chunks, joined, are its plain answer
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        streamed = [e for c in mine if c.logprobs for e in c.logprobs.content]
+        assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in choice.logprobs.content]
+        np.testing.assert_allclose([e.logprob for e in streamed], [e.logprob for e in choice.logprobs.content],
+                                   atol=1e-6)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == total
+
+    plain = server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=4).choices[0].logprobs is None
+
+
 def test_invalid_requests_get_openai_errors(model):
     server, _ = model
     status, body = server.raw("POST", "/v1/chat/completions", body=b'{"messages": [')
@@ -176,7 +226,10 @@ def test_invalid_requests_get_openai_errors(model):
                        ({"messages": HELLO, "temperature": 5}, "temperature"),
                        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
                        ({"messages": HELLO, "max_tokens": 600}, "max_tokens"),  # beyond the 512-token context
-                       ({"messages": HELLO, "n": 2}, "n"),
+                       ({"messages": HELLO, "n": 9}, "n"), ({"messages": HELLO, "n": 0}, "n"),
+                       ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+                       ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                       ({"messages": HELLO, "logprobs": "yes"}, "logprobs"),
                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                         "messages[0].content[0]"),
                        ([1, 2], None)]:
@@ -371,3 +424,12 @@ def test_parse_chat_request_defaults_and_extensions():
     req = parse_chat_request({"messages": _user("x"), "top_k": 3, "repetition_penalty": 1.1})
     assert (req.sampling.top_k, req.sampling.repetition_penalty, req.sampling.is_greedy) == (3, 1.1, False)
     assert req.max_tokens is None and req.tools is None and not req.stream
+    req = parse_chat_request({"messages": _user("x"), "n": 3, "logprobs": True, "seed": 2 ** 32 - 1})
+    assert (req.n, req.logprobs, req.top_logprobs) == (3, True, 0)
+    assert [req.choice_sampling(i).seed for i in range(3)] == [2 ** 32 - 1, 0, 1]
+
+
+def test_token_bytes_spell_the_text(tok):
+    text = "你好 world <think>é\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(token_bytes(tok, t) for t in ids) == text.encode("utf-8")
