@@ -11,7 +11,12 @@ role, an empty conversation) raises :class:`DataError` naming ``file:line`` when
 checks every line at open instead (:func:`check_index`, in parallel processes for large files; also
 ``scripts/prepare_data.py --check FILE``), and with ``skip_bad_lines=True`` (which implies the full check) bad
 lines are skipped, counted in :class:`ReadStats` and summarised in a logged warning (nothing is dropped
-silently). Blank lines are ignored (and counted as ``blank_lines``).
+silently). Blank lines are ignored (and counted as ``blank_lines``). A file with no record (empty, only blank
+lines, or with ``skip_bad_lines`` only bad lines) is a :class:`DataError` naming it.
+
+A line longer than :data:`MAX_LINE_BYTES` (8 MiB; ``max_line_bytes`` sets another limit) is a bad line, refused
+before it is read: tokenising one costs about a second and some 100 MB of memory per MB of text (a 50 MB line
+took minutes and GBs), for a record that is then cut to ``max_seq_len`` tokens anyway.
 
 MiniMind-3's files write a message's ``tools`` and ``tool_calls`` as JSON *strings*; they are accepted as
 lists or such strings (parsed when the record is read: :func:`normalize_record`), and a string that is not
@@ -49,6 +54,7 @@ ROLES = ("system", "user", "assistant", "tool")
 JSON_LIST_FIELDS = ("tools", "functions", "tool_calls")
 MAX_REPORTED_BAD_LINES = 100
 SUMMARY_BAD_LINES = 5  # bad lines named in the one-line summary of what was skipped
+MAX_LINE_BYTES = 8 << 20  # longer lines are bad lines (see the module docstring)
 _log = logging.getLogger(__name__)
 
 
@@ -233,7 +239,7 @@ class JsonlSource:
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], stage: str, *,
                  skip_bad_lines: bool = False, validate: str = "lazy", cache_dir: str | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, max_line_bytes: int = MAX_LINE_BYTES):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
@@ -244,15 +250,22 @@ class JsonlSource:
         self.stage = canonical_stage(stage)
         self.skip_bad_lines = skip_bad_lines
         self.validated = validate == "full" or skip_bad_lines
+        self.max_line_bytes = max_line_bytes
         self.stats = ReadStats(files=len(self.paths))
         self._indexes = []
         for path in self.paths:
             _check_is_file(path)
             index = line_index(path, cache_dir)
+            _check_has_records(path, index)
             self.stats.lines += index.total_lines
             self.stats.blank_lines += index.blank_lines
             if self.validated:
+                bad_before = self.stats.bad_lines
                 index = self._drop_bad(path, index, workers)
+                if not len(index):
+                    first = self.stats.bad[bad_before] if len(self.stats.bad) > bad_before else "?"
+                    raise DataError(f"{path}: no records: all {self.stats.bad_lines - bad_before} non-blank lines "
+                                    f"are bad (first: {first})")
             self._indexes.append(index)
         self._ends = np.cumsum([len(ix) for ix in self._indexes], dtype=np.int64)
         self.stats.records = int(self._ends[-1])
@@ -262,8 +275,8 @@ class JsonlSource:
         self._lock = threading.Lock()
 
     def _drop_bad(self, path: str, index: LineIndex, workers: int | None) -> LineIndex:
-        bad = check_index(path, index, self.stage, workers=workers,
-                          max_errors=None if self.skip_bad_lines else 1)
+        bad = check_index(path, index, self.stage, workers=workers, max_errors=None if self.skip_bad_lines else 1,
+                          max_line_bytes=self.max_line_bytes)
         if not bad:
             return index
         for pos, reason in bad:
@@ -311,9 +324,11 @@ class JsonlSource:
         return os.pread(fd, ix.end(pos) - start, start)  # positional: no shared file position, no lock
 
     def __getitem__(self, index: int) -> dict:
-        raw = self.raw(index)
         try:
-            record = _parse(raw)
+            file_id, pos = self._locate(index)
+            _check_length(self._indexes[file_id].end(pos) - int(self._indexes[file_id].offsets[pos]),
+                          self.max_line_bytes)
+            record = _parse(self.raw(index))
             if not self.validated:
                 validate_record(record, self.stage)
             return normalize_record(record, self.stage)
@@ -354,6 +369,17 @@ def _check_is_file(path: str) -> None:
         raise FileNotFoundError(f"data file not found: {path}")
 
 
+def _check_has_records(path: str, index: LineIndex) -> None:
+    if not len(index):
+        what = f"only {index.blank_lines} blank line(s)" if index.blank_lines else "an empty file"
+        raise DataError(f"{path}: no records ({what})")
+
+
+def _check_length(nbytes: int, max_line_bytes: int) -> None:
+    if nbytes > max_line_bytes:
+        raise DataError(f"a line of {nbytes:,} bytes, over the limit of {max_line_bytes:,} (max_line_bytes)")
+
+
 def check_line(raw: bytes, stage: str) -> None:
     """Raise DataError (without location) unless the non-blank line ``raw`` is a valid record for ``stage``."""
     record = _parse(raw)
@@ -374,13 +400,14 @@ class CheckReport:
 
 
 def check_file(path: str | os.PathLike, stage: str, *, workers: int | None = None,
-               cache_dir: str | None = None) -> CheckReport:
+               cache_dir: str | None = None, max_line_bytes: int = MAX_LINE_BYTES) -> CheckReport:
     """Validate every line of ``path`` for ``stage`` (in parallel: :func:`check_index`); see ``CheckReport``."""
     path = os.fspath(path)
     t0 = time.perf_counter()
     _check_is_file(path)
     index = line_index(path, cache_dir)
-    bad = [(index.line_number(pos), reason) for pos, reason in check_index(path, index, stage, workers=workers)]
+    bad = [(index.line_number(pos), reason) for pos, reason in check_index(path, index, stage, workers=workers,
+                                                                            max_line_bytes=max_line_bytes)]
     return CheckReport(path, index.total_lines, len(index) - len(bad), index.blank_lines, bad,
                        time.perf_counter() - t0)
 
@@ -405,17 +432,39 @@ def _check_range(task) -> list[tuple[int, str]]:
 
 
 def check_index(path: str, index: LineIndex, stage: str, *, workers: int | None = None,
-                max_errors: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, str]]:
+                max_errors: int | None = None, chunk_bytes: int = CHUNK_BYTES,
+                max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, str]]:
     """Validate every record of ``path`` (indexed by ``index``): [(record position, reason)] of the bad ones,
     in order (at most ``max_errors`` when given). Byte ranges of about ``chunk_bytes`` are checked in
-    ``workers`` processes (default: the CPU count) when there is more than one range, else in this process."""
+    ``workers`` processes (default: the CPU count) when there is more than one range, else in this process.
+    Lines longer than ``max_line_bytes`` are bad without being read (so memory stays bounded)."""
     stage = canonical_stage(stage)
     n = len(index)
     if not n:
         return []
-    bounds = np.searchsorted(np.asarray(index.offsets), np.arange(0, index.size, chunk_bytes, dtype=np.uint64))
-    bounds = sorted(set(bounds.tolist()) | {0, n})
-    tasks = [(path, int(index.offsets[a]), index.end(b - 1), a, stage) for a, b in zip(bounds, bounds[1:])]
+    offsets = np.asarray(index.offsets)
+    ends = np.append(offsets[1:], np.uint64(index.size)) if index.ends is None else np.asarray(index.ends)
+    long = np.flatnonzero(ends - offsets > max_line_bytes)
+    too_long = []
+    for pos in long.tolist():
+        try:
+            _check_length(int(ends[pos] - offsets[pos]), max_line_bytes)
+        except DataError as e:
+            too_long.append((pos, str(e)))
+    bounds = np.searchsorted(offsets, np.arange(0, index.size, chunk_bytes, dtype=np.uint64))
+    bounds = sorted(set(bounds.tolist()) | {0, n} | set(long.tolist()) | set((long + 1).tolist()))
+    skip = set(long.tolist())
+    tasks = [(path, int(offsets[a]), index.end(b - 1), a, stage) for a, b in zip(bounds, bounds[1:])
+             if not (b == a + 1 and a in skip)]
+    bad = _check_tasks(tasks, workers, max_errors)
+    bad = sorted(bad + too_long)
+    return bad if max_errors is None else bad[:max_errors]
+
+
+def _check_tasks(tasks: list, workers: int | None, max_errors: int | None) -> list[tuple[int, str]]:
+    """The bad lines of the ``_check_range`` tasks, in order (stopping once ``max_errors`` are found)."""
+    if not tasks:
+        return []
     workers = (os.cpu_count() or 1) if workers is None else workers
     bad: list[tuple[int, str]] = []
     if workers <= 1 or len(tasks) == 1:
