@@ -86,6 +86,10 @@ def run_check(args) -> int:
         print(f"{path}: {report.lines:,} lines, {report.records:,} valid {args.stage} records, "
               f"{len(report.bad):,} bad lines, {report.blank_lines:,} blank lines ({report.seconds:.1f} s)")
         status = status or int(bool(report.bad))
+        if not report.records and not report.bad:
+            print(f"error: {path}: no records ({'only blank lines' if report.lines else 'an empty file'})",
+                  file=sys.stderr)
+            status = 1
     return status
 
 

@@ -16,6 +16,17 @@ documents, tokens) and ``offsets.part`` the committed documents' lengths; a reru
 ``tokens.bin`` / ``offsets.part`` to the committed sizes and goes on from there, so the result equals an
 uninterrupted run (the chunking does not affect the output).
 
+A data file with no record (empty or blank lines only) is refused before anything is written, and so is a
+preparation that skipped every line. A line longer than ``max_line_bytes`` (default
+:data:`~minimind_jax.data.jsonl.MAX_LINE_BYTES`) is a bad line.
+
+Opening (:class:`PreparedSource`) checks the directory before any batch is read, each failure a one-line
+:class:`DataError` naming the file and key: ``meta.json`` must be a JSON object with the keys this code reads
+(types included), ``offsets.npy`` a non-decreasing int64 array of ``documents + 1`` entries from 0, ``tokens.bin``
+exactly ``offsets[-1]`` tokens long (a truncated file is named, with both sizes), at least one document; with the
+tokenizer (:meth:`PreparedSource.check_tokenizer`, run when the pipeline is built) the tokenizer must be the one
+the data was prepared with and every stored id must lie inside its vocabulary (a scan in 16M-token slices).
+
 Reading:
 
 * unpacked (default): record ``i`` is document ``i``; :func:`encode_prepared_pretrain` turns it into exactly
@@ -42,7 +53,15 @@ from typing import Any
 
 import numpy as np
 
-from minimind_jax.data.jsonl import MAX_REPORTED_BAD_LINES, DataError, ReadStats, _parse, validate_record
+from minimind_jax.data.jsonl import (
+    MAX_LINE_BYTES,
+    MAX_REPORTED_BAD_LINES,
+    DataError,
+    ReadStats,
+    _check_length,
+    _parse,
+    validate_record,
+)
 from minimind_jax.data.jsonl_index import start_method as _start_method
 from minimind_jax.data.samples import IGNORE_INDEX, Encoded
 
@@ -103,7 +122,7 @@ def _worker_init(serialized: str) -> None:
 
 def _encode_chunk(task, tokenizer=None, parallel: bool = False):
     """(path, first line number, raw lines) -> (token array, doc lengths, bad [(line, reason)], blank count)."""
-    path, first_line, lines, dtype = task
+    path, first_line, lines, dtype, max_line_bytes = task
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
     texts, bad, blank = [], [], 0
     for k, raw in enumerate(lines):
@@ -111,6 +130,7 @@ def _encode_chunk(task, tokenizer=None, parallel: bool = False):
             blank += 1
             continue
         try:
+            _check_length(len(raw), max_line_bytes)
             record = _parse(raw)
             validate_record(record, "pretrain")
         except DataError as e:
@@ -141,7 +161,7 @@ def _source_info(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
 
 
-def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype):
+def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype, max_line_bytes):
     """Yield (file index, byte offset after the chunk, next line number, task) from the committed position on."""
     for file_index in range(start_file, len(paths)):
         path = paths[file_index]
@@ -158,7 +178,7 @@ def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype
                         break
                 if not lines:
                     break
-                yield file_index, offset, line_no + len(lines), (path, line_no, lines, dtype)
+                yield file_index, offset, line_no + len(lines), (path, line_no, lines, dtype, max_line_bytes)
                 line_no += len(lines)
         yield file_index + 1, 0, 1, None  # file done: move the committed position to the next file
 
@@ -177,6 +197,7 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     max_chunks: int | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> dict | None:
     """Tokenise pretrain jsonl ``paths`` into ``out_dir`` (see module docstring); returns the meta dict.
 
@@ -198,6 +219,7 @@ def prepare(
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"data file not found: {p}")
+        _check_has_content(p)
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
     out_dir = os.fspath(out_dir)
@@ -214,9 +236,8 @@ def prepare(
     state_path = os.path.join(out_dir, STATE_FILE)
     tokens_path = os.path.join(out_dir, TOKENS_FILE)
     part_path = os.path.join(out_dir, PART_FILE)
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = _load_json_or_none(meta_path, overwrite)
+    if meta is not None:
         same = (meta.get("sources_identity") == sources and meta.get("tokenizer", {}).get("sha256") == fingerprint
                 and meta.get("skip_bad_lines") == skip_bad_lines)
         if same and not overwrite:  # already done (only the recorded default packing may change)
@@ -227,10 +248,8 @@ def prepare(
         if not overwrite:
             raise FileExistsError(f"{out_dir} already holds prepared data from other inputs / tokenizer "
                                   "(pass overwrite=True / --overwrite)")
-    state = None
-    if os.path.exists(state_path) and not overwrite:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
+    state = None if overwrite else _load_json_or_none(state_path, overwrite)
+    if state is not None:
         if state.get("identity") != identity or state.get("skip_bad_lines") != skip_bad_lines:
             raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs / tokenizer / "
                                   "settings (pass overwrite=True / --overwrite to start over)")
@@ -264,7 +283,8 @@ def prepare(
         ctx = multiprocessing.get_context(_start_method())
         pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(),))
         workers_started = list(getattr(pool, "_pool", []))
-    chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype)
+    chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype,
+                          max_line_bytes)
     window: collections.deque = collections.deque()
     committed_chunks = 0
     finished = False
@@ -336,6 +356,9 @@ def prepare(
             bar.close()
     if not finished:
         return None
+    if not state["documents"]:
+        raise DataError(f"{paths[0]}: no records: all {state['bad_lines']} non-blank lines of the input are bad "
+                        f"(first: {state['bad'][0] if state['bad'] else '?'})")
 
     lengths = np.fromfile(part_path, dtype="<i8")
     offsets = np.zeros(len(lengths) + 1, np.int64)
@@ -372,6 +395,38 @@ def prepare(
     return meta
 
 
+def _check_has_content(path: str, block: int = 1 << 20) -> None:
+    """DataError unless ``path`` holds a non-whitespace byte (after a UTF-8 byte-order mark); reads only up to
+    the first one, so a normal file costs one small read."""
+    blank = False
+    with open(path, "rb") as f:
+        head = f.read(block)
+        data = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+        while data:
+            if data.strip():
+                return
+            blank = True
+            data = f.read(block)
+    raise DataError(f"{path}: no records ({'only blank lines' if blank else 'an empty file'})")
+
+
+def _load_json_or_none(path: str, overwrite: bool) -> Any:
+    """The JSON in ``path`` (None when absent, or damaged and ``overwrite``); DataError when damaged."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+        if isinstance(value, dict):
+            return value
+        problem = f"holds a JSON {type(value).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"cannot be read ({e})"
+    if overwrite:
+        return None
+    raise DataError(f"{path} {problem}; pass overwrite=True / --overwrite to prepare again")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 
@@ -400,6 +455,88 @@ def encode_prepared_pretrain(record: Mapping[str, Any], max_seq_len: int, *, bos
     return Encoded({"input_ids": input_ids, "labels": labels}, len(ids) > max_seq_len - 2)
 
 
+_META_KEYS = {"format_version": int, "dtype": str, "tokenizer": dict, "sources": list, "documents": int,
+              "tokens": int, "bad_lines": int, "blank_lines": int, "bad": list}
+_SOURCE_KEYS = ("lines",)
+SCAN_TOKENS = 16 << 20  # tokens per slice when scanning tokens.bin for out-of-vocabulary ids
+
+
+def _read_meta(directory: str) -> dict:
+    """meta.json, checked for every key the reader uses (DataError naming the file and key)."""
+    path = os.path.join(directory, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}); prepare the data again (scripts/prepare_data.py "
+                        "--overwrite)") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{directory}: format version {meta.get('format_version')}, this code reads "
+                        f"{FORMAT_VERSION}")
+    for key, kind in _META_KEYS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise DataError(f"{path}: key {key!r} must be a {kind.__name__}, got {meta.get(key)!r:.60}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: key 'dtype' must be 'uint16' or 'uint32', got {meta['dtype']!r:.60}")
+    if not isinstance(meta["tokenizer"].get("sha256"), str):
+        raise DataError(f"{path}: key 'tokenizer.sha256' must be a string")
+    eos = meta["tokenizer"].get("eos_token_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+        raise DataError(f"{path}: key 'tokenizer.eos_token_id' must be a token id or null, got {eos!r:.60}")
+    for i, source in enumerate(meta["sources"]):
+        if not isinstance(source, dict) or not isinstance(source.get("lines"), int):
+            raise DataError(f"{path}: key 'sources[{i}].lines' must be an int")
+    pack = meta.get("pack_max_seq_len")
+    if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
+        raise DataError(f"{path}: key 'pack_max_seq_len' must be a positive int or null, got {pack!r:.60}")
+    return meta
+
+
+def _read_offsets(directory: str, meta: dict) -> np.ndarray:
+    """offsets.npy, checked against meta.json: int64, ``documents + 1`` entries from 0, non-decreasing, ending
+    at the recorded token count; at least one document."""
+    path = os.path.join(directory, OFFSETS_FILE)
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+    if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) != meta["documents"] + 1:
+        raise DataError(f"{path}: holds {offsets.dtype} {offsets.shape}, not the int64 ({meta['documents'] + 1},) "
+                        f"that meta.json's {meta['documents']} documents need")
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != meta["tokens"]:
+        raise DataError(f"{path}: not the non-decreasing document starts from 0 to meta.json's {meta['tokens']} "
+                        "tokens (damaged)")
+    if meta["documents"] == 0:
+        raise DataError(f"{directory}: no records (prepared from {len(meta['sources'])} file(s) with no document)")
+    return offsets
+
+
+def _check_tokens_file(directory: str, num_tokens: int, dtype: np.dtype) -> None:
+    path = os.path.join(directory, TOKENS_FILE)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    want = num_tokens * dtype.itemsize
+    if size != want:
+        what = "truncated" if size < want else "longer than recorded"
+        raise DataError(f"{path}: {what}: {size:,} bytes, offsets.npy needs {num_tokens:,} {dtype.name} tokens "
+                        f"({want:,} bytes); prepare the data again (scripts/prepare_data.py --overwrite)")
+
+
+def _first_id_at_least(tokens: np.ndarray, limit: int) -> int | None:
+    """The position of the first token >= ``limit`` (a scan in slices of :data:`SCAN_TOKENS`), or None."""
+    if limit > np.iinfo(tokens.dtype).max:
+        return None
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        hits = np.flatnonzero(np.asarray(tokens[start: start + SCAN_TOKENS]) >= limit)
+        if len(hits):
+            return start + int(hits[0])
+    return None
+
+
 class PreparedSource:
     """A prepared directory as a grain random-access source (``__len__`` / ``__getitem__``, picklable).
 
@@ -416,11 +553,7 @@ class PreparedSource:
         if not is_prepared_dir(self.directory):
             raise DataError(f"{self.directory} is not a prepared data directory (no {META_FILE}; an unfinished "
                             "preparation is resumed by rerunning scripts/prepare_data.py)")
-        with open(os.path.join(self.directory, META_FILE), encoding="utf-8") as f:
-            self.meta = json.load(f)
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"{self.directory}: format version {self.meta.get('format_version')}, this code reads "
-                            f"{FORMAT_VERSION}")
+        self.meta = _read_meta(self.directory)
         if pack is None:
             pack = self.meta.get("pack_max_seq_len") is not None
             if pack and max_seq_len is None:
@@ -430,9 +563,12 @@ class PreparedSource:
         if self.pack and (max_seq_len is None or max_seq_len < 1):
             raise ValueError("pack=True needs a positive max_seq_len")
         self.dtype = np.dtype(self.meta["dtype"])
-        self.offsets = np.load(os.path.join(self.directory, OFFSETS_FILE))
+        self.offsets = _read_offsets(self.directory, self.meta)
         self.num_tokens = int(self.offsets[-1])
-        self.eos_id = self.meta["tokenizer"]["eos_token_id"]
+        _check_tokens_file(self.directory, self.num_tokens, self.dtype)
+        self.eos_id = self.meta["tokenizer"].get("eos_token_id")
+        if self.pack and self.eos_id is None:
+            raise DataError(f"{self.directory}: packed rows need an eos id, and meta.json records none")
         self.stats = ReadStats(files=len(self.meta["sources"]), lines=sum(s["lines"] for s in self.meta["sources"]),
                                records=len(self), blank_lines=self.meta["blank_lines"],
                                bad_lines=self.meta["bad_lines"], bad=list(self.meta["bad"]))
@@ -456,11 +592,23 @@ class PreparedSource:
         return self._tokens
 
     def check_tokenizer(self, tokenizer) -> None:
-        """Raise DataError unless ``tokenizer`` is the one the data was prepared with."""
+        """Raise DataError unless ``tokenizer`` is the one the data was prepared with and every stored id lies
+        inside its vocabulary (an id outside it would index past the embedding: NaN at step 1)."""
         want = self.meta["tokenizer"]["sha256"]
         if tokenizer_fingerprint(tokenizer) != want:
-            raise DataError(f"{self.directory} was prepared with another tokenizer ({self.meta['tokenizer']['path']}, "
-                            f"sha256 {want[:12]}...)")
+            raise DataError(f"{self.directory} was prepared with another tokenizer "
+                            f"({self.meta['tokenizer'].get('path')}, sha256 {want[:12]}...)")
+        vocab = _backend(tokenizer).get_vocab_size(with_added_tokens=True)
+        for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            value = self.meta["tokenizer"].get(name)
+            if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+                raise DataError(f"{os.path.join(self.directory, META_FILE)}: tokenizer.{name} is {value!r}, not an "
+                                f"id of the tokenizer's {vocab} tokens")
+        bad = _first_id_at_least(self.tokens, vocab)
+        if bad is not None:
+            doc = int(np.searchsorted(self.offsets, bad, side="right")) - 1
+            raise DataError(f"{os.path.join(self.directory, TOKENS_FILE)}: token {bad} (document {doc}) is id "
+                            f"{int(self.tokens[bad])}, outside the tokenizer's vocabulary of {vocab} ids")
 
     def __len__(self) -> int:
         if self.pack:
