@@ -62,7 +62,7 @@ def run_prepare(args) -> int:
                        stage=args.stage, workers=args.workers, chunk_lines=args.chunk_lines,
                        skip_bad_lines=args.skip_bad_lines, pack_max_seq_len=args.max_seq_len if args.pack else None,
                        overwrite=args.overwrite)
-    except (DataError, FileExistsError, RuntimeError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.out}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']}), "

@@ -198,3 +198,13 @@ def test_prepare_data_script_exits_1_with_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [f"error: {empty}: no records (an empty file)"]
     assert script.main(["--data", str(empty), "--out", str(tmp_path / "out"), "--workers", "0"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {empty}: no records (an empty file)"
+
+
+def test_prepare_steps_over_a_byte_order_mark_and_names_a_directory(tmp_path, tok):
+    bom = _write(tmp_path / "bom.jsonl", b'\xef\xbb\xbf{"text": "bom first"}\n{"text": "two"}\n')
+    prepare(bom, tmp_path / "out", tok, workers=0, progress=False)  # line 1 was a bad line (malformed JSON)
+    source = PreparedSource(tmp_path / "out")
+    assert [source[i]["ids"].tolist() for i in range(2)] == [
+        tok.encode(JsonlSource(bom, "pretrain")[i]["text"], add_special_tokens=False) for i in range(2)]
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: is a directory, not a jsonl file"):
+        prepare(tmp_path, tmp_path / "dir", tok, workers=0, progress=False)

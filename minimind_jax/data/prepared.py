@@ -58,6 +58,7 @@ from minimind_jax.data.jsonl import (
     MAX_REPORTED_BAD_LINES,
     DataError,
     ReadStats,
+    _check_is_file,
     _check_length,
     _parse,
     validate_record,
@@ -75,6 +76,7 @@ TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
 META_FILE = "meta.json"
 STATE_FILE = "progress.json"
+_BOM = b"\xef\xbb\xbf"
 PART_FILE = "offsets.part"
 
 
@@ -168,6 +170,8 @@ def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype
         offset = start_offset if file_index == start_file else 0
         line_no = start_line if file_index == start_file else 1
         with open(path, "rb") as f:
+            if offset == 0 and f.read(len(_BOM)) == _BOM:  # a UTF-8 byte-order mark: stepped over, as jsonl.py does
+                offset = len(_BOM)
             f.seek(offset)
             while True:
                 lines = []
@@ -217,8 +221,7 @@ def prepare(
     if not paths:
         raise ValueError("no data files given")
     for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"data file not found: {p}")
+        _check_is_file(p)  # a directory is named as one
         _check_has_content(p)
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
@@ -401,7 +404,7 @@ def _check_has_content(path: str, block: int = 1 << 20) -> None:
     blank = False
     with open(path, "rb") as f:
         head = f.read(block)
-        data = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+        data = head[len(_BOM):] if head.startswith(_BOM) else head
         while data:
             if data.strip():
                 return
