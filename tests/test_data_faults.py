@@ -189,6 +189,10 @@ def test_prepare_refuses_inputs_without_records_and_damaged_state(tmp_path, tok,
     with pytest.raises(DataError, match=f"^{re.escape(str(copy / 'meta.json'))} cannot be read .*--overwrite"):
         prepare(source, copy, tok, workers=0, progress=False)
     assert prepare(source, copy, tok, workers=0, overwrite=True, progress=False)["documents"] == 3
+    (tmp_path / "part").mkdir()
+    _write(tmp_path / "part" / "progress.json", "{")  # an unfinished preparation's damaged state
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'part' / 'progress.json'))} cannot be read"):
+        prepare(source, tmp_path / "part", tok, workers=0, progress=False)
 
 
 def test_prepare_data_script_exits_1_with_one_line(tmp_path, capsys):

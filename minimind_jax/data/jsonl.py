@@ -310,25 +310,25 @@ class JsonlSource:
         file_id, pos = self._locate(index)
         return f"{self.paths[file_id]}:{self._indexes[file_id].line_number(pos)}"
 
-    def raw(self, index: int) -> bytes:
-        """The bytes of record ``index`` (its line, and any blank lines after it)."""
+    def raw(self, index: int, max_bytes: int | None = None) -> bytes:
+        """The bytes of record ``index`` (its line, and any blank lines after it); a DataError (without location)
+        instead when they are more than ``max_bytes``."""
         file_id, pos = self._locate(index)
         ix = self._indexes[file_id]
+        start, end = int(ix.offsets[pos]), ix.end(pos)
+        if max_bytes is not None:
+            _check_length(end - start, max_bytes)
         fd = self._fds.get(file_id)
         if fd is None:
             with self._lock:
                 fd = self._fds.get(file_id)
                 if fd is None:
                     fd = self._fds[file_id] = os.open(self.paths[file_id], os.O_RDONLY)
-        start = int(ix.offsets[pos])
-        return os.pread(fd, ix.end(pos) - start, start)  # positional: no shared file position, no lock
+        return os.pread(fd, end - start, start)  # positional: no shared file position, no lock
 
     def __getitem__(self, index: int) -> dict:
         try:
-            file_id, pos = self._locate(index)
-            _check_length(self._indexes[file_id].end(pos) - int(self._indexes[file_id].offsets[pos]),
-                          self.max_line_bytes)
-            record = _parse(self.raw(index))
+            record = _parse(self.raw(index, self.max_line_bytes))
             if not self.validated:
                 validate_record(record, self.stage)
             return normalize_record(record, self.stage)
@@ -350,10 +350,10 @@ class JsonlSource:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # bound early: at interpreter exit the module's globals may be gone
         for fd in getattr(self, "_fds", {}).values():
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:  # pragma: no cover
                 pass
 
