@@ -1,7 +1,11 @@
 """OpenAI's legacy completions API (``POST /v1/completions``) with prompt log-probabilities, as lm-eval's
 ``local-completions`` model uses it: request parsing, prompt scoring on the jitted forward pass
-(:class:`~minimind_jax.evaluation.scoring.Scorer`), generation with the :class:`~minimind_jax.generate.Generator`,
-and the response.
+(:class:`~minimind_jax.evaluation.scoring.Scorer`), generation and the response. In the server the rows are
+decoded on its :class:`~minimind_jax.engine.Engine` (:class:`~minimind_jax.engine.EngineRows`): they share the
+decode slots with the chat requests, wait in the same bounded queue (429 ``queue_full`` beyond it, 503 while
+shutting down, 504 past the request timeout) and give, for a seed, the tokens the
+:class:`~minimind_jax.generate.Generator` gives; a router made without an engine runs one request at a time on
+the Generator.
 
 ``prompt`` is a text, a list of texts, a list of token ids or a list of such lists; ``max_tokens`` may be 0 (with
 ``echo``: score the prompt only); ``logprobs`` (0-20) returns ``tokens``, ``token_logprobs``, ``top_logprobs``
@@ -24,6 +28,7 @@ eos, its limit, or the token that completed a stop string).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -35,6 +40,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from minimind_jax.chat_format import StopStrings
+from minimind_jax.engine import Engine, EngineError, EngineRows
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
 
@@ -43,13 +49,19 @@ __all__ = ["CompletionError", "CompletionRequest", "complete", "completions_rout
 
 
 class CompletionError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_value"):
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+    @classmethod
+    def from_engine(cls, error: EngineError) -> CompletionError:
+        """The engine's refusal (400 too long, 429 queue full, 503 shutting down, 504 timeout)."""
+        return cls(error.message, None, error.status, error.code)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                          "code": "invalid_value"}}
+        kind = ("rate_limit_error" if self.status == 429 else
+                "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 @dataclasses.dataclass
@@ -290,15 +302,18 @@ def stream_completion(req: CompletionRequest, generator, scorer: Scorer | None, 
                 s.announced = s.announced or finish is not None
                 yield {"index": i, "text": text, "logprobs": blocks[i] if blocks else None, "finish_reason": finish}
 
-    if req.echo:
-        yield from choices([tokenizer.decode(p) for p in rows], echo=True)
-    if req.max_tokens:
-        steps = generator.stream(rows, req.max_tokens, samplings)
-        for new in steps:
+    steps = generator.stream(rows, req.max_tokens, samplings) if req.max_tokens else None  # engine rows are
+    # submitted here, before the first entry
+    try:
+        if req.echo:
+            yield from choices([tokenizer.decode(p) for p in rows], echo=True)
+        for new in steps or ():
             yield from choices([s.push(t) for s, t in zip(streams, new)])
             if all(s.finish for s in streams):
-                steps.close()
                 break
+    finally:
+        if steps is not None:
+            steps.close()  # a client that left stops its rows
     yield from choices([s.close() for s in streams])
     yield {"usage": sum(len(s.ids) for s in streams)}
 
@@ -311,14 +326,20 @@ async def _json_body(request: Request) -> Any:
 
 
 def completions_router(generator, tokenizer, model_name: str = "minimind", *, batch_size: int = 8,
-                       read_body: Callable[[Request], Awaitable[Any]] | None = None) -> APIRouter:
-    """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer). ``read_body`` reads
-    and parses a request's JSON (the server passes its size-limited reader); prompts are tokenised off the
-    event loop."""
+                       read_body: Callable[[Request], Awaitable[Any]] | None = None,
+                       engine: Engine | None = None) -> APIRouter:
+    """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer). With ``engine``
+    (the server's), the rows are decoded on its slots, sharing them, its queue and its limits (429 / 503 /
+    504) with the chat requests, and prompt + ``max_tokens`` must fit its ``cache_len``; without, one request
+    at a time runs on ``generator``. ``read_body`` reads and parses a request's JSON (the server passes its
+    size-limited reader); prompts are tokenised off the event loop."""
     read_body = read_body or _json_body
     router = APIRouter()
     scorers: list[Scorer] = []  # built on first use: a scripted test generator has no params
-    lock = asyncio.Lock()  # one completion at a time on the device
+    # one completion at a time on the generator; the engine schedules its own rows
+    lock = asyncio.Lock() if engine is None else contextlib.nullcontext()
+    rows = generator if engine is None else EngineRows(engine)
+    context = generator.config.max_position_embeddings if engine is None else engine.decoder.cache_len
 
     def scorer() -> Scorer:
         if not scorers:
@@ -330,20 +351,25 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
         try:
             body = await read_body(request)
             req = await asyncio.to_thread(parse_completion_request, body, tokenizer, generator.config.vocab_size,
-                                          generator.config.max_position_embeddings)
+                                          context)
         except CompletionError as e:
             return JSONResponse(e.body(), status_code=e.status)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "system_fingerprint": None}
         prompt_tokens = sum(len(p) for p in req.prompts)
-        if req.stream:
-            chunks = stream_completion(req, generator, scorer() if req.logprobs is not None else None, tokenizer)
-            return StreamingResponse(_sse(chunks, head, prompt_tokens, req.include_usage, lock),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async with lock:
-            choices, completion_tokens = await asyncio.to_thread(
-                complete, req, generator, scorer() if req.logprobs is not None else None, tokenizer)
+        row_scorer = scorer() if req.logprobs is not None else None
+        try:
+            if req.stream:
+                chunks = stream_completion(req, rows, row_scorer, tokenizer)
+                first = None if engine is None else await asyncio.to_thread(next, chunks)  # submits the rows
+                return StreamingResponse(_sse(chunks, head, prompt_tokens, req.include_usage, lock, first),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            async with lock:
+                choices, completion_tokens = await asyncio.to_thread(complete, req, rows, row_scorer, tokenizer)
+        except EngineError as e:
+            error = CompletionError.from_engine(e)
+            return JSONResponse(error.body(), status_code=error.status)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
     return router
@@ -358,23 +384,31 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _sse(chunks: Iterator[dict], head: dict, prompt_tokens: int, include_usage: bool,
-               lock: asyncio.Lock):
-    """Server-Sent Events of a stream: a chunk per choice entry, the usage chunk if asked, ``[DONE]``. Each entry
-    is computed off the event loop, holding the device lock; a failure mid-stream is sent as an error event."""
-    async with lock:
-        while True:
-            try:
-                entry = await asyncio.to_thread(next, chunks, None)
-            except Exception as e:  # noqa: BLE001 - the client gets the error in the stream it is reading
-                yield _event({"error": {"message": f"generation failed: {e}", "type": "server_error",
-                                        "param": None, "code": "generation_failed"}})
-                break
-            if entry is None:
-                break
-            if "usage" in entry:
-                if include_usage:
-                    yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, entry["usage"])})
-                break
-            yield _event({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
-    yield "data: [DONE]\n\n"
+async def _sse(chunks: Iterator[dict], head: dict, prompt_tokens: int, include_usage: bool, lock,
+               first: dict | None = None):
+    """Server-Sent Events of a stream (its ``first`` entry already computed, or None): a chunk per choice
+    entry, the usage chunk if asked, ``[DONE]``. Each entry is computed off the event loop, holding ``lock``;
+    a failure mid-stream is sent as an error event."""
+    try:
+        async with lock:
+            while True:
+                try:
+                    if first is not None:
+                        entry, first = first, None
+                    else:
+                        entry = await asyncio.to_thread(next, chunks, None)
+                except Exception as e:  # noqa: BLE001 - the client gets the error in the stream it is reading
+                    yield _event({"error": {"message": f"generation failed: {e}", "type": "server_error",
+                                            "param": None, "code": "generation_failed"}})
+                    break
+                if entry is None:
+                    break
+                if "usage" in entry:
+                    if include_usage:
+                        yield _event({**head, "choices": [], "usage": _usage(prompt_tokens, entry["usage"])})
+                    break
+                yield _event({**head, "choices": [entry], **({"usage": None} if include_usage else {})})
+        yield "data: [DONE]\n\n"
+    finally:
+        with contextlib.suppress(ValueError):  # "already executing": an entry is being computed in its thread
+            chunks.close()  # a client that left stops its engine rows

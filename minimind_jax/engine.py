@@ -29,9 +29,10 @@ import collections
 import dataclasses
 import functools
 import logging
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.struct
 import jax
@@ -43,7 +44,7 @@ from minimind_jax.generate import GenerationResult, SamplingParams, bucket_lengt
 from minimind_jax.model.transformer import KVCache, MiniMindLM
 from minimind_jax.precision import Policy, get_policy
 
-__all__ = ["Engine", "EngineError", "Request", "SlotDecoder"]
+__all__ = ["Engine", "EngineError", "EngineRows", "Request", "RowStream", "SlotDecoder"]
 
 log = logging.getLogger("minimind_jax.engine")
 
@@ -489,3 +490,93 @@ class Engine:
             if r is not None:
                 self._release(slot)
                 self._fail(r, error)
+
+
+# ------------------------------------------------------------------------------------------------ rows of ids
+
+
+class _RowRequest(Request):
+    """One row of a :class:`RowStream`: its tokens, its end and its error go to the stream's queue."""
+
+    def __init__(self, row: int, prompt_ids, max_tokens: int, sampling, out: queue.Queue):
+        super().__init__(prompt_ids, max_tokens, sampling)
+        self.row, self.out = row, out
+
+    def on_token(self, token: int, is_eos: bool) -> bool:
+        self.out.put((self.row, token))
+        return False
+
+    def on_finish(self, reason: str) -> None:
+        self.out.put((self.row, None))
+
+    def on_error(self, error: EngineError) -> None:
+        self.out.put((self.row, error))
+
+
+class RowStream(Iterator[list[list[int]]]):
+    """Rows of token ids decoded on an :class:`Engine`'s slots, submitted when the stream is made (an
+    :class:`EngineError` then: 400 / 429 / 503). Each item is every row's new tokens since the last item (a
+    row's tokens end with its eos id when it stops on one), as :meth:`Generator.stream
+    <minimind_jax.generate.Generator.stream>` yields them; a row's error (504 timeout, 503, 500) is raised.
+    :meth:`close` cancels the rows still running."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sequence[SamplingParams]):
+        self._out: queue.Queue = queue.Queue()
+        self.requests = [_RowRequest(i, p, max_new_tokens, s, self._out)
+                         for i, (p, s) in enumerate(zip(prompts, sampling, strict=True))]
+        self._open = len(self.requests)
+        try:
+            for r in self.requests:
+                engine.submit(r)
+        except EngineError:
+            self.close()
+            raise
+
+    def __next__(self) -> list[list[int]]:
+        if not self._open:
+            raise StopIteration
+        new: list[list[int]] = [[] for _ in self.requests]
+        item = self._out.get()  # the engine ends every request (its end, an error, a timeout, shutdown)
+        while True:
+            row, what = item
+            if what is None:
+                self._open -= 1
+            elif isinstance(what, EngineError):
+                self.close()
+                raise what
+            else:
+                new[row].append(what)
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                return new
+
+    def close(self) -> None:
+        self._open = 0
+        for r in self.requests:
+            r.cancelled = True  # a no-op once it is done; its slot is freed before the next step otherwise
+
+
+class EngineRows:
+    """Token-id rows on an :class:`Engine`'s slots with the :class:`~minimind_jax.generate.Generator` calls
+    the completions API uses (``generate``, ``stream``, ``eos_ids``): its rows share the slots, the queue and
+    its limits with every other request. Each row's tokens for a seed are those the Generator gives."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self.engine.eos_ids))
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               sampling: Sequence[SamplingParams]) -> RowStream:
+        return RowStream(self.engine, prompts, max_new_tokens, sampling)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: Sequence[SamplingParams]) -> list[GenerationResult]:
+        rows = self.stream(prompts, max_new_tokens, sampling)
+        for _ in rows:
+            pass
+        return [r.result() for r in rows.requests]

@@ -16,7 +16,8 @@ one step at a time by a worker thread. A request is prefilled into a free slot a
 at the next step; each slot has its own sampling settings, seed, token limit and stop strings, and its
 tokens for a given seed are those it would get alone. Its new tokens become text deltas as they come and go
 to that request's client; a finished row (eos, its limit, a stop string, a disconnected client) frees its
-slot at once for the next request waiting.
+slot at once for the next request waiting. ``/v1/completions`` rows (:mod:`minimind_jax.completions`) run
+on the same slots and queue.
 
 **What a request may say.** ``messages`` (roles system / developer / user / assistant / tool, text content
 or text parts, assistant ``tool_calls``), ``temperature`` (0 = greedy), ``top_p``, ``max_tokens`` /
@@ -587,7 +588,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     app = FastAPI(title="minimind-jax", lifespan=lifespan)
     app.state.engine = engine
     _error_handlers(app)
-    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch,
+    app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch, engine=engine,
                                           read_body=lambda request: read_body(request, max_body_bytes)))
     _pages(app, model_name, _parameter_count(generator), engine)
 

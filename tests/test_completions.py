@@ -1,7 +1,9 @@
 """POST /v1/completions (minimind_jax.completions) on a tiny model with the bundled tokenizer's vocabulary:
 echoed prompt log-probs equal a direct forward pass, the openai client reads the fields, bad input is a 400."""
 
+import concurrent.futures
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,9 @@ from fastapi.testclient import TestClient
 
 from minimind_jax import ModelConfig
 from minimind_jax.completions import completions_router
-from minimind_jax.generate import Generator
+from minimind_jax.generate import Generator, SamplingParams
 from minimind_jax.model.transformer import MiniMindLM
+from minimind_jax.server import create_app
 from minimind_jax.tokenizer import load_tokenizer
 
 
@@ -99,8 +102,6 @@ def test_bad_requests_are_400s(served):
 
 
 def test_the_server_app_serves_completions(served):
-    from minimind_jax.server import create_app
-
     _, cfg, params, tok = served
     with TestClient(create_app(Generator(params, cfg), tok, "tiny")) as client:
         r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 0, "echo": True, "logprobs": 1})
@@ -218,3 +219,42 @@ def test_stream_events_and_errors(served):
                  {"prompt": "x", "stream": True, "logprobs": 21}):
         r = client.post("/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] in ("stream", "stream_options", "logprobs")
+
+
+def test_completions_run_on_the_engines_slots_beside_chat(served):
+    """Through the server, completion rows are decoded on the engine's slots: they give the Generator's tokens
+    for their seeds, a chat request joins their running decode, and a full queue is a 429."""
+    _, cfg, params, tok = served
+    gen = Generator(params, cfg)
+    app = create_app(gen, tok, "tiny", max_batch=4)
+    engine = app.state.engine
+    with TestClient(app) as client:
+        body = {"prompt": ["The sky is", "Once upon"], "max_tokens": 6, "n": 2, "seed": 5, "temperature": 1.0}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        rows = [tok.encode(p, add_special_tokens=False) for p in body["prompt"] for _ in range(2)]
+        samplings = [SamplingParams(temperature=1.0, top_p=1.0, seed=5 + j) for _ in range(2) for j in range(2)]
+        expected = gen.generate(rows, 6, samplings, eos_ids=tuple(engine.eos_ids))
+        assert [c["text"] for c in r.json()["choices"]] == [
+            tok.decode([t for t in e.tokens if t not in engine.eos_ids]) for e in expected]
+
+        before = engine.steps_with_rows[3]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(client.post, "/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 480, "n": 2})
+            deadline = time.monotonic() + 60
+            while engine.slots_in_use < 2:
+                assert time.monotonic() < deadline and not long.done(), "the completion rows did not start"
+                time.sleep(0.005)
+            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                             "max_tokens": 4})
+            assert chat.status_code == 200 and not long.done()  # answered while the completion rows ran
+            assert engine.steps_with_rows[3] > before  # steps that decoded the two completion rows and the chat row
+            assert long.result(120).status_code == 200
+
+    with TestClient(create_app(gen, tok, "tiny", max_batch=1, max_queue=0)) as client:  # nothing may wait
+        for stream in (False, True):
+            r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 3, "stream": stream})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 0, "echo": True, "logprobs": 0})
+        assert r.status_code == 200  # scoring alone needs no slot
