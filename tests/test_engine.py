@@ -205,3 +205,29 @@ def test_back_pressure_timeout_and_shutdown(gen):
     with pytest.raises(EngineError) as e:
         eng.submit(_Collect(prompt, 4))
     assert e.value.status == 503
+
+
+def test_engine_rows_give_the_generator_rows_and_raise_the_engines_errors(gen):
+    """EngineRows (the completions API's rows): more rows than slots, each the Generator's tokens for its seed,
+    streamed step by step; a refusal is raised when the rows are submitted, a timeout from the stream."""
+    prompts, limits = _prompts(), 9
+    expected = [r.tokens for r in gen.generate(prompts, limits, SAMPLING, eos_ids=NO_EOS)]
+    eng = Engine(SlotDecoder.for_generator(gen, slots=SLOTS, cache_len=CACHE), NO_EOS)
+    rows = engine_mod.EngineRows(eng)
+    with pytest.raises(EngineError, match="shutting down"):  # not started yet
+        rows.stream(prompts, limits, SAMPLING)
+    eng.start()
+    try:
+        got = [[] for _ in prompts]
+        for new in rows.stream(prompts, limits, SAMPLING):
+            for acc, toks in zip(got, new):
+                acc.extend(toks)
+        assert got == expected
+        assert [r.tokens for r in rows.generate(prompts[:2], limits, SAMPLING[:2])] == expected[:2]
+        assert rows.eos_ids == NO_EOS
+        eng.timeout_s = 1e-9  # every row is out of time before its first step
+        with pytest.raises(EngineError, match="timeout"):
+            rows.generate(prompts[:1], limits, SAMPLING[:1])
+    finally:
+        eng.close()
+    assert eng.slots_in_use == 0
