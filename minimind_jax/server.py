@@ -543,14 +543,19 @@ class ClientGone(Exception):
 
 
 async def next_event(job: Job, request: Request, poll_s: float = 0.25):
-    """The job's next event; a client that has gone away cancels the job (its row stops at the next step)."""
+    """The job's next event; a client that has gone away cancels the job (its row stops at the next step). The
+    connection is checked every ``poll_s`` seconds, also while events keep coming."""
     while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=poll_s)
-        except asyncio.TimeoutError:
+        now = time.monotonic()
+        if now - getattr(request.state, "disconnect_checked", -poll_s) >= poll_s:
+            request.state.disconnect_checked = now
             if await request.is_disconnected():
                 job.cancelled = True
                 raise ClientGone
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=poll_s)
+        except asyncio.TimeoutError:
+            continue
 
 
 def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
