@@ -212,3 +212,19 @@ def test_prepare_steps_over_a_byte_order_mark_and_names_a_directory(tmp_path, to
         tok.encode(JsonlSource(bom, "pretrain")[i]["text"], add_special_tokens=False) for i in range(2)]
     with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path))}: is a directory, not a jsonl file"):
         prepare(tmp_path, tmp_path / "dir", tok, workers=0, progress=False)
+
+
+def test_fewer_records_than_one_batch_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "train.py"), "--data_path", str(data),
+                          "--batch_size", "8", "--max_steps", "1", "--out_dir", str(tmp_path / "out"),
+                          "--progress", "false", "model.hidden_size=64", "model.num_hidden_layers=1",
+                          "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.head_dim=32",
+                          "model.intermediate_size=128"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 2 and "holds 1 records, fewer than one batch of 8" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

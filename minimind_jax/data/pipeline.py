@@ -236,7 +236,7 @@ def make_dataset(
     ds = ds[shard_index::shard_count]
     per_epoch = len(ds)
     if per_epoch < batch_size:
-        raise ValueError(f"shard {shard_index}/{shard_count} holds {per_epoch} records, fewer than one batch of "
+        raise DataError(f"shard {shard_index}/{shard_count} holds {per_epoch} records, fewer than one batch of "
                          f"{batch_size} ({source!r})")
     _probe(stage, ds, transform, source, max_seq_len, seed)
     if shuffle:
