@@ -372,9 +372,11 @@ MODEL_FLAGS = {"hidden_size": int, "num_hidden_layers": int, "use_moe": int}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py", description="Train a MiniMind model (any stage) with JAX.", allow_abbrev=False,
-        epilog="Extra settings: key=value (any TrainConfig key, or model.<field>=value). "
-               "Without --stage and --config: configs/quickstart.yaml.")
+        prog=None if Path(sys.argv[0]).name.startswith("minimind-") else "train.py",
+        description="Train a MiniMind model (any stage) with JAX.", allow_abbrev=False,
+        epilog="Extra settings: key=value (any TrainConfig key, or model.<field>=value). The defaults shown are "
+               "the built-in ones: configs/<stage>.yaml sets each stage's own (MiniMind's) over them, and without "
+               "--stage and --config configs/quickstart.yaml is used.")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML config file(s), applied in order over configs/<stage>.yaml")
     for name, field in _FIELDS.items():
