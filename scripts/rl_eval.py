@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     from minimind_jax.data import DataError, make_dataset
     from minimind_jax.data.rl_prompts import RLPromptSource
     from minimind_jax.rl import rollout
+    from minimind_jax.rl.grpo import unpack_prompts
     from minimind_jax.rl.rewards import RewardError, score_components
     from minimind_jax.tokenizer import load_tokenizer
 
@@ -52,15 +53,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     batch = next(iter(pipe))
-    width = args.max_prompt_len
-    prompts = [row[width - n:].tolist() for row, n in zip(batch["prompt_ids"], batch["prompt_length"])]
-    records = [source[int(i)] for i in batch["record_index"]]
+    prompts, records = unpack_prompts(batch, source)
     print(f"{len(prompts)} prompts from {args.data} ({int(batch['prompt_truncated'].sum())} truncated), "
           f"model {args.ckpt}")
     for name, g, temperature in (("sampled", args.generations, 0.8), ("greedy", 1, 0.0)):
         r = rollout.sample(params, config, prompts, num_generations=g, max_new_tokens=args.max_new_tokens, pad_id=0,
                            eos_ids=[tok.eos_token_id], seed=args.seed, policy=args.policy, temperature=temperature,
-                           max_prompt_len=width)
+                           max_prompt_len=args.max_prompt_len)
         texts = [tok.decode([int(t) for t in row[pad]], skip_special_tokens=True)
                  for row, pad in zip(r.completion_ids, r.completion_pad)]
         rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]

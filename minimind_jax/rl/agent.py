@@ -28,8 +28,8 @@ from minimind_jax.data.rl_prompts import RLPrompt, RLPromptSource
 from minimind_jax.generate import Generator, SamplingParams
 from minimind_jax.rl import objectives as obj
 from minimind_jax.rl import rollout
-from minimind_jax.rl.grpo import GRPOSettings, rollout_seed
-from minimind_jax.rl.rewards import RewardError, split_thinking
+from minimind_jax.rl.grpo import GRPOSettings, rollout_seed, unpack_prompts
+from minimind_jax.rl.rewards import score, split_thinking
 from minimind_jax.rl.tools import agent_reward, call_arguments, execute_tool, gt_found, parse_tool_calls, tool_message
 
 BATCH_KEYS = ("input_ids", "attention_mask", "completion_ids", "completion_pad", "loss_mask", "advantages")
@@ -115,18 +115,10 @@ def run_trajectories(params, config: ModelConfig, tokenizer, prompts: Sequence[R
 
 
 def score_trajectories(rows: Sequence[Trajectory], prompts: Sequence[RLPrompt], g: int) -> list[float]:
-    """MiniMind's trajectory reward of each row; an error names the record."""
-    out = []
-    for k, r in enumerate(rows):
-        p = prompts[k // g]
-        try:
-            value = float(agent_reward(r.turns, p.tools, p.gt_list, unfinished=r.unfinished))
-        except Exception as e:
-            raise RewardError(f"{p.where}: the agent reward raised {type(e).__name__}: {e}") from e
-        if not np.isfinite(value):
-            raise RewardError(f"{p.where}: the reward is {value}, not a finite number")
-        out.append(value)
-    return out
+    """MiniMind's trajectory reward of each row (row ``k`` answers ``prompts[k // g]``); an error names the record."""
+    records = [prompts[k // g] for k in range(len(rows))]
+    return score(lambda r, p: agent_reward(r.turns, p.tools, p.gt_list, unfinished=r.unfinished), rows, records,
+                 [p.where for p in records])
 
 
 @dataclasses.dataclass
@@ -145,11 +137,9 @@ class AgentRolloutStep:
     max_total_tokens: int = 2500
 
     def __call__(self, data_batch, state, step: int):
-        accum, b, width = data_batch["prompt_ids"].shape
+        accum, b, _ = data_batch["prompt_ids"].shape
         g = self.settings.num_generations
-        lengths = data_batch["prompt_length"].reshape(-1)
-        prompt_ids = [row[width - n:].tolist() for row, n in zip(data_batch["prompt_ids"].reshape(-1, width), lengths)]
-        records = [self.prompts[int(i)] for i in data_batch["record_index"].reshape(-1)]
+        prompt_ids, records = unpack_prompts(data_batch, self.prompts)
         t0 = time.perf_counter()
         rows = run_trajectories(state.params, self.config, self.tokenizer, records, prompt_ids, self.settings,
                                 max_turns=self.max_turns, max_total_tokens=self.max_total_tokens,

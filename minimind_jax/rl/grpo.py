@@ -156,6 +156,15 @@ def rollout_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
+def unpack_prompts(data_batch, source: RLPromptSource) -> tuple[list[list[int]], list]:
+    """The prompts of a batch of :data:`PROMPT_KEYS` arrays (any leading dims), flattened: their token ids
+    (left padding removed) and their records read back from ``source``."""
+    width = data_batch["prompt_ids"].shape[-1]
+    rows = data_batch["prompt_ids"].reshape(-1, width)
+    prompts = [row[width - n:].tolist() for row, n in zip(rows, data_batch["prompt_length"].reshape(-1))]
+    return prompts, [source[int(i)] for i in data_batch["record_index"].reshape(-1)]
+
+
 @dataclasses.dataclass
 class RolloutStep:
     """The stage's ``prepare(data_batch, state, step) -> (batch, metrics)``: the prompts of ``data_batch``
@@ -175,11 +184,9 @@ class RolloutStep:
     extra_rewards: Mapping[str, RewardFn] = dataclasses.field(default_factory=dict)  # e.g. a reward model
 
     def __call__(self, data_batch, state, step: int):
-        accum, b, width = data_batch["prompt_ids"].shape
+        accum, b, _ = data_batch["prompt_ids"].shape
         g = self.settings.num_generations
-        lengths = data_batch["prompt_length"].reshape(-1)
-        prompts = [row[width - n:].tolist() for row, n in zip(data_batch["prompt_ids"].reshape(-1, width), lengths)]
-        records = [self.prompts[int(i)] for i in data_batch["record_index"].reshape(-1)]
+        prompts, records = unpack_prompts(data_batch, self.prompts)
         t0 = time.perf_counter()
         r = self._sample(state.params, prompts, step)
         rollout_s = time.perf_counter() - t0
