@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     from minimind_jax.data import DataError, make_dataset
     from minimind_jax.data.rl_prompts import RLPromptSource
     from minimind_jax.rl import rollout
-    from minimind_jax.rl.grpo import unpack_prompts
-    from minimind_jax.rl.rewards import RewardError, score_components
+    from minimind_jax.rl.grpo import score_rollouts, unpack_prompts
+    from minimind_jax.rl.rewards import RewardError
     from minimind_jax.tokenizer import load_tokenizer
 
     try:
@@ -60,11 +60,8 @@ def main(argv=None) -> int:
         r = rollout.sample(params, config, prompts, num_generations=g, max_new_tokens=args.max_new_tokens, pad_id=0,
                            eos_ids=[tok.eos_token_id], seed=args.seed, policy=args.policy, temperature=temperature,
                            max_prompt_len=args.max_prompt_len)
-        texts = [tok.decode([int(t) for t in row[pad]], skip_special_tokens=True)
-                 for row, pad in zip(r.completion_ids, r.completion_pad)]
-        rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]
         try:
-            total, parts = score_components(reward_weights, texts, rows, [p.where for p in records for _ in range(g)])
+            total, parts = score_rollouts(r, records, tok, reward_weights)
         except RewardError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -165,6 +165,17 @@ def unpack_prompts(data_batch, source: RLPromptSource) -> tuple[list[list[int]],
     return prompts, [source[int(i)] for i in data_batch["record_index"].reshape(-1)]
 
 
+def score_rollouts(r: rollout.Rollouts, records: Sequence, tokenizer, reward_weights: Mapping[str, float],
+                   extra: Mapping[str, RewardFn] | None = None) -> tuple[list[float], dict[str, list[float]]]:
+    """The weighted reward of each rollout (rows ``i * G + j`` answer ``records[i]``) and each component's values:
+    the completion decoded without special tokens, scored against the record's gt / messages / tools."""
+    g = len(r.completion_ids) // len(records)
+    texts = [tokenizer.decode([int(t) for t in row[pad]], skip_special_tokens=True)
+             for row, pad in zip(r.completion_ids, r.completion_pad)]
+    rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]
+    return score_components(reward_weights, texts, rows, [p.where for p in records for _ in range(g)], extra=extra)
+
+
 @dataclasses.dataclass
 class RolloutStep:
     """The stage's ``prepare(data_batch, state, step) -> (batch, metrics)``: the prompts of ``data_batch``
@@ -190,11 +201,7 @@ class RolloutStep:
         t0 = time.perf_counter()
         r = self._sample(state.params, prompts, step)
         rollout_s = time.perf_counter() - t0
-        texts = [self.tokenizer.decode([int(t) for t in row[pad]], skip_special_tokens=True)
-                 for row, pad in zip(r.completion_ids, r.completion_pad)]
-        rows = [{"gt": p.gt, "messages": p.messages, "tools": p.tools} for p in records for _ in range(g)]
-        total, parts = score_components(self.reward_weights, texts, rows, [p.where for p in records for _ in range(g)],
-                                        extra=self.extra_rewards)
+        total, parts = score_rollouts(r, records, self.tokenizer, self.reward_weights, self.extra_rewards)
         rewards = np.asarray(total, np.float32)
         adv = np.asarray(obj.group_advantages(jnp.asarray(rewards), g))
         batch = {**r.batch, "advantages": adv}
