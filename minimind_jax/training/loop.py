@@ -57,7 +57,6 @@ from minimind_jax.training.step import (
     abstract_with_shardings,
     init_train_state,
     jit_train_step,
-    make_optimizer,
     make_train_step,
     state_shardings,
 )
@@ -144,9 +143,7 @@ def setup(cfg: TrainConfig) -> Run:
     pipeline, total_steps = _data(cfg, stage, tokenizer)
     if start.replace:
         _remove_old_run(start)
-    tx, schedule = make_optimizer(cfg.learning_rate, total_steps, schedule=cfg.lr_schedule,
-                                  warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, b1=cfg.adam_b1,
-                                  b2=cfg.adam_b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip)
+    tx, schedule = models.optimizer(total_steps)
     data_iter = pipeline.iterator()
     if start.meta is not None:
         state, state_sharding = _restored_state(cfg, start, models, tx, policy, mesh, data_iter, total_steps)

@@ -8,6 +8,8 @@ from, builds it once the model config is known, and then calls the same methods 
 * ``shapes()`` -> ``(params, frozen)`` shapes, to restore a saved run without initialising it;
 * ``shardings(model_sharding, mesh)`` -> ``(params, frozen)`` shardings (``params=None``: replicated);
 * ``meta()`` -> what the run's checkpoint metadata records about the extra models;
+* ``optimizer(total_steps)`` -> ``(tx, schedule)`` for the trained params (AdamW with the run's settings; a
+  stage with several trained parts may give each its own learning rate);
 * ``export(run_dir, params, frozen, step)`` -> writes the run's result, returns the params the sample runs.
 
 Stages: pretrain / sft / reason train the model alone; ``dpo``, ``grpo`` and ``agent`` keep a frozen
@@ -36,6 +38,7 @@ from minimind_jax.precision import get_policy
 from minimind_jax.rl import reward_model
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import log
+from minimind_jax.training.step import make_optimizer
 
 
 def weights_call(fn, *args, **kwargs):
@@ -71,6 +74,12 @@ class StageModels:
 
     def meta(self) -> dict:
         return {}
+
+    def optimizer(self, total_steps: int):
+        cfg = self.cfg
+        return make_optimizer(cfg.learning_rate, total_steps, schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                              weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                              grad_clip=cfg.grad_clip)
 
     def export(self, run_dir: Path, params, frozen: Callable, step: int):
         """Write the trained params (host arrays); ``frozen()`` gathers the frozen ones. Returns the sample's params."""
