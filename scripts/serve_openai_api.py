@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compiler"):  # backend probing at start-up
@@ -72,8 +72,12 @@ def main(argv=None) -> None:
     from minimind_jax.server import create_app
     from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
-    generator = Generator.from_checkpoint(args.ckpt, policy=args.policy)
-    tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
+    try:  # a missing, corrupt or foreign checkpoint / tokenizer: one line naming it, not a traceback
+        generator = Generator.from_checkpoint(args.ckpt, policy=args.policy)
+        tokenizer = load_tokenizer(args.tokenizer or DEFAULT_TOKENIZER_DIR)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     name = args.model_name or served_name(args.ckpt)
     cache_len = args.cache_len or min(generator.config.max_position_embeddings, DEFAULT_CACHE_LEN)
     app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
@@ -85,7 +89,8 @@ def main(argv=None) -> None:
     print(f"chat page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -151,13 +151,17 @@ DAMAGE = {
 }
 
 
+SCRIPT_ARGS = {"generate": ["--prompt-ids", "1,2", "--max-new-tokens", "1"], "serve_openai_api": ["--port", "1"]}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPT_ARGS))
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_generate_reports_a_damaged_checkpoint_in_one_line(damage, good_ckpt, tmp_path, capsys):
+def test_scripts_report_a_damaged_checkpoint_in_one_line(damage, script, good_ckpt, tmp_path, capsys):
     path = tmp_path / "weights"
     shutil.copytree(good_ckpt, path)
     damage_fn, says = DAMAGE[damage]
     damage_fn(path)
-    code = _script("generate").main(["--ckpt", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "1"])
+    code = _script(script).main(["--ckpt", str(path), *SCRIPT_ARGS[script]])
     if damage == "truncated params":
         # tensorstore may still finish reads of the other arrays on orbax's closed event loop and print about it
         # a moment later (an orbax / tensorstore race): wait for that here, and check only the error itself
