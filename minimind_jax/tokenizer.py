@@ -19,11 +19,13 @@
   ``tokenizer.apply_chat_template(messages, tokenize=False, ...)`` does: the same sandboxed Jinja environment
   (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, a non-escaping ``tojson``, ``raise_exception``,
   ``strftime_now``, underscore-rejecting ``namespace``, a pass-through ``{% generation %}`` tag), the same
-  variables (``messages``, ``tools``, ``documents``, ``add_generation_prompt``, every named special token such
+  variables (``messages``, ``tools``, ``add_generation_prompt``, every named special token such
   as ``bos_token`` / ``eos_token``, then the extra keyword arguments) and the same input clean-up (message keys
   whose value is None are dropped; ``reasoning_content`` / ``thinking`` / ``reasoning`` alias one another;
   inputs are rebuilt from plain JSON types). ``tokenize=True`` encodes the rendering without adding special
   tokens; ``sanitize_control_tokens=True`` encodes control tokens found in the inputs as plain text.
+  transformers' ``documents`` (RAG) and ``continue_final_message`` are not offered (nothing here renders them;
+  passing either is a TypeError, not a silently different rendering).
 
 MiniMind-3 (``<|endoftext|>`` = pad/unk 0, ``<|im_start|>`` = bos 1, ``<|im_end|>`` = eos 2, vocab 6400) is
 the target, but nothing here is specific to it.
@@ -64,13 +66,12 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # Private-use markers around control tokens found in user input (same code points as transformers)
 _CONTROL_TOKEN_START = "\U000f0000"
 _CONTROL_TOKEN_END = "\U000f0001"
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 # transformers' apply_chat_template parameters that only shape its tokenized output: refused rather than
 # silently passed to the template as variables
 _UNSUPPORTED_CHAT_KWARGS = (
     "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs",
+    "tokenizer_kwargs", "documents", "continue_final_message",
 )
 
 
@@ -440,9 +441,7 @@ class Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         open_thinking: bool | None = None,
         *,
-        documents: Sequence[Mapping[str, Any]] | None = None,
         chat_template: str | None = None,
-        continue_final_message: bool | str = False,
         tokenize: bool = False,
         sanitize_control_tokens: bool = False,
         **kwargs: Any,
@@ -455,7 +454,7 @@ class Tokenizer:
         in the generation prompt); any other keyword argument is a template variable too.
         ``sanitize_control_tokens`` (needs ``tokenize=True``): control tokens (special tokens, plus added tokens
         the template writes or listed in the config's ``chat_control_tokens``) that appear in the messages,
-        tools, documents or keyword arguments are encoded as plain text, so user input cannot forge them.
+        tools or keyword arguments are encoded as plain text, so user input cannot forge them.
         """
         bad = sorted(k for k in kwargs if k in _UNSUPPORTED_CHAT_KWARGS)
         if bad:
@@ -471,8 +470,6 @@ class Tokenizer:
         )
         conversations = list(messages) if batched else [messages]
         conversations = [_normalize_chat_messages(c) for c in conversations]
-        if continue_final_message and add_generation_prompt:
-            raise TokenizerError("continue_final_message and add_generation_prompt cannot be used together")
 
         if sanitize_control_tokens:
             if not tokenize:
@@ -480,15 +477,11 @@ class Tokenizer:
             control_re, _ = _control_token_patterns(self._control_tokens(template))
             conversations = [_mark_control_tokens(c, control_re) for c in conversations]
             tools = _mark_control_tokens(tools, control_re)
-            documents = _mark_control_tokens(documents, control_re)
             kwargs = _mark_control_tokens(kwargs, control_re)
 
         template_kwargs = {**self._special_map, **kwargs}  # keyword arguments win over special tokens
         rendered = [
-            render_chat_template(
-                template, c, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **template_kwargs,
-            )
+            render_chat_template(template, c, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
             for c in conversations
         ]
         if tokenize:
@@ -722,9 +715,7 @@ def render_chat_template(
     messages: Sequence[Mapping[str, Any]],
     *,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    documents: Sequence[Mapping[str, Any]] | None = None,
     add_generation_prompt: bool = False,
-    continue_final_message: bool | str = False,
     **kwargs: Any,
 ) -> str:
     """Render one conversation with a Jinja chat template as transformers' ``render_jinja_template`` does.
@@ -741,61 +732,10 @@ def render_chat_template(
                     "to schemas needs transformers.utils.get_json_schema)"
                 )
         tools = list(tools)
-    if documents is not None:
-        for document in documents:
-            if not isinstance(document, Mapping):
-                raise TypeError("documents must be a list of dicts with 'title' and 'text' keys")
-    tools = _plain(tools)
-    documents = _plain(documents)
-    kwargs = _plain(kwargs)
-
     chat = _plain(list(getattr(messages, "messages", messages)))
     for message in chat:
         if not isinstance(message, dict):
             raise TypeError(f"chat messages must be dicts, dataclasses or pydantic models, got {message!r}")
-    chat = _alias_reasoning_fields(chat)
-
-    final_message = None
-    if continue_final_message:
-        if not chat:
-            raise TokenizerError("continue_final_message is set but the conversation is empty")
-        field = continue_final_message if isinstance(continue_final_message, str) else "content"
-        final_message = chat[-1].get(field)
-        if final_message is None:
-            raise TokenizerError(f'continue_final_message is set but the final message has no "{field}"')
-        fields = [field]
-        if field in _REASONING_FIELDS:
-            # reasoning is copied under several names: tag every copy, whichever the template reads
-            fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final_message]
-        if not any(f in template for f in fields):
-            raise TokenizerError(
-                f'continue_final_message is set to "{field}" but the chat template does not read that field'
-            )
-        if isinstance(final_message, (list, tuple)):
-            for block in reversed(final_message):
-                if "text" in block:
-                    final_message = block["text"]
-                    block["text"] = block["text"] + _CONTINUE_TAG
-                    break
-            else:
-                raise TokenizerError("continue_final_message is set but the final message has no text to continue")
-        else:
-            for f in fields:
-                chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-
-    rendered = compiled.render(
-        messages=chat, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt, **kwargs
-    )
-
-    if continue_final_message:
-        if final_message.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
-            raise TokenizerError(
-                "continue_final_message is set but the final message does not appear in the rendered chat (the "
-                f"template deletes part of it?)\nFinal message: {final_message.strip()}\nRendered chat:\n{rendered}"
-            )
-        loc = rendered.rindex(_CONTINUE_TAG.strip())
-        if rendered[loc: loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-            rendered = rendered[:loc]
-        else:  # the template trimmed the message's trailing spacing
-            rendered = rendered[:loc].rstrip()
-    return rendered
+    # ``documents`` is None as in transformers without documents, so templates that read it render the same
+    return compiled.render(messages=_alias_reasoning_fields(chat), tools=_plain(tools), documents=None,
+                           add_generation_prompt=add_generation_prompt, **_plain(kwargs))

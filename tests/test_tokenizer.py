@@ -300,12 +300,10 @@ def test_chat_template_details(ours, hf):
     extra = dict(open_thinking=np.bool_(True), custom_var="x", bos_token="<override>")
     assert ours.apply_chat_template(single, add_generation_prompt=True, **extra) == hf_render(
         hf, single, add_generation_prompt=True, **extra)
-    # continue_final_message: the last assistant message stays open
-    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I am"}]
-    got = ours.apply_chat_template(prefill, continue_final_message=True)
-    assert got == hf_render(hf, prefill, continue_final_message=True) and got.endswith("Hello, I am")
-    with pytest.raises(TokenizerError):
-        ours.apply_chat_template(prefill, continue_final_message=True, add_generation_prompt=True)
+    # transformers' documents / continue_final_message are refused, not rendered differently
+    for kw in ({"continue_final_message": True}, {"documents": [{"title": "t", "text": "d"}]}):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            ours.apply_chat_template(single, **kw)
     with pytest.raises(TokenizerError):
         ours.apply_chat_template([])
     with pytest.raises(TypeError):
@@ -331,7 +329,7 @@ def test_custom_templates_match(ours, hf, index):
         {"role": "assistant", "content": None, "reasoning": "r", "tool_calls": [{"function": {"name": "f"}}]},
         {"role": "assistant", "content": "x", "thinking": "t", "reasoning_content": "rc"},
     ]
-    kw = dict(chat_template=CUSTOM_TEMPLATES[index], tools=[CALC_TOOL], documents=[{"title": "t", "text": "d"}])
+    kw = dict(chat_template=CUSTOM_TEMPLATES[index], tools=[CALC_TOOL])
     for add_generation_prompt in (False, True):
         assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kw) == hf_render(
             hf, messages, add_generation_prompt=add_generation_prompt, **kw)
