@@ -162,6 +162,52 @@ def _config_chat_templates(config: Mapping[str, Any], config_path: str) -> str |
     raise TokenizerError(f"{config_path}: chat_template must be a string or a list of named templates")
 
 
+def _named_special_tokens(config: Mapping[str, Any], path: str) -> tuple[dict[str, Any], list]:
+    """Named special tokens: the standard ones, then model-specific ``*_token`` strings (``image_token`` ...) and
+    the entries of a dict-valued ``extra_special_tokens``, as transformers 5 collects them; and the extra list."""
+    named: dict[str, Any] = {key: config[key] for key in STANDARD_SPECIAL_TOKENS if config.get(key) is not None}
+    for key, value in config.items():
+        if key.endswith("_token") and key not in STANDARD_SPECIAL_TOKENS and (
+            isinstance(value, str) or (isinstance(value, Mapping) and value.get("__type") == "AddedToken")
+        ):
+            named[key] = value
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    if isinstance(extra, Mapping):
+        named.update(extra)
+        extra = []
+    if extra is None:
+        extra = []
+    if not isinstance(extra, (list, tuple)):
+        raise TokenizerError(f"{path}: extra_special_tokens must be a list or a dict, got {extra!r}")
+    return named, list(extra)
+
+
+def _tokens_to_add(backend, config: Mapping[str, Any], named: Mapping[str, Any], extra: list, named_strings: set,
+                   path: str) -> list[AddedToken]:
+    """What transformers adds to the vocabulary: the config's ``added_tokens_decoder`` entries again (their flags
+    win over tokenizer.json's), then the named / extra special tokens the vocabulary lacks."""
+    decoder_cfg = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder_cfg, Mapping):
+        raise TokenizerError(f"{path}: added_tokens_decoder must be a dict")
+    try:
+        order = sorted(decoder_cfg.items(), key=lambda kv: int(kv[0]))
+    except ValueError as e:
+        raise TokenizerError(f"{path}: added_tokens_decoder keys must be token ids") from e
+    to_add = [_added_token(v, f"added_tokens_decoder[{k}]", path) for k, v in order]
+    known = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in to_add}
+    candidates = [(k, v) for k, v in named.items() if v is not None] + [("extra_special_tokens", t) for t in extra]
+    for key, value in candidates:
+        token = _added_token(value, key, path)
+        if token.content in known:
+            continue
+        if not token.special and token.content in named_strings:
+            token = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
+                               rstrip=token.rstrip, normalized=token.normalized, special=True)
+        to_add.append(token)
+        known.add(token.content)
+    return to_add
+
+
 # the MiniMind tokenizer shipped with the package (vocab 6400)
 DEFAULT_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
 
@@ -224,55 +270,14 @@ class Tokenizer:
             dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
         )
 
-        # Named special tokens: the standard ones, then model-specific ``*_token`` strings (``image_token`` ...)
-        # and the entries of a dict-valued ``extra_special_tokens``, as transformers 5 collects them.
-        named: dict[str, Any] = {}
-        for key in STANDARD_SPECIAL_TOKENS:
-            if config.get(key) is not None:
-                named[key] = config[key]
-        for key, value in config.items():
-            if key.endswith("_token") and key not in STANDARD_SPECIAL_TOKENS and (
-                isinstance(value, str) or (isinstance(value, Mapping) and value.get("__type") == "AddedToken")
-            ):
-                named[key] = value
-        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens")
-        if isinstance(extra, Mapping):
-            named.update(extra)
-            extra = []
-        if extra is None:
-            extra = []
-        if not isinstance(extra, (list, tuple)):
-            raise TokenizerError(f"{path}: extra_special_tokens must be a list or a dict, got {extra!r}")
+        named, extra = _named_special_tokens(config, path)
         self._special_map: dict[str, str] = {}
         for key, value in named.items():
             content = _token_content(value, key, path)
             if content is not None:
                 self._special_map[key] = content
         self._extra_special = [_token_content(t, "extra_special_tokens", path) for t in extra]
-
-        # transformers re-adds the config's ``added_tokens_decoder`` entries (their flags win over tokenizer.json's)
-        # and adds the named / extra special tokens the vocabulary lacks.
-        decoder_cfg = config.get("added_tokens_decoder") or {}
-        if not isinstance(decoder_cfg, Mapping):
-            raise TokenizerError(f"{path}: added_tokens_decoder must be a dict")
-        try:
-            order = sorted(decoder_cfg.items(), key=lambda kv: int(kv[0]))
-        except ValueError as e:
-            raise TokenizerError(f"{path}: added_tokens_decoder keys must be token ids") from e
-        to_add = [_added_token(v, f"added_tokens_decoder[{k}]", path) for k, v in order]
-        known = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in to_add}
-        named_strings = set(self._special_map.values())
-        candidates = [(k, v) for k, v in named.items() if v is not None]
-        candidates += [("extra_special_tokens", t) for t in extra]
-        for key, value in candidates:
-            token = _added_token(value, key, path)
-            if token.content in known:
-                continue
-            if not token.special and token.content in named_strings:
-                token = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
-                                   rstrip=token.rstrip, normalized=token.normalized, special=True)
-            to_add.append(token)
-            known.add(token.content)
+        to_add = _tokens_to_add(backend, config, named, extra, set(self._special_map.values()), path)
         if to_add:
             backend.add_tokens(to_add)
 
