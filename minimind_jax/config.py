@@ -341,10 +341,26 @@ def _detect_generation(raw: Mapping[str, Any], asked: str | None = None) -> str 
 
 
 def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str, Any]:
+    """The ModelConfig fields of a MiniMind (either generation) or Hugging Face ``config.json``."""
     model_type = raw.get("model_type") or "minimind"
     if model_type not in ("minimind", "qwen3", "qwen3_moe", "llama"):
         raise ConfigError(f"unsupported model_type {model_type!r} (expected minimind, qwen3, qwen3_moe or llama)")
     hf = model_type in ("qwen3", "qwen3_moe", "llama")
+    missing = [k for k in _SHAPE_KEYS if raw.get(k) is None]
+    generation = _generation(raw, generation)
+    if missing:
+        raise ConfigError(f"missing model-shape field(s) {missing}")
+    f: dict[str, Any] = {"generation": generation, **_shape_fields(raw, hf)}
+    f.update(_rope_fields(raw, hf))
+    f.update(_moe_fields(raw, model_type, hf))
+    # This project's own keys (written by to_json).
+    for key, kind in _OURS.items():
+        if key in raw and raw[key] is not None and key not in f:
+            f[key] = _TYPED[kind](key, raw[key])
+    return f
+
+
+def _generation(raw: Mapping[str, Any], generation: str | None) -> str:
     detected = _detect_generation(raw, generation)
     if generation is not None and detected is not None and generation != detected:
         raise ConfigError(f"generation={generation!r} was asked for but the file's keys say {detected!r}")
@@ -356,12 +372,11 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
             "for minimind2); pass generation='minimind3' or 'minimind2'")
     if generation not in GENERATIONS:
         raise ConfigError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+    return generation
 
-    missing = [k for k in _SHAPE_KEYS if raw.get(k) is None]
-    if missing:
-        raise ConfigError(f"missing model-shape field(s) {missing}")
 
-    f: dict[str, Any] = {"generation": generation}
+def _shape_fields(raw: Mapping[str, Any], hf: bool) -> dict[str, Any]:
+    f: dict[str, Any] = {}
     eos = raw.get("eos_token_id")
     if isinstance(eos, list):  # HF allows a list; MiniMind has one eos
         raw = {**raw, "eos_token_id": eos[0] if eos else None}
@@ -389,7 +404,12 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
     elif hf:
         f["tie_word_embeddings"] = False  # transformers' default for Qwen3, Qwen3Moe and Llama
 
-    # RoPE: MiniMind and older HF files carry rope_theta; transformers 5 nests it in rope_parameters.
+    return f
+
+
+def _rope_fields(raw: Mapping[str, Any], hf: bool) -> dict[str, Any]:
+    """RoPE: MiniMind and older HF files carry rope_theta; transformers 5 nests it in rope_parameters."""
+    f: dict[str, Any] = {}
     rope_params = raw.get("rope_parameters") or {}
     theta = raw.get("rope_theta", rope_params.get("rope_theta"))
     if theta is not None:
@@ -414,7 +434,11 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
             if theirs in scaling:
                 f[ours] = _TYPED[_OURS[ours]](f"rope_scaling.{theirs}", scaling[theirs])
 
-    # Mixture of experts.
+    return f
+
+
+def _moe_fields(raw: Mapping[str, Any], model_type: str, hf: bool) -> dict[str, Any]:
+    f: dict[str, Any] = {}
     if model_type == "qwen3_moe":
         f["use_moe"] = True
         if raw.get("mlp_only_layers") or _int("decoder_sparse_step", raw.get("decoder_sparse_step", 1)) != 1:
@@ -450,10 +474,6 @@ def _fields_from_raw(raw: Mapping[str, Any], generation: str | None) -> dict[str
     if f.get("use_moe") and model_type == "qwen3_moe" and raw.get("shared_expert_intermediate_size"):
         raise ConfigError("shared_expert_intermediate_size is set: that is Qwen2-MoE, not a MiniMind model")
 
-    # This project's own keys (written by to_json).
-    for key, kind in _OURS.items():
-        if key in raw and raw[key] is not None and key not in f:
-            f[key] = _TYPED[kind](key, raw[key])
     return f
 
 
