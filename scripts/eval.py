@@ -8,10 +8,15 @@
     python scripts/eval.py --ckpt ... --data data/sample/pretrain.jsonl --holdout 0.1   # the last 10 % of records
     python scripts/eval.py --ckpt ... --tasks minimind_ceval,minimind_cmmlu,minimind_arc   # lm-eval, offline samples
     python scripts/eval.py --ckpt ... --tasks arc_easy,piqa --limit 100                   # lm-eval tasks (hub)
+    python scripts/eval.py --ckpt out/quickstart/dpo_128/weights --data data/sample/dpo.jsonl \
+        --reference out/quickstart/sft_128/weights          # DPO reward accuracy / margin against the reference
+    python scripts/eval.py --ckpt out/quickstart/reason_128/weights --suite --think --greedy --prompts FILE
 
 ``--data`` takes any of MiniMind's formats (pretrain ``{"text"}``, SFT / reasoning ``{"conversations"}``, DPO
 ``{"chosen", "rejected"}``: the loss is on the chosen replies), detected from the first record or given with
-``--stage``. The loss is the next-token cross-entropy over the trained tokens (the whole text for pretrain, the
+``--stage``. With ``--reference CKPT`` DPO pairs also give the DPO implicit rewards ``beta * (log pi - log ref)``
+of each reply (sequence log-prob sums over the assistant tokens, ``--beta``, default 0.15 as training): the
+reward accuracy (the fraction of pairs whose chosen reward beats the rejected one) and the mean margin. The loss is the next-token cross-entropy over the trained tokens (the whole text for pretrain, the
 assistant's replies for chat data), exactly as training computes it; every record counts (the last batch is
 padded, not dropped). ``--unseen`` scores only the records the checkpoint's training run did not read: the run
 (``RUN/weights`` with ``RUN/train_config.yaml``) read the first ``step x accumulation_steps x batch_size`` records
@@ -25,17 +30,21 @@ records instead (held out only if training did not read them).
 ``--tasks`` runs lm-evaluation-harness tasks with the ``minimind-jax`` model (the ``eval`` extra): the shipped
 offline tasks (C-Eval-, CMMLU- and ARC-style multiple choice on the jsonl in ``--task-data``), a task YAML file,
 or any task name lm-eval knows. ``--suite`` answers the prompts in one batch (MiniMind's eval questions by
-default); its progress bar counts each answer's share of ``prompts x max_new_tokens``.
+default); its progress bar counts each answer's share of ``prompts x max_new_tokens``. With ``--think`` it
+also counts the replies that hold the reasoning tag structure (``</think>``, then ``<answer>...</answer>``).
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 
+# a reasoning reply's tags: the thinking closed, then an answer opened and closed
+TAG_STRUCTURE = re.compile(r"</think>\s*<answer>.*?</answer>", re.DOTALL)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -66,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only the last FRACTION of the --data records (0 = all), e.g. 0.1")
     p.add_argument("--unseen", action="store_true",
                    help="score only the --data records the checkpoint's training run did not read (RUN/weights)")
+    p.add_argument("--reference", default=None,
+                   help="DPO data: the reference checkpoint (the DPO run's start) for the reward accuracy / margin")
+    p.add_argument("--beta", type=float, default=0.15, help="--reference: the DPO beta of the rewards")
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks: minimind_ceval, minimind_cmmlu, "
                    "minimind_arc (offline), a task .yaml, or lm-eval's names (ceval-valid, cmmlu, arc_easy, piqa, ...)")
     p.add_argument("--task-data", default=os.path.join(ROOT, "data", "sample", "eval"),
@@ -193,8 +205,20 @@ def run_data(args, params, config, policy, tok) -> dict:
     which = " unseen by the run" if args.unseen else ""
     print(f"{', '.join(args.data)} ({stage}, {len(records)} records{which}, {tokens} trained tokens, "
           f"max_seq_len {max_seq_len}): loss {loss:.4f}, perplexity {ppl:.2f}")
-    return dict(data=args.data, stage=stage, records=len(records), tokens=tokens, loss=loss, perplexity=ppl,
-                max_seq_len=max_seq_len, holdout=args.holdout, unseen=args.unseen)
+    out = dict(data=args.data, stage=stage, records=len(records), tokens=tokens, loss=loss, perplexity=ppl,
+               max_seq_len=max_seq_len, holdout=args.holdout, unseen=args.unseen)
+    if args.reference:
+        if stage != "dpo":
+            raise ValueError(f"--reference needs DPO pairs; the --data files hold {stage} records")
+        from minimind_jax import weights
+
+        ref_config, ref_params = weights.load(args.reference, what="--reference")
+        rewards = evaluate_dpo((params, config), (ref_params, ref_config), policy, tok, source, records,
+                               max_seq_len, args.batch_size, args.beta)
+        print(f"DPO against {args.reference} (beta {args.beta}, {len(records)} pairs): reward accuracy "
+              f"{rewards['reward_accuracy']:.3f}, reward margin {rewards['reward_margin']:.4f}")
+        out.update(rewards)
+    return out
 
 
 def evaluate_loss(params, config, policy, tok, source, records, max_seq_len, batch_size):
@@ -234,6 +258,33 @@ def evaluate_loss(params, config, policy, tok, source, records, max_seq_len, bat
             bar.update(len(batch))
             bar.set_postfix(loss=f"{total / max(tokens, 1):.4f}")
     return total / max(tokens, 1), tokens
+
+
+def evaluate_dpo(model, reference, policy, tok, source, records, max_seq_len, batch_size, beta) -> dict:
+    """DPO reward accuracy and mean margin of ``model`` = (params, config) over ``reference`` on the pairs."""
+    import jax
+    import numpy as np
+
+    from minimind_jax.data.pipeline import make_transform
+    from minimind_jax.model.transformer import MiniMindLM
+    from minimind_jax.training.losses import dpo_terms, sequence_log_probs
+
+    transform = make_transform("dpo", tok, max_seq_len)
+
+    def log_probs_fn(config):
+        net = MiniMindLM(config, policy)
+        return jax.jit(lambda p, ids, labels: sequence_log_probs(net.apply({"params": p}, ids).logits, labels))
+
+    runs = [(jax.device_put(policy.cast_to_param(p)), log_probs_fn(c)) for p, c in (model, reference)]
+    margins = []
+    for start in range(0, len(records), batch_size):
+        rows = [transform(source[i], None).arrays for i in records[start:start + batch_size]]
+        ids = np.stack([r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows])
+        labels = np.stack([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows])
+        pi, ref = (np.asarray(fn(p, ids, labels)) for p, fn in runs)
+        margins.append(np.asarray(dpo_terms(pi, ref, beta)["margin"]))
+    margin = np.concatenate(margins)
+    return {"reward_accuracy": float(np.mean(margin > 0)), "reward_margin": float(np.mean(margin))}
 
 
 def suite_progress(bar, rows: int, limit: int, eos) -> Callable[[list[list[int]]], None]:
@@ -294,8 +345,12 @@ def run_suite(gen, tok, prompts, args):
             print(f"[think] {reasoning}")
         print(f"🤖: {answer.strip()}\n")
         answers.append({"prompt": prompt, "reasoning": reasoning, "answer": answer, "tokens": len(res.tokens),
-                        "finish_reason": res.finish_reason})
+                        "finish_reason": res.finish_reason, "tag_structure": bool(TAG_STRUCTURE.search(text))})
     n = sum(len(r.tokens) for r in results)
+    if chat and args.think:
+        held = sum(a["tag_structure"] for a in answers)
+        print(f"suite: {held} of {len(answers)} replies hold the reasoning tag structure "
+              "(</think>, then <answer>...</answer>)")
     print(f"suite: {n} tokens in {seconds:.1f} s ({n / seconds:.1f} tokens/s, compile included)", file=sys.stderr)
     return answers
 

@@ -245,3 +245,68 @@ def test_eval_unseen_scores_the_records_the_run_did_not_read(ckpt, tmp_path, cap
     assert "read every record" in capsys.readouterr().err
     assert ev.main(["--ckpt", str(ckpt[1]), "--data", str(ten), "--unseen"]) == 2
     assert "train_config.yaml not found" in capsys.readouterr().err
+
+
+def test_eval_dpo_rewards_against_a_reference(ckpt, tmp_path, capsys):
+    import jax
+
+    from minimind_jax.checkpoint import save_checkpoint
+    from minimind_jax.data.jsonl import JsonlSource
+    from minimind_jax.data.pipeline import make_transform
+    from minimind_jax.model.transformer import MiniMindLM
+    from minimind_jax.tokenizer import load_tokenizer
+
+    cfg, ref_path = ckpt
+    ref = cached_params(cfg)
+    keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(ref))))
+    moved = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape, p.dtype), ref)
+    path = save_checkpoint(tmp_path / "dpo", moved, cfg)
+    data = ROOT / "data" / "sample" / "dpo.jsonl"
+    ev, report = _script("eval"), tmp_path / "dpo.json"
+    args = ["--data", str(data), "--max_seq_len", "64", "--batch_size", "4", "--max-records", "6", "--beta", "0.5"]
+    assert ev.main(["--ckpt", str(path), "--reference", str(ref_path), *args, "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+
+    # reference: log-softmax of the full logits, summed over the trained labels, per reply (numpy)
+    model, tok = MiniMindLM(cfg), load_tokenizer()
+    transform, source = make_transform("dpo", tok, 64), JsonlSource(str(data), "dpo")
+
+    def seq_logp(params, ids, labels):
+        logits = np.asarray(model.apply({"params": params}, jnp.asarray(ids)[None]).logits[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        logp, targets = logp[:-1], labels[1:]  # position t predicts label t + 1
+        trained = targets != -100
+        return float(logp[trained, targets[trained]].sum())
+
+    margins = []
+    for i in range(6):
+        a = transform(source[i], None).arrays
+        chosen = [seq_logp(p, a["chosen_input_ids"], a["chosen_labels"]) for p in (moved, ref)]
+        rejected = [seq_logp(p, a["rejected_input_ids"], a["rejected_labels"]) for p in (moved, ref)]
+        margins.append(0.5 * (chosen[0] - chosen[1]) - 0.5 * (rejected[0] - rejected[1]))
+    margins = np.array(margins)
+    np.testing.assert_allclose(got["reward_margin"], margins.mean(), rtol=1e-4, atol=1e-4)
+    assert got["reward_accuracy"] == np.mean(margins > 0)
+    assert "reward accuracy" in capsys.readouterr().out
+    # the reference against itself: every margin exactly 0, so no pair is won
+    assert ev.main(["--ckpt", str(ref_path), "--reference", str(ref_path), *args, "--json", str(report)]) == 0
+    same = json.loads(report.read_text())
+    assert same["reward_margin"] == 0.0 and same["reward_accuracy"] == 0.0
+    # --reference on non-pair data is an error naming the format
+    sft = ROOT / "data" / "sample" / "sft.jsonl"
+    assert ev.main(["--ckpt", str(path), "--reference", str(ref_path), "--data", str(sft), "--max-records", "2"]) == 2
+    assert "--reference needs DPO pairs" in capsys.readouterr().err
+
+
+def test_eval_suite_counts_the_reasoning_tags(ckpt, tmp_path, capsys):
+    cfg, path = ckpt
+    ev, report = _script("eval"), tmp_path / "suite.json"
+    prompts = tmp_path / "q.txt"
+    prompts.write_text("What is 1+1?\nName a color.\n", encoding="utf-8")
+    assert ev.main(["--ckpt", str(path), "--suite", "--think", "--prompts", str(prompts), "--greedy",
+                    "--max-new-tokens", "4", "--json", str(report)]) == 0
+    suite = json.loads(report.read_text())["suite"]
+    held = sum(s["tag_structure"] for s in suite)
+    assert f"suite: {held} of 2 replies hold the reasoning tag structure" in capsys.readouterr().out
+    assert ev.TAG_STRUCTURE.search("x</think>\n\n<answer>2</answer>") and not ev.TAG_STRUCTURE.search("<answer>2")
