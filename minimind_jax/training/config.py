@@ -38,8 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALLED_CONFIG_DIR = Path(sysconfig.get_path("data")) / "share" / "minimind-jax" / "configs"
 CONFIG_DIR = REPO_ROOT / "configs" if (REPO_ROOT / "configs").is_dir() else INSTALLED_CONFIG_DIR
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "agent", "reward")
-RL_STAGES = ("grpo", "agent")  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
+STAGES = ("pretrain", "sft", "lora", "dpo", "distill", "reason", "grpo", "agent", "reward", "ppo")
+RL_STAGES = ("grpo", "agent", "ppo")  # stages that learn from their own rollouts (max_seq_len: the prompt's limit)
 LOSS_TYPES = ("grpo", "cispo")
 LORA_TARGET_HELP = "minimind (every square projection, MiniMind's rule) or a comma list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj attention mlp experts all"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,7 +57,7 @@ class TrainConfig:
     """Every training setting, documented next to its default (MiniMind's where it has one)."""
 
     # --- what to train
-    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo | agent | reward
+    stage: str = "pretrain"  # pretrain | sft | lora | dpo | distill | reason | grpo | agent | reward | ppo
     data_path: list[str] = dataclasses.field(default_factory=lambda: ["data/sample/pretrain.jsonl"])
     preset: str = "minimind3"  # a ModelConfig preset; `model` overrides its fields
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -142,6 +142,15 @@ class TrainConfig:
     reward_model: str | None = None  # a reward model trained by --stage reward (its <run>/reward_model)
     agent_max_turns: int = 3  # agent: generation turns per trajectory (tool results between them)
     agent_max_total_tokens: int = 2500  # agent: tokens of a whole trajectory (generated + tool turns)
+    # --- ppo (MiniMind-3's train_ppo.py defaults; one rollout per prompt, rewards as in grpo, clip_epsilon 0.2)
+    critic_learning_rate: float = 5e-7  # the critic's lr (learning_rate is the actor's), same schedule
+    ppo_update_iters: int = 2  # update passes over each rollout batch inside one train step
+    early_stop_kl: float = 0.25  # a pass whose mean(0.5 log_ratio^2) exceeds this, and the later ones, do not update
+    kl_coef: float = 0.02  # weight of the k3 KL to the frozen reference in the policy loss (flag --beta in ppo)
+    vf_coef: float = 0.5  # weight of the value loss
+    cliprange_value: float = 0.2  # the value loss's clip of the new values around the old ones
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
 
     # ------------------------------------------------------------------------------------------------ derived
     @property
@@ -235,9 +244,15 @@ class TrainConfig:
         for key in ("num_generations", "max_gen_len", "agent_max_turns", "agent_max_total_tokens"):
             if getattr(self, key) < 1:
                 bad(key, f"must be positive, got {getattr(self, key)}")
-        if self.stage in RL_STAGES and self.num_generations < 2:
+        if self.stage in ("grpo", "agent") and self.num_generations < 2:
             bad("num_generations", "must be >= 2: advantages compare the rollouts of a prompt with each other")
         for key in ("kl_beta", "clip_epsilon", "clip_epsilon_high", "rollout_temperature", "rollout_top_k"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                bad(key, f"must be a finite number >= 0, got {value}")
+        if self.ppo_update_iters < 1:
+            bad("ppo_update_iters", f"must be positive, got {self.ppo_update_iters}")
+        for key in ("critic_learning_rate", "early_stop_kl", "kl_coef", "vf_coef", "cliprange_value", "gamma", "lam"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 bad(key, f"must be a finite number >= 0, got {value}")
@@ -250,7 +265,7 @@ class TrainConfig:
                 bad(f"rewards.{name}", f"unknown reward; known: {', '.join(REWARDS)}, reward_model")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 bad(f"rewards.{name}", f"the weight must be a finite number, got {weight!r}")
-        if self.stage == "grpo" and not any(self.rewards.values()):
+        if self.stage in ("grpo", "ppo") and not any(self.rewards.values()):
             bad("rewards", "no reward has a non-zero weight")
         if self.rewards.get("reward_model") and not self.reward_model:
             bad("reward_model", "rewards name reward_model: give --reward_model DIR (trained by --stage reward)")
@@ -391,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux_loss_coef", dest="model.router_aux_loss_coef", default=None, help="MoE aux loss weight")
     # MiniMind's names for the post-training hyperparameters
     p.add_argument("--beta", dest="beta", default=None, metavar="BETA",
-                   help="DPO beta (= --dpo_beta); in RL stages the KL weight (= --kl_beta)")
+                   help="DPO beta (= --dpo_beta); in RL stages the KL weight (= --kl_beta; ppo: --kl_coef)")
     p.add_argument("--alpha", dest="distill_alpha", default=None, metavar="ALPHA", help="= --distill_alpha")
     p.add_argument("--temperature", dest="distill_temperature", default=None, metavar="T",
                    help="= --distill_temperature")
@@ -425,7 +440,7 @@ def resolve(argv: Sequence[str] | None = None) -> TrainConfig:
     if stage not in STAGES:
         raise TrainConfigError(f"command line: stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if "beta" in flags:  # MiniMind's --beta: DPO's beta, or the KL weight of its RL scripts
-        flags["kl_beta" if stage in RL_STAGES else "dpo_beta"] = flags.pop("beta")
+        flags["kl_coef" if stage == "ppo" else "kl_beta" if stage in RL_STAGES else "dpo_beta"] = flags.pop("beta")
 
     values: dict[str, Any] = {}
     stage_file = CONFIG_DIR / f"{stage}.yaml"
