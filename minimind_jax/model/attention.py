@@ -1,7 +1,8 @@
 """Grouped-query self-attention with optional q/k RMSNorm and a preallocated KV cache.
 
 Masks: a query at absolute slot ``p`` sees key slots ``<= p`` (causal) whose ``attention_mask`` is 1
-(padding). Without a cache the slots are the input positions; with a cache the new keys are written at
+(padding) and, given ``segment_ids`` (packed rows, no cache), whose segment id equals its own (document-aware
+attention: a token sees only the earlier tokens of its own document). Without a cache the slots are the input positions; with a cache the new keys are written at
 ``cache_index .. cache_index + seq`` of a fixed-size buffer, and ``attention_mask`` covers the whole
 buffer, so decoding compiles once per (batch, buffer length) whatever the prompt length.
 
@@ -38,15 +39,17 @@ from minimind_jax.precision import Policy
 _MASKED = -1e30  # large but finite: a fully masked row (left padding) gives a uniform softmax, not NaN
 
 
-def attention_bias(q_len: int, kv_len: int, start: jax.Array | int,
-                   attention_mask: jax.Array | None) -> jax.Array | None:
+def attention_bias(q_len: int, kv_len: int, start: jax.Array | int, attention_mask: jax.Array | None,
+                   segment_ids: jax.Array | None = None) -> jax.Array | None:
     """Additive float32 bias of shape (batch or 1, 1, 1, q_len, kv_len): 0 where allowed, -1e30 elsewhere.
 
     The two singleton axes broadcast over (kv heads, query groups) of the attention scores. None when the
     mask is plain causal over the input positions (no cache: ``start`` 0 and as many keys as queries, no
-    ``attention_mask``): :func:`attend` then applies it as ``is_causal``, without a mask tensor.
+    ``attention_mask``, no ``segment_ids``): :func:`attend` then applies it as ``is_causal``, without a mask
+    tensor. ``segment_ids`` (batch, q_len) int, no cache: a query sees only the keys of its own segment.
     """
-    if attention_mask is None and isinstance(start, int) and start == 0 and kv_len == q_len:
+    plain = isinstance(start, int) and start == 0 and kv_len == q_len
+    if attention_mask is None and segment_ids is None and plain:
         return None
     q_slot = start + jnp.arange(q_len)[:, None]
     allowed = (jnp.arange(kv_len)[None, :] <= q_slot)[None]
@@ -55,6 +58,10 @@ def attention_bias(q_len: int, kv_len: int, start: jax.Array | int,
             raise ValueError(f"attention_mask has length {attention_mask.shape[-1]} but the keys have "
                              f"{kv_len} slots (with a KV cache the mask covers the whole cache)")
         allowed = allowed & attention_mask.astype(bool)[:, None, :]
+    if segment_ids is not None:
+        if not plain:
+            raise ValueError("segment_ids apply to a forward pass over whole rows, not with a KV cache")
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return jnp.where(allowed, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
 
 

@@ -93,8 +93,12 @@ class MiniMindLM(nn.Module):
     ``apply({"params": p}, input_ids, attention_mask=None, position_ids=None, cache=None, train=False)``:
 
     * ``input_ids`` (batch, seq) int; ``attention_mask`` (batch, kv_len), 1 = attend, where kv_len is
-      seq without a cache and ``cache.max_len`` with one; ``position_ids`` default to
+      seq without a cache and ``cache.max_len`` with one; ``position_ids`` (the RoPE positions) default to
       ``cache.index + arange(seq)``.
+    * ``segment_ids`` (batch, seq) int, packed rows (no cache): a token attends only to the earlier tokens of
+      its own segment (document); pass the positions restarting at 0 per segment as ``position_ids`` and each
+      segment's logits equal those of the segment run alone. None: plain causal attention (the compiled graph
+      has no mask tensor).
     * ``cache``: a ``KVCache``; the new keys/values are written at ``cache.index`` and the returned
       ``ModelOutput.cache`` has ``index`` advanced by seq.
     * ``train=True`` enables dropout (needs an ``rngs={"dropout": key}``) and the MoE aux loss.
@@ -108,12 +112,14 @@ class MiniMindLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                 train: bool = False, return_hidden: bool = False) -> ModelOutput:
+                 train: bool = False, return_hidden: bool = False, segment_ids=None) -> ModelOutput:
         pol = get_policy(self.policy)
         with jax.default_matmul_precision(pol.matmul_precision):  # None: the backend's default
-            return self._forward(pol, input_ids, attention_mask, position_ids, cache, train, return_hidden)
+            return self._forward(pol, input_ids, attention_mask, position_ids, cache, train, return_hidden,
+                                 segment_ids)
 
-    def _forward(self, pol, input_ids, attention_mask, position_ids, cache, train, return_hidden) -> ModelOutput:
+    def _forward(self, pol, input_ids, attention_mask, position_ids, cache, train, return_hidden,
+                 segment_ids) -> ModelOutput:
         cfg = self.config
         b, t = input_ids.shape
         start = cache.index if cache is not None else 0
@@ -121,7 +127,9 @@ class MiniMindLM(nn.Module):
             position_ids = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(position_ids, cfg)
         kv_len = cache.max_len if cache is not None else t
-        bias = attention_bias(t, kv_len, start, attention_mask)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) apply to the forward pass without a KV cache")
+        bias = attention_bias(t, kv_len, start, attention_mask, segment_ids)
 
         embed = self.param("embed_tokens",
                            nn.with_logical_partitioning(param_init(cfg), ("vocab", "embed")),
