@@ -147,24 +147,27 @@ def test_multiple_files_in_order(tmp_path, tok):
 
 def test_packing_preserves_tokens(prepared, tok):
     docs = PreparedSource(prepared)
-    stream = np.concatenate([np.append(docs[i]["ids"], tok.eos_token_id) for i in range(len(docs))])
+    framed = [np.concatenate([[tok.bos_token_id], docs[i]["ids"], [tok.eos_token_id]]) for i in range(len(docs))]
+    stream = np.concatenate(framed)
+    at_bos = np.concatenate([np.arange(len(f)) == 0 for f in framed])
     for seq in (64, 509):
         packed = PreparedSource(prepared, pack=True, max_seq_len=seq)
         assert len(packed) == len(stream) // seq
         rows = [packed[i] for i in range(len(packed))]
         for r in rows:
             assert r["input_ids"].shape == (seq,) and r["input_ids"].dtype == np.int32
-            np.testing.assert_array_equal(r["labels"], r["input_ids"])
         got = np.concatenate([r["input_ids"] for r in rows])
-        # every token of every document with an eos after each, in order; only the final partial row is dropped
+        # every token of every document framed by bos / eos, in order; only the final partial row is dropped
         np.testing.assert_array_equal(got, stream[: len(got)])
         assert 0 <= len(stream) - len(got) < seq
-    # through the pipeline: full rows, every label trained
+        # every label trained but the bos ones (no eos predicts the next document's bos)
+        labels = np.concatenate([r["labels"] for r in rows])
+        np.testing.assert_array_equal(labels, np.where(at_bos[: len(got)], -100, got))
+    # through the pipeline: full rows, every label but the bos ones trained
     pipe = make_dataset("pretrain", [], tok, 64, 8, source=PreparedSource(prepared, pack=True, max_seq_len=64))
     batch = next(iter(pipe))
-    assert batch["input_ids"].shape == (8, 64)
-    np.testing.assert_array_equal(batch["labels"], batch["input_ids"])
-    assert (batch["labels"] != -100).all()
+    assert batch["input_ids"].shape == (8, 64) and batch["segment_ids"].shape == batch["positions"].shape == (8, 64)
+    np.testing.assert_array_equal(batch["labels"] == -100, batch["input_ids"] == tok.bos_token_id)
     with pytest.raises(ValueError, match="max_seq_len"):
         make_dataset("pretrain", [], tok, 32, 8, source=PreparedSource(prepared, pack=True, max_seq_len=64))
 
@@ -173,7 +176,7 @@ def test_pack_default_recorded_at_prepare(tmp_path, tok):
     meta = prepare(SAMPLE, tmp_path / "p", tok, workers=0, pack_max_seq_len=128, progress=False)
     assert meta["pack_max_seq_len"] == 128
     pipe = make_dataset("pretrain", [tmp_path / "p"], tok, 128, 4)
-    assert pipe.source.pack and len(pipe.source) == (meta["tokens"] + meta["documents"]) // 128
+    assert pipe.source.pack and len(pipe.source) == (meta["tokens"] + 2 * meta["documents"]) // 128
 
 
 def test_bad_lines(tmp_path, tok):

@@ -1,5 +1,8 @@
 """Pre-tokenised pretrain data: prepare once (:func:`prepare`), then read with :class:`PreparedSource`.
 
+The chat stages (sft / dpo / rlaif / agent) use the same preparation engine and files with a per-stage record
+encoder, several token segments per record and two more files (see :mod:`minimind_jax.data.prepared_chat`).
+
 On-disk format (a directory)::
 
     tokens.bin    every document's token ids, concatenated, raw (no bos / eos); a flat little-endian array
@@ -32,11 +35,15 @@ Reading:
 * unpacked (default): record ``i`` is document ``i``; :func:`encode_prepared_pretrain` turns it into exactly
   what :func:`~minimind_jax.data.samples.encode_pretrain` gives for the original text (bos +
   ids[:max_seq_len-2] + eos, padded with pad, labels -100 on pad).
-* packed (``pack=True``): the token stream ``doc_0 eos doc_1 eos ... doc_n eos`` (an eos after every document)
-  is cut into rows of exactly ``max_seq_len`` tokens, no padding; labels = input_ids (every token is trained).
-  The final partial row (fewer than ``max_seq_len`` tokens) is DROPPED. Attention is NOT restricted to a
-  document: the model's mask is causal over the whole row, so a document sees the end of the previous one
-  (as most pretraining code does; the eos separator marks the boundary).
+* packed (``pack=True``): the token stream ``bos doc_0 eos bos doc_1 eos ... bos doc_n eos`` (every document
+  framed as in an unpacked row; the bos / eos are added when read, not stored) is cut into rows of exactly
+  ``max_seq_len`` tokens, no padding (:func:`~minimind_jax.data.packing.pretrain_row`). labels = input_ids
+  except -100 at every bos, so the trained targets are exactly the unpacked rows' (each document's tokens and
+  its eos; no eos learns to predict the next bos). Each row also carries ``segment_ids`` (1.. per document
+  in the row) and ``positions`` (restarting at 0 per document): with them (the training config's
+  ``document_mask``) a token attends only within its document, with RoPE positions from 0 as when the
+  document is alone; without them attention is causal over the whole row. The final partial row (fewer
+  than ``max_seq_len`` tokens) is DROPPED.
 """
 
 from __future__ import annotations
@@ -61,9 +68,11 @@ from minimind_jax.data.jsonl import (
     _check_is_file,
     _check_length,
     _parse,
+    normalize_record,
     validate_record,
 )
 from minimind_jax.data.jsonl_index import start_method as _start_method
+from minimind_jax.data.packing import pretrain_row, stream_ends
 from minimind_jax.data.samples import IGNORE_INDEX, Encoded
 
 __all__ = [
@@ -78,6 +87,10 @@ META_FILE = "meta.json"
 STATE_FILE = "progress.json"
 _BOM = b"\xef\xbb\xbf"
 PART_FILE = "offsets.part"
+RECORDS_PART_FILE = "records.part"  # chat stages, while preparing: int64 (flags, extra bytes) per record
+FLAGS_FILE = "flags.npy"  # chat stages: uint8 per record (see prepared_chat)
+EXTRA_FILE = "extra.bin"  # RL stages: each record's prompt messages / tools / gt as UTF-8 JSON, concatenated
+EXTRA_OFFSETS_FILE = "extra_offsets.npy"
 
 
 def is_prepared_dir(path: Any) -> bool:
@@ -112,21 +125,31 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 _WORKER_TOKENIZER = None
+_WORKER_ENCODER = None
 
 
-def _worker_init(serialized: str) -> None:
-    global _WORKER_TOKENIZER
+def _worker_init(serialized: str, record_encoder=None) -> None:
+    global _WORKER_TOKENIZER, _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     import tokenizers
 
     _WORKER_TOKENIZER = tokenizers.Tokenizer.from_str(serialized)
+    _WORKER_ENCODER = record_encoder
 
 
-def _encode_chunk(task, tokenizer=None, parallel: bool = False):
-    """(path, first line number, raw lines) -> (token array, doc lengths, bad [(line, reason)], blank count)."""
-    path, first_line, lines, dtype, max_line_bytes = task
+def _pretrain_texts(record: dict) -> tuple[list[str], int, bytes]:
+    """The pretrain record encoder: one segment (the text), no flags, no extra."""
+    return [record["text"]], 0, b""
+
+
+def _encode_chunk(task, tokenizer=None, record_encoder=None):
+    """(path, first line number, raw lines, ...) -> (token array, segment lengths, bad [(line, reason)], blank
+    count, per-record (flags uint8 array, extra bytes list)). ``record_encoder(record)`` (None: pretrain) gives a
+    validated, normalised record's segment texts, flags and extra bytes (see prepared_chat)."""
+    path, first_line, lines, dtype, max_line_bytes, stage = task
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
-    texts, bad, blank = [], [], 0
+    encoder = record_encoder if tokenizer is not None else _WORKER_ENCODER
+    texts, flags, extras, bad, blank = [], [], [], [], 0
     for k, raw in enumerate(lines):
         if not raw.strip():
             blank += 1
@@ -134,15 +157,18 @@ def _encode_chunk(task, tokenizer=None, parallel: bool = False):
         try:
             _check_length(len(raw), max_line_bytes)
             record = _parse(raw)
-            validate_record(record, "pretrain")
+            validate_record(record, stage)
+            segments, flag, extra = (encoder or _pretrain_texts)(normalize_record(record, stage))
         except DataError as e:
             bad.append((first_line + k, str(e)))
             continue
-        texts.append(record["text"])
+        texts.extend(segments)
+        flags.append(flag)
+        extras.append(extra)
     encodings = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
     tokens = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype, int(lengths.sum()))
-    return tokens, lengths, bad, blank
+    return tokens, lengths, bad, blank, (np.asarray(flags, np.uint8), extras)
 
 
 def _wait(pending, processes):
@@ -163,7 +189,7 @@ def _source_info(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": st.st_mtime}
 
 
-def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype, max_line_bytes):
+def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype, max_line_bytes, stage):
     """Yield (file index, byte offset after the chunk, next line number, task) from the committed position on."""
     for file_index in range(start_file, len(paths)):
         path = paths[file_index]
@@ -182,7 +208,7 @@ def _read_chunks(paths, start_file, start_offset, start_line, chunk_lines, dtype
                         break
                 if not lines:
                     break
-                yield file_index, offset, line_no + len(lines), (path, line_no, lines, dtype, max_line_bytes)
+                yield file_index, offset, line_no + len(lines), (path, line_no, lines, dtype, max_line_bytes, stage)
                 line_no += len(lines)
         yield file_index + 1, 0, 1, None  # file done: move the committed position to the next file
 
@@ -202,8 +228,15 @@ def prepare(
     progress: bool = True,
     max_chunks: int | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
+    record_encoder=None,
+    segments_per_record: int = 1,
+    extra_meta: dict | None = None,
 ) -> dict | None:
     """Tokenise pretrain jsonl ``paths`` into ``out_dir`` (see module docstring); returns the meta dict.
+
+    The chat stages pass ``record_encoder`` (a picklable ``fn(record) -> (segment texts, flags, extra bytes)``
+    giving ``segments_per_record`` texts per record) and ``extra_meta`` (stored as meta.json's ``chat``); use
+    :func:`minimind_jax.data.prepared_chat.prepare_chat` rather than calling this directly.
 
     ``workers`` > 0: a pool of that many processes (see ``_start_method``), each parsing, validating and encoding whole chunks of
     ``chunk_lines`` lines (faster on 2 cores than the tokenizers library's own threads, see
@@ -213,8 +246,9 @@ def prepare(
     A bad line raises :class:`DataError` with ``file:line`` (chunks before it stay committed), or with
     ``skip_bad_lines`` is skipped and counted.
     """
-    if stage != "pretrain":
-        raise ValueError(f"only pretrain data ({{'text': ...}}) can be prepared, not {stage!r}")
+    if (stage == "pretrain") != (record_encoder is None):
+        raise ValueError(f"{stage} data needs its record encoder (prepared_chat.prepare_chat); pretrain none")
+    chat = record_encoder is not None
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
@@ -233,16 +267,17 @@ def prepare(
     sources = [_source_info(p) for p in paths]
     fingerprint = tokenizer_fingerprint(tokenizer)
     identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer_sha256": fingerprint,
-                "dtype": dtype.name}
+                "dtype": dtype.name, "stage": stage}
 
     meta_path = os.path.join(out_dir, META_FILE)
     state_path = os.path.join(out_dir, STATE_FILE)
     tokens_path = os.path.join(out_dir, TOKENS_FILE)
     part_path = os.path.join(out_dir, PART_FILE)
+    records_path, extra_path = os.path.join(out_dir, RECORDS_PART_FILE), os.path.join(out_dir, EXTRA_FILE)
     meta = _load_json_or_none(meta_path, overwrite)
     if meta is not None:
         same = (meta.get("sources_identity") == sources and meta.get("tokenizer", {}).get("sha256") == fingerprint
-                and meta.get("skip_bad_lines") == skip_bad_lines)
+                and meta.get("skip_bad_lines") == skip_bad_lines and meta.get("stage") == stage)
         if same and not overwrite:  # already done (only the recorded default packing may change)
             if meta.get("pack_max_seq_len") != pack_max_seq_len:
                 meta["pack_max_seq_len"] = pack_max_seq_len
@@ -257,17 +292,22 @@ def prepare(
             raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs / tokenizer / "
                                   "settings (pass overwrite=True / --overwrite to start over)")
     if state is None:
-        for name in (META_FILE, OFFSETS_FILE, STATE_FILE, TOKENS_FILE, PART_FILE):
+        for name in (META_FILE, OFFSETS_FILE, STATE_FILE, TOKENS_FILE, PART_FILE, RECORDS_PART_FILE, FLAGS_FILE,
+                     EXTRA_FILE, EXTRA_OFFSETS_FILE):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         state = {"identity": identity, "skip_bad_lines": skip_bad_lines, "file_index": 0, "byte_offset": 0,
                  "line_no": 1, "documents": 0, "tokens": 0, "bad_lines": 0, "blank_lines": 0, "bad": [],
+                 "extra_bytes": 0,
                  "per_file": [{"lines": 0, "documents": 0, "bad_lines": 0, "blank_lines": 0} for _ in paths]}
-        open(tokens_path, "wb").close()
-        open(part_path, "wb").close()
+        for path in (tokens_path, part_path) + ((records_path, extra_path) if chat else ()):
+            open(path, "wb").close()
         _atomic_write_json(state_path, state)
     # drop whatever a killed run wrote after its last commit
-    for path, size in ((tokens_path, state["tokens"] * dtype.itemsize), (part_path, state["documents"] * 8)):
+    sizes = [(tokens_path, state["tokens"] * dtype.itemsize), (part_path, state["documents"] * segments_per_record * 8)]
+    if chat:
+        sizes += [(records_path, state["documents"] * 16), (extra_path, state["extra_bytes"])]
+    for path, size in sizes:
         with open(path, "r+b") as f:
             f.truncate(size)
 
@@ -284,19 +324,21 @@ def prepare(
     pool, workers_started = None, []
     if workers > 0:
         ctx = multiprocessing.get_context(_start_method())
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(),))
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(), record_encoder))
         workers_started = list(getattr(pool, "_pool", []))
     chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype,
-                          max_line_bytes)
+                          max_line_bytes, stage)
     window: collections.deque = collections.deque()
     committed_chunks = 0
     finished = False
     try:
-        with open(tokens_path, "ab") as ftok, open(part_path, "ab") as fpart:
+        with open(tokens_path, "ab") as ftok, open(part_path, "ab") as fpart, \
+                open(records_path if chat else os.devnull, "ab") as frec, \
+                open(extra_path if chat else os.devnull, "ab") as fextra:
             def commit(file_index, offset, next_line, result):
                 nonlocal committed_chunks
                 if result is not None:
-                    tokens, lengths, bad, blank = result
+                    tokens, lengths, bad, blank, (flags, extras) = result
                     task_file = state["file_index"]
                     if bad:
                         path = paths[task_file]
@@ -308,14 +350,19 @@ def prepare(
                         state["bad"].extend(messages[: max(room, 0)])
                     ftok.write(tokens.tobytes())
                     fpart.write(lengths.astype("<i8").tobytes())
-                    ftok.flush()
-                    fpart.flush()
+                    if chat:
+                        info = np.stack([flags.astype(np.int64), [len(e) for e in extras]], 1) if extras else []
+                        frec.write(np.asarray(info, "<i8").tobytes())
+                        fextra.write(b"".join(extras))
+                        state["extra_bytes"] += sum(len(e) for e in extras)
+                    for f in (ftok, fpart, frec, fextra):
+                        f.flush()
                     pf = state["per_file"][task_file]
                     pf["lines"] += next_line - state["line_no"]
-                    pf["documents"] += len(lengths)
+                    pf["documents"] += len(flags)
                     pf["bad_lines"] += len(bad)
                     pf["blank_lines"] += blank
-                    state["documents"] += len(lengths)
+                    state["documents"] += len(flags)
                     state["tokens"] += len(tokens)
                     state["bad_lines"] += len(bad)
                     state["blank_lines"] += blank
@@ -343,7 +390,7 @@ def prepare(
                 elif pool is not None:
                     pending = pool.apply_async(_encode_chunk, (task,))
                 else:
-                    pending = _encode_chunk(task, backend)
+                    pending = _encode_chunk(task, backend, record_encoder)
                 window.append((file_index, offset, next_line, pending))
                 while len(window) > max(2 * workers, 1):
                     drain_one()
@@ -363,17 +410,16 @@ def prepare(
         raise DataError(f"{paths[0]}: no records: all {state['bad_lines']} non-blank lines of the input are bad "
                         f"(first: {state['bad'][0] if state['bad'] else '?'})")
 
-    lengths = np.fromfile(part_path, dtype="<i8")
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    assert offsets[-1] == state["tokens"] == os.path.getsize(tokens_path) // dtype.itemsize
-    tmp = os.path.join(out_dir, "offsets.tmp.npy")
-    np.save(tmp, offsets)
-    os.replace(tmp, os.path.join(out_dir, OFFSETS_FILE))
+    _save_cumulative(part_path, os.path.join(out_dir, OFFSETS_FILE), state["tokens"])
+    if chat:
+        info = np.fromfile(records_path, dtype="<i8").reshape(-1, 2)
+        _save_array(os.path.join(out_dir, FLAGS_FILE), info[:, 0].astype(np.uint8))
+        info[:, 1].astype("<i8").tofile(records_path)  # the extra lengths, summed into extra_offsets.npy
+        _save_cumulative(records_path, os.path.join(out_dir, EXTRA_OFFSETS_FILE), state["extra_bytes"])
     elapsed = time.perf_counter() - t_start
     meta = {
         "format_version": FORMAT_VERSION,
-        "stage": "pretrain",
+        "stage": stage,
         "dtype": dtype.name,
         "tokenizer": {
             "path": tokenizer_path, "sha256": fingerprint, "vocab_size": vocab,
@@ -392,10 +438,29 @@ def prepare(
         "pack_max_seq_len": pack_max_seq_len,
         "last_run_seconds": round(elapsed, 3),
     }
+    if chat:
+        meta.update(segments_per_record=segments_per_record, extra_bytes=state["extra_bytes"], chat=extra_meta or {})
     _atomic_write_json(meta_path, meta)
     os.remove(state_path)
     os.remove(part_path)
+    if chat:
+        os.remove(records_path)
     return meta
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    tmp = path[: -len(".npy")] + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _save_cumulative(lengths_path: str, out_path: str, total: int) -> None:
+    """The int64 lengths in ``lengths_path`` as offsets (a leading 0, then their running sums) in ``out_path``."""
+    lengths = np.fromfile(lengths_path, dtype="<i8")
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    assert offsets[-1] == total, (lengths_path, offsets[-1], total)
+    _save_array(out_path, offsets)
 
 
 def _check_has_content(path: str, block: int = 1 << 20) -> None:
@@ -439,13 +504,14 @@ def encode_prepared_pretrain(record: Mapping[str, Any], max_seq_len: int, *, bos
     """A prepared record -> the arrays of :func:`~minimind_jax.data.samples.encode_pretrain` for its text.
 
     Unpacked records (``{"ids"}``): bos + ids[:max_seq_len-2] + eos, padded with ``pad_id``, labels -100 on pad.
-    Packed records (``{"input_ids", "labels"}``, already ``max_seq_len`` long) pass through.
+    Packed records (``{"input_ids", "labels", "segment_ids", "positions"}``, already ``max_seq_len`` long) pass
+    through.
     """
     if "input_ids" in record:
         if len(record["input_ids"]) != max_seq_len:
             raise ValueError(f"packed rows hold {len(record['input_ids'])} tokens, the pipeline wants "
                              f"max_seq_len={max_seq_len}")
-        return Encoded({"input_ids": record["input_ids"], "labels": record["labels"]}, False)
+        return Encoded(dict(record), False)  # input_ids, labels, segment_ids, positions
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     ids = record["ids"]
@@ -491,6 +557,9 @@ def _read_meta(directory: str) -> dict:
     for i, source in enumerate(meta["sources"]):
         if not isinstance(source, dict) or not isinstance(source.get("lines"), int):
             raise DataError(f"{path}: key 'sources[{i}].lines' must be an int")
+    segments = meta.get("segments_per_record", 1)
+    if not isinstance(segments, int) or isinstance(segments, bool) or segments < 1:
+        raise DataError(f"{path}: key 'segments_per_record' must be a positive int, got {segments!r:.60}")
     pack = meta.get("pack_max_seq_len")
     if pack is not None and (not isinstance(pack, int) or isinstance(pack, bool) or pack < 1):
         raise DataError(f"{path}: key 'pack_max_seq_len' must be a positive int or null, got {pack!r:.60}")
@@ -505,8 +574,9 @@ def _read_offsets(directory: str, meta: dict) -> np.ndarray:
         offsets = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot be read ({e})") from None
-    if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) != meta["documents"] + 1:
-        raise DataError(f"{path}: holds {offsets.dtype} {offsets.shape}, not the int64 ({meta['documents'] + 1},) "
+    want = meta["documents"] * meta.get("segments_per_record", 1) + 1  # chat stages: several segments a record
+    if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) != want:
+        raise DataError(f"{path}: holds {offsets.dtype} {offsets.shape}, not the int64 ({want},) "
                         f"that meta.json's {meta['documents']} documents need")
     if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != meta["tokens"]:
         raise DataError(f"{path}: not the non-decreasing document starts from 0 to meta.json's {meta['tokens']} "
@@ -545,8 +615,8 @@ class PreparedSource:
 
     Unpacked: ``source[i]`` = ``{"ids": int32 array}`` (document ``i``'s raw tokens). Packed (``pack=True``, or
     the ``pack_max_seq_len`` recorded at preparation when ``pack`` is None): ``source[i]`` = ``{"input_ids",
-    "labels"}`` (int32, ``max_seq_len`` each, labels = input_ids), row ``i`` of the eos-separated token stream;
-    the final partial row is dropped, attention is not restricted within documents (see module docstring).
+    "labels", "segment_ids", "positions"}`` (int32, ``max_seq_len`` each), row ``i`` of the bos / eos framed
+    token stream; the final partial row is dropped (see module docstring).
     """
 
     stage = "pretrain"
@@ -557,6 +627,8 @@ class PreparedSource:
             raise DataError(f"{self.directory} is not a prepared data directory (no {META_FILE}; an unfinished "
                             "preparation is resumed by rerunning scripts/prepare_data.py)")
         self.meta = _read_meta(self.directory)
+        if self.meta.get("stage", "pretrain") != "pretrain":
+            raise DataError(f"{self.directory}: holds prepared {self.meta['stage']!r} data, not pretrain data")
         if pack is None:
             pack = self.meta.get("pack_max_seq_len") is not None
             if pack and max_seq_len is None:
@@ -570,14 +642,16 @@ class PreparedSource:
         self.num_tokens = int(self.offsets[-1])
         _check_tokens_file(self.directory, self.num_tokens, self.dtype)
         self.eos_id = self.meta["tokenizer"].get("eos_token_id")
-        if self.pack and self.eos_id is None:
-            raise DataError(f"{self.directory}: packed rows need an eos id, and meta.json records none")
+        self.bos_id = self.meta["tokenizer"].get("bos_token_id")
+        for name, value in (("eos", self.eos_id), ("bos", self.bos_id)):
+            if self.pack and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise DataError(f"{os.path.join(self.directory, META_FILE)}: packed rows need a {name} id, and "
+                                f"tokenizer.{name}_token_id is {value!r:.60}")
         self.stats = ReadStats(files=len(self.meta["sources"]), lines=sum(s["lines"] for s in self.meta["sources"]),
                                records=len(self), blank_lines=self.meta["blank_lines"],
                                bad_lines=self.meta["bad_lines"], bad=list(self.meta["bad"]))
-        if self.pack:
-            # stream end (exclusive) of document d, its eos included: offsets[d+1] + d + 1
-            self._stream_end = self.offsets[1:] + np.arange(1, len(self.offsets), dtype=np.int64)
+        if self.pack:  # stream end (exclusive) of document d, its bos and eos included
+            self._stream_end = stream_ends(self.offsets)
         self._tokens = None
 
     @property
@@ -615,7 +689,7 @@ class PreparedSource:
 
     def __len__(self) -> int:
         if self.pack:
-            return (self.num_tokens + self.documents) // self.max_seq_len
+            return (self.num_tokens + 2 * self.documents) // self.max_seq_len
         return self.documents
 
     def location(self, index: int) -> str:
@@ -631,14 +705,8 @@ class PreparedSource:
         if not self.pack:
             start, end = self.offsets[index], self.offsets[index + 1]
             return {"ids": np.asarray(self.tokens[start:end], np.int32)}
-        s = np.arange(index * self.max_seq_len, (index + 1) * self.max_seq_len, dtype=np.int64)
-        first = int(np.searchsorted(self._stream_end, s[0], side="right"))
-        last = int(np.searchsorted(self._stream_end, s[-1], side="right"))
-        d = first + np.searchsorted(self._stream_end[first: last + 1], s, side="right")
-        is_eos = s == self._stream_end[d] - 1
-        pos = np.minimum(s - d, max(self.num_tokens - 1, 0))
-        ids = np.where(is_eos, self.eos_id, self.tokens[pos] if self.num_tokens else 0).astype(np.int32)
-        return {"input_ids": ids, "labels": ids.copy()}
+        return pretrain_row(self.tokens, self.offsets, self._stream_end, index, self.max_seq_len,
+                            bos_id=self.bos_id, eos_id=self.eos_id)
 
     def transform(self, tokenizer, max_seq_len: int):
         """``fn(record, rng) -> Encoded`` for the pipeline (checks the tokenizer first)."""
