@@ -100,6 +100,10 @@ class TrainConfig:
     skip_bad_lines: bool = False
     add_system_prompt_prob: float = 0.0
     drop_empty_think_prob: float = 0.0
+    # packed rows (pretrain data prepared with --pack): a token attends only to its own document, RoPE positions
+    # restarting per document, so each document trains exactly as it does unpacked (MiniMind trains one document
+    # per row); false: causal attention over the whole row (cheaper with cuDNN: no mask tensor)
+    document_mask: bool = True
     # --- checkpoints and logging
     save_interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
