@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Pre-tokenise MiniMind pretrain jsonl (``{"text": ...}``) into the compact format of
-``minimind_jax/data/prepared.py`` (tokens.bin + offsets.npy + meta.json), resumably.
+"""Pre-tokenise MiniMind jsonl into the compact format of ``minimind_jax/data/prepared.py`` (tokens.bin +
+offsets.npy + meta.json; chat stages also flags.npy and, for RL, extra.bin), resumably.
 
-  python scripts/prepare_data.py --data pretrain_hq.jsonl --out data/prepared/pretrain \\
+  python scripts/prepare_data.py [--stage pretrain] --data_path pretrain_hq.jsonl --out data/prepared/pretrain \\
       [--tokenizer minimind_jax/assets/tokenizer] [--workers 2] [--chunk-lines 4096] [--skip-bad-lines] \\
       [--pack --max_seq_len 512] [--overwrite]
+  python scripts/prepare_data.py --stage sft|dpo|rlaif|agent --data_path FILE [FILE ...] --out DIR [...]
 
 Rerunning the same command after a kill continues from the last committed chunk. Train on it with
-``make_dataset("pretrain", ["data/prepared/pretrain"], ...)``. ``--pack`` records a default packing
-(``max_seq_len``-token rows of the eos-separated stream) that the reader applies; the files are the same.
+``make_dataset(stage, ["DIR"], ...)`` (``python scripts/train.py --stage STAGE --data_path DIR``): the same
+batches as the jsonl files, augmentations still drawn per epoch (``minimind_jax/data/prepared_chat.py``); a
+directory prepared for another stage is refused. ``--pack`` (pretrain) records a default packing
+(``max_seq_len``-token rows of the document stream) that the reader applies; the files are the same.
 
   python scripts/prepare_data.py --check FILE [FILE ...] [--stage sft] [--workers N]
 
@@ -48,24 +51,30 @@ SAMPLE = os.path.join(ROOT, "data", "sample", "pretrain.jsonl")
 
 
 def run_prepare(args) -> int:
-    from minimind_jax.data.jsonl import DataError
+    from minimind_jax.data.jsonl import DataError, canonical_stage
     from minimind_jax.data.prepared import prepare
+    from minimind_jax.data.prepared_chat import prepare_chat
     from minimind_jax.tokenizer import load_tokenizer
 
     if not args.data or not args.out:
-        raise SystemExit("--data and --out are required (or --bench)")
-    if args.pack and not args.max_seq_len:
-        raise SystemExit("--pack needs --max_seq_len")
+        raise SystemExit("--data_path and --out are required (or --bench)")
+    stage = canonical_stage(args.stage)
+    if args.pack and (not args.max_seq_len or stage != "pretrain"):
+        raise SystemExit("--pack needs --max_seq_len, and applies to pretrain data only")
     tokenizer = load_tokenizer(args.tokenizer)
+    kwargs = {"tokenizer_path": os.path.abspath(args.tokenizer), "workers": args.workers,
+              "chunk_lines": args.chunk_lines, "skip_bad_lines": args.skip_bad_lines, "overwrite": args.overwrite}
     try:
-        meta = prepare(args.data, args.out, tokenizer, tokenizer_path=os.path.abspath(args.tokenizer),
-                       stage=args.stage, workers=args.workers, chunk_lines=args.chunk_lines,
-                       skip_bad_lines=args.skip_bad_lines, pack_max_seq_len=args.max_seq_len if args.pack else None,
-                       overwrite=args.overwrite)
+        if stage == "pretrain":
+            meta = prepare(args.data, args.out, tokenizer, pack_max_seq_len=args.max_seq_len if args.pack else None,
+                           **kwargs)
+        else:
+            meta = prepare_chat(stage, args.data, args.out, tokenizer, **kwargs)
     except (DataError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.out}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']}), "
+    kind = "documents" if stage == "pretrain" else "records"
+    print(f"{args.out}: {meta['documents']:,} {stage} {kind}, {meta['tokens']:,} tokens ({meta['dtype']}), "
           f"{meta['bad_lines']} bad lines skipped, {meta['blank_lines']} blank lines")
     return 0
 
@@ -235,10 +244,11 @@ def bench_data(bench_mb: float = 20.0, workers: int = 2, batch: int = 32, seq: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", help="pretrain jsonl file(s), in order")
+    parser.add_argument("--data_path", "--data", dest="data", nargs="+", help="jsonl file(s) of the stage, in order")
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory")
-    parser.add_argument("--stage", default="pretrain", help="data stage (preparing: pretrain only; --check: any)")
+    parser.add_argument("--stage", default="pretrain", help="data stage: pretrain, sft (also reason / lora), dpo, "
+                        "rlaif, agent")
     parser.add_argument("--check", nargs="+", metavar="FILE", help="validate every line of FILE(s) and report")
     parser.add_argument("--workers", type=int, default=2,
                         help="encoding processes (0: in-process encode_batch on the tokenizers thread pool)")
@@ -260,8 +270,6 @@ def main(argv=None) -> int:
         return 0
     if args.check:
         return run_check(args)
-    if args.stage != "pretrain":
-        raise SystemExit(f"preparing {args.stage} data is not supported (pretrain only); --check takes any stage")
     return run_prepare(args)
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from minimind_jax.data.jsonl import DataError, JsonlSource, ReadStats, canonical_stage
 from minimind_jax.data.prepared import PreparedSource, is_prepared_dir
+from minimind_jax.data.prepared_chat import PreparedChatSource, open_prepared
 from minimind_jax.data.rl_prompts import encode_rl_prompt, prompt_from_record
 from minimind_jax.data.samples import (
     IGNORE_INDEX,
@@ -221,7 +222,7 @@ def make_dataset(
     if source is None:
         path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if len(path_list) == 1 and is_prepared_dir(path_list[0]):
-            source = PreparedSource(path_list[0])
+            source = open_prepared(path_list[0], stage)  # a DataError when prepared for another stage
         elif any(is_prepared_dir(p) for p in path_list):
             raise ValueError("give one prepared data directory at a time (or prepare the files together)")
         else:
@@ -229,7 +230,11 @@ def make_dataset(
     elif source.stage != stage:
         raise ValueError(f"source holds {source.stage} data, not {stage}")
     stats = source.stats
-    if isinstance(source, PreparedSource):
+    if isinstance(source, PreparedChatSource):  # the same arrays from stored ids, augmentations applied on ids
+        transform = source.transform(tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
+                                     drop_empty_think_prob=drop_empty_think_prob,
+                                     special_token_weight=special_token_weight, thinking_ratio=thinking_ratio)
+    elif isinstance(source, PreparedSource):
         transform = source.transform(tokenizer, max_seq_len)
 
     ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
