@@ -15,6 +15,9 @@
   python scripts/bench.py data [--bench-mb 20] [--workers 2] [--batch 32] [--seq 512]
       pretrain data preparation (scripts/prepare_data.py) tokens/s next to raw tokenizers encode_batch, and
       pipeline batches/s reading the prepared format
+  python scripts/bench.py data --stage sft|dpo|rlaif|agent [--bench-mb 4] [--workers 2] [--batch 16] [--seq 512]
+      the same for a chat stage: preparation records/s and tokens/s vs raw encode_batch on the same rendered
+      texts, and pipeline batches/s reading the prepared directory vs the jsonl file (augmentations on)
   python scripts/bench.py data --open-mb 1200 [--workers 2]
       opening a synthetic jsonl of that size: first open (newline scan) and cached open seconds and extra
       peak RSS, random-access records/s, and the full ``prepare_data.py --check`` time
@@ -207,8 +210,10 @@ def bench_data(args) -> None:
     spec.loader.exec_module(module)
     if args.open_mb:
         module.bench_open(args.open_mb, args.workers)
+    elif args.stage != "pretrain":
+        module.bench_chat(args.stage, args.bench_mb or 4.0, args.workers, batch=args.batch or 16, seq=args.seq)
     else:
-        module.bench_data(args.bench_mb, args.workers, batch=args.batch, seq=args.seq)
+        module.bench_data(args.bench_mb or 20.0, args.workers, batch=args.batch or 32, seq=args.seq)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -1011,10 +1016,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--workdir", default=None, help="where to write the temporary checkpoints")
     p.set_defaults(fn=bench_convert)
-    p = sub.add_parser("data", help="pretrain data preparation and prepared-pipeline throughput")
-    p.add_argument("--bench-mb", type=float, default=20.0)
+    p = sub.add_parser("data", help="data preparation and prepared-pipeline throughput")
+    p.add_argument("--stage", default="pretrain", choices=["pretrain", "sft", "dpo", "rlaif", "agent"])
+    p.add_argument("--bench-mb", type=float, default=None, help="data size (default 20 pretrain, 4 chat)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=None, help="default 32 pretrain, 16 chat")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--open-mb", type=float, default=None,
                    help="instead: open / cached-open / random-access / --check figures on a synthetic jsonl this big")

@@ -25,6 +25,11 @@ writes a synthetic pretrain jsonl of about that size (records of ~2.4 kB, like p
 temporary directory and prints the time and extra RSS of opening it as a JsonlSource (first open: newline scan
 and cache write; cached open), random-access reads per second, and the full --check time.
 
+  python scripts/prepare_data.py --bench --stage sft|dpo|rlaif|agent [--bench-mb 4] [--workers 2]
+
+the same for a chat stage (data/sample files repeated): preparation records/s and tokens/s next to raw
+``encode_batch`` on the same rendered texts (every stored form), and pipeline batches/s, prepared vs jsonl.
+
   python scripts/prepare_data.py --bench [--bench-mb 20] [--workers 2]
 
 prints preparation throughput next to the raw ``tokenizers`` ``encode_batch`` throughput on the same text
@@ -242,6 +247,84 @@ def bench_data(bench_mb: float = 20.0, workers: int = 2, batch: int = 32, seq: i
     return out
 
 
+CHAT_SAMPLES = {"sft": ["sft.jsonl", "sft_tools.jsonl"], "dpo": ["dpo.jsonl"], "rlaif": ["rlaif.jsonl"],
+                "agent": ["agent_rl.jsonl"]}
+_CHAT_AUGMENT = {"sft": {"add_system_prompt_prob": 0.2, "drop_empty_think_prob": 0.8},
+                 "dpo": {"drop_empty_think_prob": 0.8}, "rlaif": {"add_system_prompt_prob": 0.2}, "agent": {}}
+
+
+def _repeat_samples(names, path: str, megabytes: float) -> int:
+    """Write data/sample/NAMES repeated to about ``megabytes`` MB to ``path``; returns the repeat count."""
+    sample = b"".join(open(os.path.join(os.path.dirname(SAMPLE), n), "rb").read() for n in names)
+    repeats = max(1, round(megabytes * 1e6 / len(sample)))
+    with open(path, "wb") as f:
+        for _ in range(repeats):
+            f.write(sample)
+    return repeats
+
+
+def _batches_per_s(pipe, seconds: float = 3.0) -> float:
+    it = iter(pipe)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        next(it)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def bench_chat(stage: str, bench_mb: float = 4.0, workers: int = 2, batch: int = 16, seq: int = 512,
+               chunk_lines: int = 1024, tokenizer_dir: str = DEFAULT_TOKENIZER) -> dict:
+    """Print and return chat-stage preparation records/s and tokens/s next to raw ``encode_batch`` on the same
+    rendered texts, and pipeline batches/s reading the prepared directory vs the jsonl file (MiniMind's
+    augmentation probabilities on)."""
+    from minimind_jax.data.jsonl import normalize_record
+    from minimind_jax.data.pipeline import make_dataset
+    from minimind_jax.data.prepared_chat import ChatRecordEncoder, prepare_chat
+    from minimind_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    out: dict = {"cpus": os.cpu_count(), "stage": stage}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, f"{stage}.jsonl")
+        repeats = _repeat_samples(CHAT_SAMPLES[stage], data, bench_mb)
+        encoder = ChatRecordEncoder(stage, tokenizer)
+        with open(data, encoding="utf-8") as f:
+            rendered = [encoder(normalize_record(json.loads(line), stage)) for line in f if line.strip()]
+        texts = [t for segments, _, _ in rendered for t in segments]
+        n_records = len(rendered)
+        print(f"data: {' + '.join(CHAT_SAMPLES[stage])} x {repeats} = {os.path.getsize(data) / 1e6:.1f} MB, "
+              f"{n_records:,} {stage} records ({len(texts):,} rendered texts: every stored form), "
+              f"{os.cpu_count()} CPUs")
+        backend = tokenizer._tok
+        backend.encode_batch(texts[:1000], add_special_tokens=False)  # warm up the thread pool
+        t0 = time.perf_counter()
+        n_raw = sum(len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False))
+        dt = time.perf_counter() - t0
+        out["raw_encode_batch_tok_s"], out["raw_encode_batch_rec_s"] = n_raw / dt, n_records / dt
+        print(f"raw tokenizers encode_batch (texts already rendered, Rust threads): {n_raw / dt:,.0f} tokens/s, "
+              f"{n_records / dt:,.0f} records/s ({n_raw:,} tokens)")
+        del texts, rendered
+        target = os.path.join(tmp, "prepared")
+        t0 = time.perf_counter()
+        meta = prepare_chat(stage, data, target, tokenizer, workers=workers, chunk_lines=chunk_lines, progress=False)
+        dt = time.perf_counter() - t0
+        assert meta["tokens"] == n_raw, (meta["tokens"], n_raw)
+        out["prepare_tok_s"], out["prepare_rec_s"] = meta["tokens"] / dt, meta["documents"] / dt
+        print(f"prepare_data --stage {stage} --workers {workers} (end to end: read, parse, validate, render, "
+              f"encode, write): {meta['tokens'] / dt:,.0f} tokens/s = {meta['tokens'] / dt / out['raw_encode_batch_tok_s']:.0%} "
+              f"of raw encode_batch, {meta['documents'] / dt:,.0f} records/s ({dt:.2f} s)")
+        augment = _CHAT_AUGMENT[stage]
+        for kind, path in (("jsonl", data), ("prepared", target)):
+            pipe = make_dataset(stage, [path], tokenizer, seq, batch, epochs=None, **augment)
+            rate = _batches_per_s(pipe)
+            out[f"pipeline_{kind}_batches_s"] = rate
+            print(f"pipeline reading {kind} ({stage}, shuffled, batch {batch} x {seq}, {augment or 'no augmentation'}): "
+                  f"{rate:,.1f} batches/s")
+        print(f"prepared / jsonl pipeline: {out['pipeline_prepared_batches_s'] / out['pipeline_jsonl_batches_s']:.2f}x")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", "--data", dest="data", nargs="+", help="jsonl file(s) of the stage, in order")
@@ -264,6 +347,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.bench_open:
         bench_open(args.bench_mb or 1200.0, args.workers)
+        return 0
+    if args.bench and args.stage != "pretrain":
+        bench_chat(args.stage, args.bench_mb or 4.0, args.workers, tokenizer_dir=args.tokenizer)
         return 0
     if args.bench:
         bench_data(args.bench_mb or 20.0, args.workers, chunk_lines=args.chunk_lines, tokenizer_dir=args.tokenizer)
