@@ -2,6 +2,8 @@
 run alone; the packed pretrain stream (a bos at every document start) and its segment ids / positions; the
 document-masked loss against the same documents unpacked."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,16 @@ from _util import cached_params, random_ids, tiny
 
 from minimind_jax import KVCache, MiniMindLM
 from minimind_jax.data.packing import PACK_KEYS, pretrain_row, stream_ends
+from minimind_jax.data.prepared import encode_prepared_pretrain, prepare
+from minimind_jax.precision import get_policy
+from minimind_jax.tokenizer import load_tokenizer
+from minimind_jax.training.config import from_dict
+from minimind_jax.training.losses import count_trained_tokens, lm_loss
+from minimind_jax.training.loop import train
+from minimind_jax.training.stages import build_stage
+from minimind_jax.training.step import make_apply
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LENGTHS = ((5, 7, 4), (16,), (1, 9, 6))  # three rows of 16 tokens: segments of these lengths
 
@@ -89,3 +101,52 @@ def test_pretrain_rows_match_the_framed_stream(seq):
         assert set(got) == {"input_ids", "labels", *PACK_KEYS}
         for key, value in row.items():
             assert got[key].dtype == np.int32 and got[key].tolist() == value, (i, key)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+@pytest.mark.parametrize("name", ["tiny3", "tiny2-moe"])
+def test_document_masked_loss_equals_the_documents_unpacked(name):
+    """The token-mean loss of packed rows with document masking == that of the same documents in unpacked rows
+    (bos doc eos, padded; the same tokens trained), 1e-5 fp32; without the mask it differs."""
+    config = tiny(name)
+    params = cached_params(config)
+    apply = make_apply(config, get_policy("fp32"))
+    seq = 16
+    docs = [random_ids((1, n), seed=10 + n)[0].tolist() for n in (5, 7, 14, 1, 3, 6)]  # rows of whole documents
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    tokens = np.asarray([t for d in docs for t in d], np.int32)
+    rows = [pretrain_row(tokens, offsets, stream_ends(offsets), i, seq, bos_id=BOS, eos_id=EOS) for i in range(3)]
+    packed = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    unpacked = [encode_prepared_pretrain({"ids": np.asarray(d)}, seq, bos_id=BOS, eos_id=EOS).arrays for d in docs]
+    unpacked = {k: jnp.asarray(np.stack([u[k] for u in unpacked])) for k in ("input_ids", "labels")}
+    assert float(count_trained_tokens(packed)) == float(count_trained_tokens(unpacked)) == len(tokens) + len(docs)
+
+    def mean_loss(batch):
+        loss_sum, _aux, _ = jax.jit(lm_loss, static_argnums=0)(apply, params, None, batch, jax.random.key(0))
+        return float(loss_sum / count_trained_tokens(batch))
+
+    want = mean_loss(unpacked)
+    assert mean_loss(packed) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    plain = {k: packed[k] for k in ("input_ids", "labels")}
+    assert abs(mean_loss(plain) - want) > 1e-4
+
+
+def test_training_on_packed_prepared_rows_uses_the_document_mask(tmp_path):
+    """The pretrain stage passes segment ids / positions to the model for packed prepared rows when
+    ``document_mask`` is on (the losses then differ from the plain causal run's), and only then."""
+    tok = load_tokenizer(ROOT / "minimind_jax" / "assets" / "tokenizer")
+    data = tmp_path / "packed"
+    prepare(ROOT / "data" / "sample" / "pretrain.jsonl", data, tok, workers=0, pack_max_seq_len=64, progress=False)
+    model = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 16, "intermediate_size": 64}
+    losses = {}
+    for mask in (True, False):
+        cfg = from_dict({"stage": "pretrain", "data_path": str(data), "preset": "minimind3", "model": model,
+                         "out_dir": str(tmp_path / f"run_{mask}"), "batch_size": 8, "max_seq_len": 64,
+                         "dtype": "float32", "max_steps": 2, "save_interval": 10, "log_interval": 1,
+                         "shuffle": False, "progress": False, "sample_prompt": "", "async_checkpointing": False,
+                         "tensorboard": False, "plot": False, "document_mask": mask})
+        assert build_stage(cfg).batch_keys == ("input_ids", "labels") + (PACK_KEYS if mask else ())
+        losses[mask] = train(cfg).losses
+    assert all(np.isfinite(losses[True])) and abs(losses[True][0] - losses[False][0]) > 1e-4
+    assert build_stage(from_dict({"stage": "pretrain", "document_mask": True})).batch_keys == ("input_ids", "labels")

@@ -21,13 +21,15 @@ document's tokens and its eos).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from minimind_jax.data.samples import IGNORE_INDEX
 
-__all__ = ["PACK_KEYS", "stream_ends", "pretrain_row", "packed_kwargs"]
+__all__ = ["PACK_KEYS", "stream_ends", "pretrain_row", "packed_kwargs", "reads_packed_rows"]
 
 PACK_KEYS = ("segment_ids", "positions")
 
@@ -68,3 +70,20 @@ def packed_kwargs(batch: Mapping) -> dict:
     if "segment_ids" not in batch:
         return {}
     return {"segment_ids": batch["segment_ids"], "position_ids": batch["positions"]}
+
+
+def reads_packed_rows(paths: Sequence[str | os.PathLike]) -> bool:
+    """Whether the pipeline over ``paths`` yields packed pretrain rows: one prepared directory whose meta.json
+    records a default packing (``pack_max_seq_len``; :class:`~minimind_jax.data.prepared.PreparedSource` then
+    packs). Reads meta.json only (the reader, which imports this module, checks the rest when it opens)."""
+    if len(paths) != 1:
+        return False
+    meta_path = os.path.join(os.fspath(paths[0]), "meta.json")
+    if not os.path.isfile(meta_path):
+        return False
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # a damaged directory: the reader names the problem when the pipeline opens it
+    return isinstance(meta, dict) and meta.get("pack_max_seq_len") is not None

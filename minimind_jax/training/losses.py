@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from minimind_jax import lora
+from minimind_jax.data.packing import packed_kwargs
 from minimind_jax.data.samples import IGNORE_INDEX
 
 
@@ -61,12 +62,14 @@ def next_token_log_probs(hidden: jax.Array, head_params, labels: jax.Array) -> t
 
 def lm_loss(apply, params, frozen, micro, rng):
     """Pretrain and SFT: the summed next-token CE over the trained labels (SFT data labels only the
-    assistant's replies, so a user token can never change the loss)."""
+    assistant's replies, so a user token can never change the loss). A micro-batch of packed rows with
+    ``segment_ids`` / ``positions`` runs the model with document-aware attention (:mod:`~minimind_jax.data.packing`):
+    each document's loss is then its loss unpacked."""
     return _lm_loss(apply, params, params, micro, rng)
 
 
 def _lm_loss(apply, params, head_params, micro, rng):
-    out = apply(params, micro["input_ids"], rng, return_hidden=True)
+    out = apply(params, micro["input_ids"], rng, return_hidden=True, **packed_kwargs(micro))
     logp, _mask = next_token_log_probs(out.hidden, head_params, micro["labels"])
     return -jnp.sum(logp), out.aux_loss, {}
 

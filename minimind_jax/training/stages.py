@@ -45,6 +45,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from minimind_jax.data.packing import PACK_KEYS, reads_packed_rows
 from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
@@ -113,6 +114,8 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokeni
     """The stage ``cfg.stage`` with ``cfg``'s hyperparameters (DPO beta, distillation alpha / T / teacher model,
     LoRA scale, the RL settings; RL stages also need the ``tokenizer``)."""
     name = cfg.stage
+    if name == "pretrain" and cfg.document_mask and reads_packed_rows(cfg.data_path):  # attend within documents
+        return dataclasses.replace(STAGES[name], batch_keys=STAGES[name].batch_keys + PACK_KEYS)
     if name in STAGES:
         return STAGES[name]
     if name == "dpo":
