@@ -70,8 +70,10 @@ def test_prepared_batches_equal_jsonl(case, tok, tmp_path):
         assert 0 < raw.stats.truncated < raw.stats.transformed
     if stage in ("rlaif", "agent"):  # the rewards' records read back by record_index
         prompts = RLPromptSource([str(f) for f in files], stage)
+        view = prep.source.prompts()
+        assert len(view) == len(prompts) and view.kind == stage
         for i in (0, 7, len(prompts) - 1):
-            want, got = prompts[i], prep.source.prompt(i)
+            want, got = prompts[i], view[i]
             assert (got.messages, got.tools, got.gt, got.kind) == (want.messages, want.tools, want.gt, want.kind)
 
 

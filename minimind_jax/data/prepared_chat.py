@@ -237,6 +237,13 @@ class PreparedChatSource(PreparedSource):
         return RLPrompt(messages=data["messages"], tools=data["tools"], gt=data["gt"], kind=self.stage,
                         index=index, where=self.location(index))
 
+    def prompts(self) -> _PromptView:
+        """An :class:`~minimind_jax.data.rl_prompts.RLPromptSource`-like view (``len``, ``[i]`` -> RLPrompt,
+        ``stats``) for the RL stages' reward look-ups by ``record_index``."""
+        if self.extra_offsets is None:
+            raise ValueError(f"{self.stage} data holds no prompts")
+        return _PromptView(self)
+
     def transform(self, tokenizer, max_seq_len: int, *, add_system_prompt_prob: float = 0.0,
                   drop_empty_think_prob: float = 0.0, special_token_weight: float | None = None,
                   weighted_tags: tuple[str, ...] = REASON_TAGS, thinking_ratio: float = 0.5):
@@ -267,6 +274,19 @@ class PreparedChatSource(PreparedSource):
 
     def __repr__(self) -> str:
         return f"PreparedChatSource({self.directory!r}, stage={self.stage}, records={len(self)})"
+
+
+class _PromptView:
+    """:meth:`PreparedChatSource.prompts`."""
+
+    def __init__(self, source: PreparedChatSource):
+        self.source, self.kind, self.stats = source, source.stage, source.stats
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> RLPrompt:
+        return self.source.prompt(index)
 
 
 def _check_size(path: str, want: int) -> None:
