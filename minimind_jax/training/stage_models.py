@@ -13,7 +13,8 @@ from, builds it once the model config is known, and then calls the same methods 
 * ``export(run_dir, params, frozen, step)`` -> writes the run's result, returns the params the sample runs.
 
 Stages: pretrain / sft / reason train the model alone; ``dpo``, ``grpo`` and ``agent`` keep a frozen
-reference (a copy of the initial weights); ``reward`` trains the model with a scalar head; ``lora`` trains
+reference (a copy of the initial weights); ``ppo`` trains the policy and a critic over the frozen reference;
+``reward`` trains the model with a scalar head; ``lora`` trains
 adapters over the frozen base; ``distill`` keeps the frozen teacher.
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 
 import convert
 from minimind_jax import lora
@@ -34,11 +36,11 @@ from minimind_jax import weights
 from minimind_jax.checkpoint import save_checkpoint
 from minimind_jax.config import ModelConfig, param_count
 from minimind_jax.model.transformer import init_params
-from minimind_jax.precision import get_policy
-from minimind_jax.rl import reward_model
+from minimind_jax.precision import get_policy, skip_nonfinite
+from minimind_jax.rl import ppo, reward_model
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import log
-from minimind_jax.training.step import make_optimizer
+from minimind_jax.training.step import adamw_chain, make_optimizer
 
 
 def weights_call(fn, *args, **kwargs):
@@ -217,9 +219,52 @@ class RewardHead(StageModels):
         return params["model"]
 
 
+class PPOModels(WithReference):
+    """ppo: the policy and a critic (the backbone + a value head, :mod:`minimind_jax.rl.ppo`) trained, each from
+    the starting weights, the reference (a copy of them) frozen. Each part has its AdamW and its global-norm
+    clip, as MiniMind's two optimizers; the result is ``<run>/weights`` (the policy) and ``<run>/critic`` (the
+    critic in the reward model's layout)."""
+
+    def fresh(self, base):
+        head = ppo.init_value_head(self.model_cfg.hidden_size, self.cfg.seed)
+        return ({"policy": base, "critic": {"model": jax.tree.map(np.array, base), "head": head}},
+                jax.tree.map(np.array, base))
+
+    def shapes(self):
+        model = model_shapes(self.model_cfg, self.policy)
+        head = {"kernel": jax.ShapeDtypeStruct((self.model_cfg.hidden_size,), np.float32),
+                "bias": jax.ShapeDtypeStruct((), np.float32)}
+        return {"policy": model, "critic": {"model": model, "head": head}}, model
+
+    def shardings(self, model_sharding, mesh):
+        head = {"kernel": shd.replicated(mesh), "bias": shd.replicated(mesh)}
+        return {"policy": model_sharding, "critic": {"model": model_sharding, "head": head}}, model_sharding
+
+    def optimizer(self, total_steps: int):
+        """Actor at ``learning_rate``, critic at ``critic_learning_rate``, both on the run's schedule over
+        ``total_steps x ppo_update_iters`` updates (MiniMind's ``T_max``); returns the actor's schedule."""
+        cfg = self.cfg
+        updates = total_steps * cfg.ppo_update_iters
+        kw = dict(schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                  b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip)
+        actor, schedule = adamw_chain(cfg.learning_rate, updates, **kw)
+        critic, _ = adamw_chain(cfg.critic_learning_rate, updates, **kw)
+        shapes = self.shapes()[0]
+        labels = {part: jax.tree.map(lambda _, part=part: part, shapes[part]) for part in ("policy", "critic")}
+        return skip_nonfinite(optax.multi_transform({"policy": actor, "critic": critic}, labels)), schedule
+
+    def export(self, run_dir, params, frozen, step):
+        export_weights(run_dir, params["policy"], self.model_cfg, self.cfg.stage, step)
+        if jax.process_index() == 0:
+            out = reward_model.save(run_dir / "critic", params["critic"], self.model_cfg, step=step)
+            log(f"critic: {out} (the backbone + value head, readable as a --reward_model)")
+        return params["policy"]
+
+
 MODELS: dict[str, type[StageModels]] = {"pretrain": StageModels, "sft": StageModels, "reason": StageModels,
                                         "dpo": WithReference, "lora": Lora, "distill": Distill,
-                                        "grpo": WithReference, "agent": WithReference, "reward": RewardHead}
+                                        "grpo": WithReference, "agent": WithReference, "reward": RewardHead,
+                                        "ppo": PPOModels}
 
 
 def models_for(stage: str) -> type[StageModels]:

@@ -31,6 +31,9 @@ The stages (``build_stage(cfg, ...)`` makes one from a ``TrainConfig``):
   data are prompts (``rlaif.jsonl``), ``prepare`` samples ``num_generations`` completions of each, scores them
   (``rewards``) and computes group advantages; the loss is MiniMind's per-token policy loss + ``beta`` k3 KL to
   the frozen reference, mean over a sequence's tokens then over the sequences.
+* ``ppo``: PPO (:mod:`minimind_jax.rl.ppo`): one rollout per prompt, old log-probs / reference log-probs / critic
+  values once at rollout time, GAE advantages; ``ppo_update_iters`` passes of the clipped policy + value loss
+  (+ k3 KL to the reference) inside one train step, stopped early on the approximate KL.
 * ``reward``: a reward model (:mod:`minimind_jax.rl.reward_model`: the model + a scalar head) trained on DPO
   pairs with the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected)``; grpo's ``reward_model`` reward.
 * ``agent``: the same loss on multi-turn tool-use trajectories (``agent_rl.jsonl``, :mod:`minimind_jax.rl.agent`),
@@ -49,7 +52,7 @@ from minimind_jax.data.packing import PACK_KEYS, reads_packed_rows
 from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
-from minimind_jax.rl import agent, grpo, reward_model
+from minimind_jax.rl import agent, grpo, ppo, reward_model
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -87,6 +90,12 @@ class Stage:
     # the tokens a (host) batch trains on, for tokens/s; None: batch x accumulation x max_seq_len x sequences
     count_tokens: Callable[[Mapping[str, np.ndarray]], int] | None = None
     describe: str | None = None  # what one micro-batch is, for the run's first log line (default: its tokens)
+    # optimizer updates per batch inside the one train step (PPO's passes over a rollout batch; 1: one update);
+    # the loss sees the pass number as micro["update_pass"] when > 1
+    update_passes: int = 1
+    # stop_passes(metrics of a pass, averaged over the micro-batches) -> bool array: that pass and the later ones
+    # do not update (PPO's KL early stop); None: every pass updates
+    stop_passes: Callable[[Mapping[str, jax.Array]], jax.Array] | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -134,6 +143,8 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokeni
         return grpo_stage(cfg, model_config, policy, tokenizer)
     if name == "agent":
         return agent_stage(cfg, model_config, policy, tokenizer)
+    if name == "ppo":
+        return ppo_stage(cfg, model_config, policy, tokenizer)
     if name == "reward":
         return Stage("reward", "dpo", reward_model.make_loss(), count_pairs, DPO_KEYS, sequences_per_example=2)
     raise ValueError(f"unknown stage {name!r}")
@@ -151,19 +162,43 @@ def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
     if tokenizer is None:
         raise ValueError("the grpo stage needs the tokenizer (rollouts are decoded and scored as text)")
     settings = grpo_settings(cfg)
-    extra = {}
-    if cfg.rewards.get("reward_model"):
-        extra["reward_model"] = reward_model.RewardScorer(cfg.reward_model, tokenizer, policy.name)
     prepare = grpo.RolloutStep(settings, model_config, policy.name, tokenizer,
                                RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
                                dict(cfg.rewards), cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
-                               extra_rewards=extra)
+                               extra_rewards=extra_rewards(cfg, tokenizer, policy))
     return Stage("grpo", "rlaif", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
                  grpo.count_sequences, grpo.BATCH_KEYS, sequences_per_example=settings.num_generations,
                  rows_per_example=settings.num_generations, data_keys=grpo.PROMPT_KEYS, prepare=prepare,
                  count_tokens=grpo.count_tokens,
                  describe=f"{cfg.batch_size} prompts x {settings.num_generations} rollouts (prompt <= "
                           f"{cfg.max_seq_len}, <= {cfg.max_gen_len} new tokens)")
+
+
+def extra_rewards(cfg, tokenizer, policy) -> dict:
+    """The rewards that need a model (the configured reward model), by name."""
+    if cfg.rewards.get("reward_model"):
+        return {"reward_model": reward_model.RewardScorer(cfg.reward_model, tokenizer, policy.name)}
+    return {}
+
+
+def ppo_stage(cfg, model_config, policy, tokenizer) -> Stage:
+    """PPO: prompts in; rollouts, rewards, the rollout-time forward pass and GAE made by ``prepare``; the passes of
+    the policy + value loss inside the step."""
+    if tokenizer is None:
+        raise ValueError("the ppo stage needs the tokenizer (rollouts are decoded and scored as text)")
+    settings = ppo.PPOSettings(clip=cfg.clip_epsilon, value_clip=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+                               kl_coef=cfg.kl_coef, gamma=cfg.gamma, lam=cfg.lam)
+    eos = tokenizer.eos_token_id
+    prepare = ppo.PPORolloutStep(dataclasses.replace(grpo_settings(cfg), num_generations=1), model_config,
+                                 policy.name, tokenizer,
+                                 RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
+                                 dict(cfg.rewards), cfg.seed, eos, tokenizer.pad_token_id or 0,
+                                 extra_rewards=extra_rewards(cfg, tokenizer, policy), ppo=settings)
+    return Stage("ppo", "rlaif", ppo.make_stage_loss(settings, model_config, policy, eos), ppo.make_normalizer(eos),
+                 ppo.BATCH_KEYS, data_keys=grpo.PROMPT_KEYS, prepare=prepare, count_tokens=grpo.count_tokens,
+                 describe=f"{cfg.batch_size} prompts x 1 rollout (prompt <= {cfg.max_seq_len}, <= {cfg.max_gen_len} "
+                          f"new tokens), {cfg.ppo_update_iters} update passes",
+                 update_passes=cfg.ppo_update_iters, stop_passes=ppo.early_stop(cfg.early_stop_kl))
 
 
 def agent_stage(cfg, model_config, policy, tokenizer) -> Stage:
