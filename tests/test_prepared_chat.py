@@ -116,6 +116,12 @@ def test_workers_resume_and_rerun(tok, tmp_path):
     with pytest.raises(FileExistsError):
         _prepare("dpo", [bad], tmp_path / "ref", tok)
     assert {n: (tmp_path / "ref" / n).read_bytes() for n in before} == before
+    with pytest.raises(DataError, match="bad.jsonl:1:"):  # even with overwrite: prepared aside, swapped in when done
+        _prepare("dpo", [bad], tmp_path / "ref", tok, overwrite=True)
+    assert {n: (tmp_path / "ref" / n).read_bytes() for n in before} == before
+    meta = _prepare("sft", [SAMPLE / "sft_tools.jsonl"], tmp_path / "ref", tok, overwrite=True)
+    assert meta["stage"] == "sft" and not (tmp_path / "ref.overwrite").exists()
+    assert len(PreparedChatSource(tmp_path / "ref", "sft")) == 200
 
 
 def test_stage_is_checked_when_opened(tok, tmp_path):

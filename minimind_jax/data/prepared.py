@@ -260,6 +260,19 @@ def prepare(
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
     out_dir = os.fspath(out_dir)
+    if overwrite and is_prepared_dir(out_dir):  # the complete directory stays until its replacement is complete
+        staging = os.path.normpath(out_dir) + ".overwrite"
+        kwargs = dict(tokenizer_path=tokenizer_path, stage=stage, workers=workers, chunk_lines=chunk_lines,
+                      skip_bad_lines=skip_bad_lines, pack_max_seq_len=pack_max_seq_len, progress=progress,
+                      max_chunks=max_chunks, max_line_bytes=max_line_bytes, record_encoder=record_encoder,
+                      segments_per_record=segments_per_record, extra_meta=extra_meta)
+        try:  # resumes an interrupted replacement of the same inputs
+            meta = prepare(paths, staging, tokenizer, **kwargs)
+        except FileExistsError:  # an unfinished replacement from other inputs: start it over
+            meta = prepare(paths, staging, tokenizer, overwrite=True, **kwargs)
+        if meta is not None:
+            _move_into(staging, out_dir)
+        return meta
     os.makedirs(out_dir, exist_ok=True)
     backend = _backend(tokenizer)
     vocab = backend.get_vocab_size(with_added_tokens=True)
@@ -446,6 +459,20 @@ def prepare(
     if chat:
         os.remove(records_path)
     return meta
+
+
+def _move_into(staging: str, out_dir: str) -> None:
+    """Replace the prepared files of ``out_dir`` by the complete ones of ``staging`` (meta.json removed first and
+    moved in last, so the directory is never a mix that reads as complete), then remove ``staging``."""
+    os.remove(os.path.join(out_dir, META_FILE))
+    names = set(os.listdir(staging))
+    for name in (TOKENS_FILE, OFFSETS_FILE, FLAGS_FILE, EXTRA_FILE, EXTRA_OFFSETS_FILE, STATE_FILE, PART_FILE,
+                 RECORDS_PART_FILE):
+        if name not in names and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in sorted(names - {META_FILE}) + [META_FILE]:
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
 
 
 def _save_array(path: str, array: np.ndarray) -> None:
