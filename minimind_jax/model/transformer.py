@@ -90,7 +90,8 @@ def _remat(block_cls, config: ModelConfig):
 class MiniMindLM(nn.Module):
     """MiniMind causal LM (both generations, Dense and MoE).
 
-    ``apply({"params": p}, input_ids, attention_mask=None, position_ids=None, cache=None, train=False)``:
+    ``apply({"params": p}, input_ids, attention_mask=None, position_ids=None, cache=None, train=False,
+    segment_ids=None)``:
 
     * ``input_ids`` (batch, seq) int; ``attention_mask`` (batch, kv_len), 1 = attend, where kv_len is
       seq without a cache and ``cache.max_len`` with one; ``position_ids`` (the RoPE positions) default to
