@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from minimind_jax.chat_format import StopStrings
 from minimind_jax.engine import Engine, EngineError, EngineRows
@@ -184,10 +184,12 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def complete(req: CompletionRequest, generator, scorer: Scorer | None, tokenizer) -> tuple[list[dict], int]:
-    """The ``choices`` of the response (prompt-major, ``n`` per prompt) and the number of generated tokens."""
+def complete(req: CompletionRequest, generator, scorer: Scorer | None, tokenizer,
+             **generate_kwargs) -> tuple[list[dict], int]:
+    """The ``choices`` of the response (prompt-major, ``n`` per prompt) and the number of generated tokens;
+    ``generate_kwargs`` go to ``generator.generate`` (``on_stream`` for engine rows)."""
     rows, samplings = req.rows()
-    generated = ([r.tokens for r in generator.generate(rows, req.max_tokens, samplings)]
+    generated = ([r.tokens for r in generator.generate(rows, req.max_tokens, samplings, **generate_kwargs)]
                  if req.max_tokens else [[] for _ in rows])
     seqs = [prompt + new for prompt, new in zip(rows, generated)]  # an eos a row stopped on keeps its log-prob,
     # as lm-eval's parser expects; every row scored in one batch
@@ -365,14 +367,38 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
                 return StreamingResponse(_sse(chunks, head, prompt_tokens, req.include_usage, lock, first),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            async with lock:
-                choices, completion_tokens = await asyncio.to_thread(complete, req, rows, row_scorer, tokenizer)
+            if engine is None:
+                async with lock:
+                    choices, completion_tokens = await asyncio.to_thread(complete, req, rows, row_scorer, tokenizer)
+            else:
+                done = await _unless_client_leaves(request, complete, req, rows, row_scorer, tokenizer)
+                if done is None:
+                    return Response(status_code=499)  # nobody reads it: the rows were cancelled
+                choices, completion_tokens = done
         except EngineError as e:
             error = CompletionError.from_engine(e)
             return JSONResponse(error.body(), status_code=error.status)
         return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
     return router
+
+
+async def _unless_client_leaves(request: Request, complete_fn, req, rows, scorer, tokenizer, poll_s: float = 0.25):
+    """``complete_fn(...)`` on engine rows in a thread; a client that disconnects meanwhile cancels its rows
+    (their slots are freed at the next step) and gets None."""
+    streams: list = []
+    work = asyncio.ensure_future(asyncio.to_thread(complete_fn, req, rows, scorer, tokenizer,
+                                                   on_stream=streams.append))
+    while True:
+        finished, _ = await asyncio.wait({work}, timeout=poll_s)
+        if finished:
+            return work.result()
+        if await request.is_disconnected():
+            for stream in streams:
+                stream.close()
+            with contextlib.suppress(Exception):  # the cancelled rows end; their result is not wanted
+                await work
+            return None
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -32,7 +32,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -574,9 +574,13 @@ class EngineRows:
                sampling: Sequence[SamplingParams]) -> RowStream:
         return RowStream(self.engine, prompts, max_new_tokens, sampling)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: Sequence[SamplingParams]) -> list[GenerationResult]:
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sequence[SamplingParams],
+                 on_stream: Callable[[RowStream], None] | None = None) -> list[GenerationResult]:
+        """The rows' results once all have ended; ``on_stream`` is given their :class:`RowStream` as soon as
+        they are submitted (its ``close()``, from any thread, cancels them: a client that left)."""
         rows = self.stream(prompts, max_new_tokens, sampling)
+        if on_stream is not None:
+            on_stream(rows)
         for _ in rows:
             pass
         return [r.result() for r in rows.requests]
