@@ -104,6 +104,9 @@ class TrainConfig:
     # restarting per document, so each document trains exactly as it does unpacked (MiniMind trains one document
     # per row); false: causal attention over the whole row (cheaper with cuDNN: no mask tensor)
     document_mask: bool = True
+    # batches the loop reads ahead in a background thread (and, for stages that need no rollout first, already
+    # places on the devices) while the current step runs; 0: read each batch when its step needs it
+    prefetch_batches: int = 2
     # --- checkpoints and logging
     save_interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
@@ -208,7 +211,7 @@ class TrainConfig:
             bad("learning_rate", f"must be positive, got {self.learning_rate}")
         if self.grad_clip < 0:
             bad("grad_clip", f"must be >= 0, got {self.grad_clip}")
-        for key in ("warmup_steps", "max_skipped_steps"):
+        for key in ("warmup_steps", "max_skipped_steps", "prefetch_batches"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
 
