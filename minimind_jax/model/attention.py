@@ -2,9 +2,10 @@
 
 Masks: a query at absolute slot ``p`` sees key slots ``<= p`` (causal) whose ``attention_mask`` is 1
 (padding) and, given ``segment_ids`` (packed rows, no cache), whose segment id equals its own (document-aware
-attention: a token sees only the earlier tokens of its own document). Without a cache the slots are the input positions; with a cache the new keys are written at
-``cache_index .. cache_index + seq`` of a fixed-size buffer, and ``attention_mask`` covers the whole
-buffer, so decoding compiles once per (batch, buffer length) whatever the prompt length.
+attention: a token sees only the earlier tokens of its own document). Without a cache the slots are the input
+positions; with a cache the new keys are written at ``cache_index .. cache_index + seq`` of a fixed-size
+buffer, and ``attention_mask`` covers the whole buffer, so decoding compiles once per (batch, buffer length)
+whatever the prompt length.
 
 The softmax(q k^T / sqrt(d) + mask) v itself is :func:`attend`, chosen by ``ModelConfig.kernels`` like the
 other kernels (:mod:`minimind_jax.model.kernels`):
