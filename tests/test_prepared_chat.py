@@ -186,3 +186,17 @@ def test_cli(tok, tmp_path, capsys):
                         str(tokenizer), "--workers", "0"]) == 1
     err = capsys.readouterr().err
     assert "bad.jsonl:1:" in err and "conversations[-1]" in err and os.path.isdir(out)
+
+
+def test_fast_assistant_labels_equal_the_scan():
+    """The numpy marker search gives assistant_labels' result on random sequences dense in (partial, overlapping,
+    cut) markers."""
+    from minimind_jax.data.prepared_chat import fast_assistant_labels
+    from minimind_jax.data.samples import ChatMarkers, assistant_labels
+
+    rng = np.random.default_rng(0)
+    for markers in (ChatMarkers((1, 2), (3, 4), 0), ChatMarkers((1,), (1, 3), 0), ChatMarkers((5, 5), (5,), 0)):
+        for _ in range(300):
+            ids = rng.integers(0, 7, rng.integers(0, 40)).astype(np.int32)
+            np.testing.assert_array_equal(fast_assistant_labels(ids, markers), assistant_labels(ids, markers),
+                                          err_msg=f"{markers} {ids.tolist()}")

@@ -26,7 +26,7 @@ fails records no blocks, and reading with ``add_system_prompt_prob`` > 0 is then
 the records MiniMind may add a system prompt to (first message not a system one, no tools), bits 1 / 2 a first
 / second pair whose text held an empty think block. The ids are then cut to ``max_seq_len`` (RL prompts: their
 last ``max_seq_len``), padded, and the assistant labels recomputed on the cut ids
-(:func:`~minimind_jax.data.samples.assistant_labels`); reasoning ``loss_weights`` come from
+(:func:`~minimind_jax.data.samples.assistant_labels`'s rule, vectorised); reasoning ``loss_weights`` come from
 :func:`~minimind_jax.data.samples.tag_weights` on those ids. rlaif's ``thinking_ratio`` picks the stored form.
 """
 
@@ -56,11 +56,11 @@ from minimind_jax.data.prepared import (
 from minimind_jax.data.rl_prompts import RLPrompt, prompt_from_record
 from minimind_jax.data.samples import (
     EMPTY_THINK,
+    IGNORE_INDEX,
     REASON_TAGS,
     SYSTEM_PROMPTS,
     ChatMarkers,
     Encoded,
-    assistant_labels,
     render_conversation,
     tag_weights,
 )
@@ -332,13 +332,46 @@ class _Augment:
         return self._with_system(ids, record["flags"], draws) if self.p_system else ids
 
 
+def _matches(ids: np.ndarray, pattern: Sequence[int]) -> np.ndarray:
+    """The sorted positions where the id sequence ``pattern`` starts in ``ids``."""
+    k = len(pattern)
+    if k == 0 or k > len(ids):
+        return np.zeros((0,), np.int64)
+    found = np.flatnonzero(ids[: len(ids) - k + 1] == pattern[0])
+    for j in range(1, k):
+        found = found[ids[found + j] == pattern[j]]
+    return found
+
+
+def fast_assistant_labels(input_ids: np.ndarray, markers: ChatMarkers) -> np.ndarray:
+    """:func:`~minimind_jax.data.samples.assistant_labels` (the same scan: a reply from after each start marker
+    through the next end marker, scanning on after it) with the markers found by numpy: a Python step per reply,
+    not per token."""
+    ids = np.asarray(input_ids)
+    n, ls, le = len(ids), len(markers.start), len(markers.end)
+    labels = np.full((n,), IGNORE_INDEX, np.int32)
+    ends = _matches(ids, markers.end)
+    resume = 0
+    for s0 in _matches(ids, markers.start):
+        if s0 < resume:
+            continue
+        s = int(s0) + ls
+        k = int(np.searchsorted(ends, s))
+        found = k < len(ends)
+        stop = min(int(ends[k]) + le, n) if found else n
+        labels[s:stop] = ids[s:stop]
+        resume = int(ends[k]) + le if found else n
+    return labels
+
+
 def _sft(ids: np.ndarray, max_seq_len: int, markers: ChatMarkers) -> Encoded:
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     input_ids = np.full((max_seq_len,), markers.pad_id, np.int32)
     kept = ids[:max_seq_len]
     input_ids[: len(kept)] = kept
-    return Encoded({"input_ids": input_ids, "labels": assistant_labels(input_ids, markers)}, len(ids) > max_seq_len)
+    return Encoded({"input_ids": input_ids, "labels": fast_assistant_labels(input_ids, markers)},
+                   len(ids) > max_seq_len)
 
 
 def _dpo(aug: _Augment, record: dict, rng, max_seq_len: int, markers: ChatMarkers) -> Encoded:
