@@ -114,7 +114,8 @@ def test_losses_equal_minimind_on_fixed_arrays():
     f = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     np.testing.assert_allclose(float(obj.ppo_policy_loss(f(logp), f(old), f(ref), f(adv), m)[0]), want_policy,
                                rtol=1e-5)
-    np.testing.assert_allclose(float(obj.ppo_value_loss(f(values), f(old_values), f(returns), m)), want_value, rtol=1e-5)
+    np.testing.assert_allclose(float(obj.ppo_value_loss(f(values), f(old_values), f(returns), m)), want_value,
+                               rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ on the model
