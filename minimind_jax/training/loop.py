@@ -4,9 +4,12 @@
   model config (preset / --init checkpoint / resumed run) -> the stage's extra models -> tokenizer and data
   files -> mesh -> (only then) the old run replaced if ``overwrite`` -> train state (fresh, from weights, or
   restored from the run's latest checkpoint, resharded onto this mesh) -> jit(train_step).
-* ``run(run) -> RunResult``: host batch -> device -> step -> metrics, a checkpoint every ``save_interval``
-  steps and a final one; SIGINT / SIGTERM stop after the current step and save; any other exception waits
-  for the checkpoint being written before it propagates, so the last complete checkpoint survives.
+* ``run(run) -> RunResult``: a background thread reads the next ``prefetch_batches`` batches and puts them on
+  the devices (``training/prefetch.py``); the loop dispatches steps and reads their metrics back only every
+  ``log_interval`` steps (and before a save, at the end, at a stop), checking every step; a checkpoint every
+  ``save_interval`` steps (holding the data position after exactly the batches consumed) and a final one;
+  SIGINT / SIGTERM stop after the current step and save; any other exception waits for the checkpoint being
+  written before it propagates, so the last complete checkpoint survives.
 * ``finish(run, result)``: the stage's export (weights, LoRA adapter), loss curve, greedy sample.
 
 What differs by stage enters through two descriptions: the loss side (``training/stages.py``) and the models
@@ -47,7 +50,7 @@ from minimind_jax.generate import greedy_generate
 from minimind_jax.precision import get_policy, make_loss_scale
 from minimind_jax.tokenizer import load_tokenizer
 from minimind_jax.training import config as tconfig
-from minimind_jax.training import state_io
+from minimind_jax.training import prefetch, state_io
 from minimind_jax.training.config import TrainConfig, TrainConfigError
 from minimind_jax.training.metrics import MetricsLogger, flops_per_token, log, plot_loss, stated_peak
 from minimind_jax.training.stage_models import StageModels, models_for, weights_call
@@ -342,20 +345,37 @@ def _describe_trainables(state: TrainState, frozen_name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ run
+_IN_FLIGHT = 2  # steps dispatched ahead of the device at most: the next one is always queued, and data_wait
+# counts only waits that can keep the device idle (not the host running ahead of a busy device)
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """A step sent to the devices whose metrics are not read back yet."""
+    step: int
+    metrics: Any  # the jitted step's device metrics
+    host_metrics: dict
+    tokens: int | None  # the step's tokens (None: the fixed tokens per step)
+    wait_s: float  # seconds the loop waited for its batch
+    t: float  # when it was dispatched
+
+
 def run(r: Run) -> RunResult:
     """The step loop; returns after the last step, a stop request or a non-finite step (saved except the last)."""
     res = RunResult(r.run_dir, r.start_step, [], None, r.model_cfg, first_step=r.start_step,
                     last_saved=r.start_step if r.resumed else None)
+    feed = _feed(r)
     try:
-        with _stop_requests() as stop, _progress(r.cfg, r.total_steps, r.start_step) as bar:
-            _steps(r, res, stop, bar)
+        with _stop_requests() as stop, _progress(r.cfg, r.total_steps, r.start_step) as bar, feed:
+            _steps(r, res, stop, bar, feed)
     except KeyboardInterrupt:
-        res.stopped, res.stop_signal = "interrupted", signal.SIGINT
+        if res.stopped != "nonfinite":
+            res.stopped, res.stop_signal = "interrupted", signal.SIGINT
     except BaseException:
         _close(r)  # the checkpoint being written completes (the last complete one survives), then the error goes up
         raise
     if res.stopped != "nonfinite" and res.last_saved != res.steps:
-        state_io.save(r.manager, res.steps, r.state, r.data_iter, {**r.meta, "step": res.steps}, force=True)
+        state_io.save(r.manager, res.steps, r.state, feed.consumed, {**r.meta, "step": res.steps}, force=True)
         res.last_saved = res.steps
     _close(r)
     if res.stopped == "interrupted":
@@ -365,6 +385,15 @@ def run(r: Run) -> RunResult:
     return res
 
 
+def _feed(r: Run) -> prefetch.BatchFeed:
+    """The run's batches, ``prefetch_batches`` ahead; on the devices already unless the stage prepares them
+    first (its rollouts need the current params)."""
+    cfg, keys = r.cfg, r.stage.data_keys or r.stage.batch_keys
+    place = None if r.stage.prepare is not None else (lambda batch: shd.shard_batch(batch, r.batch_sharding))
+    return prefetch.BatchFeed(lambda: _next_batch(r.data_iter, cfg.accumulation_steps, keys), r.data_iter,
+                              r.total_steps - r.start_step, cfg.prefetch_batches, place)
+
+
 def _close(r: Run) -> None:
     """Wait for the checkpoint being written, then close the checkpoint manager and the metrics files."""
     r.manager.wait_until_finished()
@@ -372,36 +401,69 @@ def _close(r: Run) -> None:
     r.logger.close()
 
 
-def _steps(r: Run, res: RunResult, stop, bar) -> None:
+def _steps(r: Run, res: RunResult, stop, bar, feed: prefetch.BatchFeed) -> None:
+    """Dispatch steps; read their metrics back (checking each) after the first step, every log_interval steps,
+    before a save, at the last step and at a stop request; save only what the read-back showed good."""
     cfg = r.cfg
     clock = _Throughput(cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len * r.stage.sequences_per_example,
                         flops_per_token(r.model_cfg, cfg.max_seq_len), stated_peak(r.policy, cfg.peak_tflops)[0])
+    pending: list[_Dispatched] = []
     step = r.start_step
-    while step < r.total_steps:
-        batch = _next_batch(r.data_iter, cfg.accumulation_steps, r.stage.data_keys or r.stage.batch_keys)
-        host_metrics = {}
-        if r.stage.prepare is not None:
-            batch, host_metrics = r.stage.prepare(batch, r.state, step)
+    try:
+        while step < r.total_steps:
+            step += 1
+            pending.append(_dispatch(r, step, feed.next(), pending))
+            saving = step % cfg.save_interval == 0 and step < r.total_steps
+            if (saving or stop.requested or step % cfg.log_interval == 0 or step in (r.start_step + 1, r.total_steps)) \
+                    and _read_back(r, res, pending, clock, bar):
+                return
+            if saving:
+                state_io.save(r.manager, step, r.state, feed.consumed, {**r.meta, "step": step})
+                res.last_saved = step
+            if stop.requested:
+                res.stopped, res.stop_signal = "interrupted", stop.signum
+                return
+    except BaseException:
+        if pending:  # the steps run so far are checked and logged (Ctrl-C then saves the last of them)
+            _read_back(r, res, pending, clock, bar)
+        raise
+
+
+def _dispatch(r: Run, step: int, fed: prefetch.Fed, pending: list[_Dispatched]) -> _Dispatched:
+    """Send step ``step`` to the devices (after the stage's prepare hook, if any) without waiting for it."""
+    batch, device_batch, host_metrics = fed.host, fed.device, {}
+    if r.stage.prepare is not None:
+        batch, host_metrics = r.stage.prepare(batch, r.state, step - 1)
         device_batch = shd.shard_batch(batch, r.batch_sharding)
-        t0 = time.perf_counter()
-        r.state, metrics = r.step_fn(r.state, device_batch)
-        metrics = jax.device_get(metrics)
-        clock.tick(time.perf_counter() - t0, r.stage.count_tokens(batch) if r.stage.count_tokens else None)
-        res.compile_s = clock.compile_s
-        step = res.steps = step + 1
+    if len(pending) >= _IN_FLIGHT:
+        jax.block_until_ready(pending[-_IN_FLIGHT].metrics)
+    t = time.perf_counter()
+    r.state, metrics = r.step_fn(r.state, device_batch)
+    tokens = r.stage.count_tokens(batch) if r.stage.count_tokens else None
+    return _Dispatched(step, metrics, host_metrics, tokens, fed.wait_s, t)
+
+
+def _read_back(r: Run, res: RunResult, pending: list[_Dispatched], clock: _Throughput, bar) -> bool:
+    """The pending steps' metrics in one transfer, checked and logged in order; True when one is hopeless (its
+    row and those after it are not logged). ``pending`` is emptied."""
+    done, pending[:] = list(pending), []
+    values = jax.device_get([d.metrics for d in done])
+    figures = clock.interval(done[0].t, [d.tokens for d in done])
+    res.compile_s = clock.compile_s
+    rows = []
+    for d, metrics in zip(done, values):
+        res.steps = d.step
         if _hopeless(r, metrics, res):
-            return
+            break
         row = {k: float(v) for k, v in metrics.items() if k not in ("finite", "params_finite", "skipped_in_a_row")}
-        row.update({k: float(v) for k, v in host_metrics.items()})
-        row.update(clock.figures())
+        row.update({k: float(v) for k, v in d.host_metrics.items()})
+        row.update(figures, data_wait=d.wait_s)
         res.losses.append(row["loss"])
-        _report(r, step, row, bar, restart_clock=step == r.start_step + 1)
-        if step % cfg.save_interval == 0 and step < r.total_steps:
-            state_io.save(r.manager, step, r.state, r.data_iter, {**r.meta, "step": step})
-            res.last_saved = step
-        if stop.requested:
-            res.stopped, res.stop_signal = "interrupted", stop.signum
-            return
+        rows.append((d.step, row))
+    if rows:
+        _report(r, rows, bar, wait_share=clock.wait_share([d.wait_s for d in done]),
+                restart_clock=done[0].step == r.start_step + 1)
+    return res.stopped == "nonfinite"
 
 
 def _hopeless(r: Run, metrics: dict, res: RunResult) -> bool:
@@ -428,43 +490,50 @@ def _hopeless(r: Run, metrics: dict, res: RunResult) -> bool:
 
 
 class _Throughput:
-    """Tokens/s, TFLOP/s per device and MFU over the steps after the first (which includes compilation)."""
+    """Tokens/s, TFLOP/s per device and MFU per read-back interval: the tokens of the interval's steps over the
+    wall clock since the previous read-back. The first step (compilation included) is timed on its own."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float | None):
         self.tokens_per_step, self.fpt, self.peak = tokens_per_step, flops_per_token, peak
-        self.compile_s = None
+        self.compile_s: float | None = None
         self.t = time.perf_counter()
-        self.tokens = 0
+        self.elapsed = 0.0  # the last interval's seconds
 
-    def tick(self, step_s: float, tokens: int | None = None) -> None:
-        """One step done in ``step_s`` seconds on ``tokens`` tokens (None: the fixed tokens per step)."""
-        if self.compile_s is None:
-            self.compile_s = step_s
-            self.t = time.perf_counter()
+    def interval(self, first_dispatch: float, tokens: list[int | None]) -> dict[str, float]:
+        """Figures of the interval ending now; ``tokens`` per step (None: the fixed tokens per step)."""
+        now = time.perf_counter()
+        if self.compile_s is None:  # the first read-back holds the first step only
+            self.compile_s, self.t, self.elapsed = now - first_dispatch, now, 0.0
+            tps = float("nan")
         else:
-            self.tokens += self.tokens_per_step if tokens is None else tokens
-
-    def figures(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.t
-        tps = self.tokens / elapsed if self.tokens and elapsed > 0 else float("nan")
-        out = {"tokens_per_s": tps,
-               "tflops_per_device": tps * self.fpt / 1e12 / jax.device_count() if self.tokens else float("nan")}
+            self.elapsed, self.t = now - self.t, now
+            n = sum(self.tokens_per_step if k is None else k for k in tokens)
+            tps = n / self.elapsed if n and self.elapsed > 0 else float("nan")
+        out = {"tokens_per_s": tps, "tflops_per_device": tps * self.fpt / 1e12 / jax.device_count()}
         if self.peak:
             out["mfu"] = out["tflops_per_device"] / self.peak
         return out
 
+    def wait_share(self, waits: list[float]) -> float | None:
+        """The share of the last interval the loop spent waiting for batches (None for the first step)."""
+        return sum(waits) / self.elapsed if self.elapsed > 0 else None
 
-def _report(r: Run, step: int, row: dict, bar, *, restart_clock: bool) -> None:
-    """metrics.jsonl / TensorBoard every step; the progress bar, or a line every log_interval steps without it."""
+
+def _report(r: Run, rows: list[tuple[int, dict]], bar, *, wait_share: float | None, restart_clock: bool) -> None:
+    """metrics.jsonl / TensorBoard get every step's row; the progress bar (or, without it, a line every
+    log_interval steps) the interval's last row, and the time spent waiting for data when over 5%."""
+    for step, row in rows:
+        r.logger.log(step, row)  # a few hundred bytes: the curve and TensorBoard see every step
+    step, row = rows[-1]
+    text = _postfix(row) + (f", data wait {100 * wait_share:.0f}%" if wait_share and wait_share > 0.05 else "")
     if bar is not None:
-        bar.set_postfix_str(_postfix(row), refresh=False)  # before update(): the bar shows this step's figures
-        bar.update(1)
+        bar.set_postfix_str(text, refresh=False)  # before update(): the bar shows this interval's figures
+        bar.update(len(rows))
         if restart_clock:  # the rate and ETA count the steps after compilation
             bar.reset(total=r.total_steps)
             bar.initial = bar.n = bar.last_print_n = step
-    r.logger.log(step, row)  # a few hundred bytes: the curve and TensorBoard see every step
     if bar is None and (step % r.cfg.log_interval == 0 or step == r.total_steps or restart_clock):
-        log(f"step {step}/{r.total_steps} {_postfix(row)}")
+        log(f"step {step}/{r.total_steps} {text}")
 
 
 class _StopRequest:

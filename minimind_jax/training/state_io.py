@@ -85,9 +85,11 @@ def manager(state_dir: Path, cfg: TrainConfig) -> StateManager:
     return StateManager(state_dir.absolute(), options=options)
 
 
-def save(mgr: StateManager, step: int, state: TrainState, data_iter, meta: dict, *, force: bool = False) -> None:
+def save(mgr: StateManager, step: int, state: TrainState, data_position, meta: dict, *, force: bool = False) -> None:
+    """``data_position``: the data iterator's position after the batches steps 1..step consumed (a grain
+    iterator, or anything with grain's ``get_state() -> bytes``, e.g. ``prefetch.Position``)."""
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=grain.checkpoint.CheckpointSave(data_iter),
+                                           data=grain.checkpoint.CheckpointSave(data_position),
                                            meta=ocp.args.JsonSave(meta)), force=force)
 
 
