@@ -22,6 +22,12 @@
       opening a synthetic jsonl of that size: first open (newline scan) and cached open seconds and extra
       peak RSS, random-access records/s, and the full ``prepare_data.py --check`` time
 
+  python scripts/bench.py loop [--steps 40] [--prefetch 2] [--repeats 2]
+      the quickstart configuration (configs' default: 1.6M params, 16 x 128 tokens, fp32) on the bundled sample
+      data: the bare jitted train step's steps/s (one batch on the devices, blocked on at the end) next to the
+      training loop's (``train``'s run over the data, from its own tokens/s after the first step), and the ratio;
+      repeated, each repeat a bare / loop pair
+
   python scripts/bench.py train [--preset minimind3] [--batch 4] [--seq 256] [--policy fp32 bf16] [--steps 10]
                                 [--warmup 2] [--vs-torch] [--profile DIR]
       training steps (AdamW, clip 1.0, a fresh random batch each step, next-token cross-entropy): tokens/s
@@ -515,6 +521,64 @@ def bench_train(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ decode
+def _loop_config(out_dir: str, steps: int, prefetch: int):
+    from minimind_jax.training import config as tconfig
+
+    return tconfig.resolve(["--out_dir", out_dir, "--max_steps", str(steps + 1), "--log_interval", str(steps + 1),
+                            "--save_interval", str(10 * steps), "--progress", "false", "--plot", "false",
+                            "--tensorboard", "false", "--sample_prompt", "", "--prefetch_batches", str(prefetch)])
+
+
+def _bare_steps_per_s(cfg, steps: int) -> float:
+    """The loop's own jitted step on one fixed device batch, ``steps`` of them dispatched and blocked on once."""
+    from minimind_jax import sharding as shd
+    from minimind_jax.training import loop
+
+    r = loop.setup(cfg)
+    host = loop._next_batch(r.data_iter, cfg.accumulation_steps, r.stage.data_keys or r.stage.batch_keys)
+    batch = shd.shard_batch(host, r.batch_sharding)
+    state, _ = r.step_fn(r.state, batch)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = r.step_fn(state, batch)
+    jax.block_until_ready((state, metrics))
+    elapsed = time.perf_counter() - t0
+    r.manager.close()
+    r.logger.close()
+    return steps / elapsed
+
+
+def _loop_steps_per_s(cfg) -> tuple[float, float]:
+    """(steps/s, mean data_wait share) of the training loop after its first (compiling) step."""
+    import json
+    from pathlib import Path
+
+    from minimind_jax.training import loop
+
+    r = loop.setup(cfg)
+    loop.run(r)
+    rows = [json.loads(line) for line in (Path(r.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = cfg.batch_size * cfg.accumulation_steps * cfg.max_seq_len
+    last = rows[-1]  # one read-back interval: steps 2..N, timed by the loop's wall clock between read-backs
+    steps_per_s = last["tokens_per_s"] / tokens_per_step
+    return steps_per_s, sum(row["data_wait"] for row in rows[1:]) * steps_per_s / (len(rows) - 1)
+
+
+def bench_loop(args) -> None:
+    import tempfile
+
+    print(f"quickstart model, {args.steps} steps after the first, prefetch_batches {args.prefetch}, "
+          f"{jax.device_count()} {jax.default_backend()} device(s)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            bare = _bare_steps_per_s(_loop_config(os.path.join(tmp, f"bare{i}"), args.steps, args.prefetch),
+                                     args.steps)
+            looped, wait = _loop_steps_per_s(_loop_config(os.path.join(tmp, f"loop{i}"), args.steps, args.prefetch))
+            print(f"repeat {i + 1}: bare step {bare:.2f} steps/s, loop {looped:.2f} steps/s, ratio "
+                  f"{looped / bare:.3f} (target >= 0.95), data_wait {100 * wait:.1f}% of the loop's time")
+
+
 def memory_bandwidth_gbs() -> dict[str, float]:
     """Measured memory bandwidth (GB/s) over 512 MiB of float32, best of 5 each: numpy's sum (one core, read
     only), numpy's copy (one core, counted as read + write) and a jitted sum (XLA's threads, read only)."""
@@ -1025,6 +1089,11 @@ def main(argv=None) -> int:
     p.add_argument("--open-mb", type=float, default=None,
                    help="instead: open / cached-open / random-access / --check figures on a synthetic jsonl this big")
     p.set_defaults(fn=bench_data)
+    p = sub.add_parser("loop", help="the training loop's steps/s vs the bare jitted step (quickstart model)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--prefetch", type=int, default=2, help="prefetch_batches of the loop")
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(fn=bench_loop)
     p = sub.add_parser("train", help="training-step throughput, MFU and memory (optionally vs PyTorch)")
     p.add_argument("--preset", default="minimind3")
     p.add_argument("--batch", type=int, default=4)
