@@ -225,32 +225,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise _bad("'model' must be a string", "model", "invalid_type")
 
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    top_k = _integer(body, "top_k", 0, 2 ** 31 - 1)
-    penalty = _number(body, "repetition_penalty", 0.0, float("inf"), lo_open=True)
-    _number(body, "presence_penalty", -2.0, 2.0)
-    _number(body, "frequency_penalty", -2.0, 2.0)
-    seed = _integer(body, "seed", -(2 ** 63), 2 ** 64 - 1)
-    defaults = SamplingParams()
-    greedy = temperature == 0 or top_p == 0
-    sampling = SamplingParams(
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=1.0 if greedy else (defaults.top_p if top_p is None else top_p),
-        top_k=top_k or 0, repetition_penalty=penalty or 1.0, greedy=greedy,
-        seed=(secrets.randbits(32) if seed is None else seed % 2 ** 32))
+    sampling = _sampling(body)
 
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
 
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > _MAX_STOP:
-        raise _bad(f"'stop' must be a string or a list of at most {_MAX_STOP} strings", "stop")
+    stop = _stop_strings(body)
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
@@ -265,14 +246,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise _bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
 
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise _bad("'tools' must be a list of objects", "tools", "invalid_type")
-        tools = tools or None
-    tool_choice = body.get("tool_choice")
-    if tool_choice == "none":
-        tools = None
+    tools = _tools(body)
 
     template_kwargs = _template_kwargs(body.get("chat_template_kwargs"))
     if "enable_thinking" in template_kwargs:  # Qwen's name for the same switch
@@ -281,6 +255,48 @@ def parse_chat_request(body: Any) -> ChatRequest:
     return ChatRequest(messages=messages, sampling=sampling, max_tokens=max_tokens, stop=[s for s in stop if s],
                        stream=bool(stream), include_usage=bool(options.get("include_usage")), tools=tools,
                        template_kwargs=template_kwargs, n=n, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def _sampling(body: dict) -> SamplingParams:
+    """The request's sampling settings (temperature 0 or top_p 0 = greedy; no seed = a random one)."""
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    top_k = _integer(body, "top_k", 0, 2 ** 31 - 1)
+    penalty = _number(body, "repetition_penalty", 0.0, float("inf"), lo_open=True)
+    _number(body, "presence_penalty", -2.0, 2.0)
+    _number(body, "frequency_penalty", -2.0, 2.0)
+    seed = _integer(body, "seed", -(2 ** 63), 2 ** 64 - 1)
+    defaults = SamplingParams()
+    greedy = temperature == 0 or top_p == 0
+    return SamplingParams(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=1.0 if greedy else (defaults.top_p if top_p is None else top_p),
+        top_k=top_k or 0, repetition_penalty=penalty or 1.0, greedy=greedy,
+        seed=(secrets.randbits(32) if seed is None else seed % 2 ** 32))
+
+
+def _stop_strings(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > _MAX_STOP:
+        raise _bad(f"'stop' must be a string or a list of at most {_MAX_STOP} strings", "stop")
+    return stop
+
+
+def _tools(body: dict) -> list | None:
+    """The request's tools (None when there are none or ``tool_choice`` is "none")."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _bad("'tools' must be a list of objects", "tools", "invalid_type")
+        tools = tools or None
+    tool_choice = body.get("tool_choice")
+    if tool_choice == "none":
+        tools = None
+    return tools
 
 
 def _logprobs_settings(body: dict) -> tuple[bool, int]:
