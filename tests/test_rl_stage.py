@@ -172,3 +172,21 @@ def test_rl_eval_script_scores_a_checkpoint(init_dir, tmp_path, capsys):
     assert "3 prompts" in out and "sampled (2 per prompt): mean reward" in out and "greedy" in out
     assert "numeric" in out and "minimind" in out
     assert rl_eval.main(["--ckpt", str(init), "--data", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_grpo_trains_the_same_from_a_prepared_directory(init_dir, tmp_path):
+    """``scripts/prepare_data.py --stage rlaif`` output: the same prompts, draws, rewards (gt read from the stored
+    prompts) and losses as the jsonl file."""
+    from minimind_jax.data.prepared_chat import prepare_chat
+
+    init, _ = init_dir
+    prepared = tmp_path / "rlaif_prepared"
+    prepare_chat("rlaif", [RLAIF], str(prepared), load_tokenizer())
+    rows = {}
+    for name, data in (("jsonl", RLAIF), ("prepared", str(prepared))):
+        train(grpo_run(tmp_path / name, init, data_path=data, max_steps=2, save_interval=10, max_seq_len=32))
+        lines = (tmp_path / name / "grpo_64" / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [{k: v for k, v in json.loads(line).items() if k in ("loss", "reward_mean", "kl")}
+                      for line in lines]
+    assert len(rows["jsonl"]) == 2 and set(rows["jsonl"][0]) == {"loss", "reward_mean", "kl"}
+    assert rows["prepared"] == rows["jsonl"]

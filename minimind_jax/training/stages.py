@@ -49,6 +49,8 @@ import jax
 import numpy as np
 
 from minimind_jax.data.packing import PACK_KEYS, reads_packed_rows
+from minimind_jax.data.prepared import is_prepared_dir
+from minimind_jax.data.prepared_chat import open_prepared
 from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
@@ -150,6 +152,15 @@ def build_stage(cfg, model_config=None, policy=None, teacher_config=None, tokeni
     raise ValueError(f"unknown stage {name!r}")
 
 
+def prompt_source(cfg, kind: str):
+    """The RL records (messages, tools, gt) the rewards read back by ``record_index``: from the jsonl files, or
+    the prompts a prepared directory stores (``scripts/prepare_data.py --stage rlaif|agent``)."""
+    paths = [cfg.data_path] if isinstance(cfg.data_path, str) else list(cfg.data_path)
+    if len(paths) == 1 and is_prepared_dir(paths[0]):
+        return open_prepared(paths[0], kind).prompts()
+    return RLPromptSource(cfg.data_path, kind, skip_bad_lines=cfg.skip_bad_lines)
+
+
 def grpo_settings(cfg) -> grpo.GRPOSettings:
     return grpo.GRPOSettings(num_generations=cfg.num_generations, max_new_tokens=cfg.max_gen_len,
                              max_prompt_len=cfg.max_seq_len, temperature=cfg.rollout_temperature,
@@ -163,7 +174,7 @@ def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
         raise ValueError("the grpo stage needs the tokenizer (rollouts are decoded and scored as text)")
     settings = grpo_settings(cfg)
     prepare = grpo.RolloutStep(settings, model_config, policy.name, tokenizer,
-                               RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
+                               prompt_source(cfg, "rlaif"),
                                dict(cfg.rewards), cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
                                extra_rewards=extra_rewards(cfg, tokenizer, policy))
     return Stage("grpo", "rlaif", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
@@ -191,7 +202,7 @@ def ppo_stage(cfg, model_config, policy, tokenizer) -> Stage:
     eos = tokenizer.eos_token_id
     prepare = ppo.PPORolloutStep(dataclasses.replace(grpo_settings(cfg), num_generations=1), model_config,
                                  policy.name, tokenizer,
-                                 RLPromptSource(cfg.data_path, "rlaif", skip_bad_lines=cfg.skip_bad_lines),
+                                 prompt_source(cfg, "rlaif"),
                                  dict(cfg.rewards), cfg.seed, eos, tokenizer.pad_token_id or 0,
                                  extra_rewards=extra_rewards(cfg, tokenizer, policy), ppo=settings)
     return Stage("ppo", "rlaif", ppo.make_stage_loss(settings, model_config, policy, eos), ppo.make_normalizer(eos),
@@ -208,7 +219,7 @@ def agent_stage(cfg, model_config, policy, tokenizer) -> Stage:
         raise ValueError("the agent stage needs the tokenizer (tool calls are parsed from the decoded text)")
     settings = grpo_settings(cfg)
     prepare = agent.AgentRolloutStep(settings, model_config, policy.name, tokenizer,
-                                     RLPromptSource(cfg.data_path, "agent", skip_bad_lines=cfg.skip_bad_lines),
+                                     prompt_source(cfg, "agent"),
                                      cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id or 0,
                                      max_turns=cfg.agent_max_turns, max_total_tokens=cfg.agent_max_total_tokens)
     return Stage("agent", "agent", grpo.make_stage_loss(settings, model_config, policy, tokenizer.eos_token_id),
