@@ -227,3 +227,20 @@ def test_cli(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\nnot json\n')
     assert mod.main(["--data", str(bad), "--out", str(tmp_path / "bad")]) == 1
+
+
+def test_offsets_are_memory_mapped_and_checked_in_blocks(prepared, tmp_path):
+    from minimind_jax.data.prepared import _non_decreasing
+
+    assert isinstance(PreparedSource(prepared).offsets, np.memmap)  # not read into each process's memory
+
+    values = np.arange(10)
+    assert all(_non_decreasing(values, block=b) for b in (1, 2, 3, 9, 10, 100))
+    for at in range(1, 10):  # a decrease anywhere, block boundaries included, is found
+        bad = values.copy()
+        bad[at] = bad[at - 1] - 1
+        assert not any(_non_decreasing(bad, block=b) for b in (1, 2, 3, 4, 9, 100)), at
+    assert _non_decreasing(np.arange(1)) and _non_decreasing(np.arange(0))
+    np.save(tmp_path / "o.npy", values)
+    mapped = np.load(tmp_path / "o.npy", mmap_mode="r")
+    assert isinstance(mapped, np.memmap) and _non_decreasing(mapped, block=4)

@@ -597,20 +597,29 @@ def _read_offsets(directory: str, meta: dict) -> np.ndarray:
     """offsets.npy, checked against meta.json: int64, ``documents + 1`` entries from 0, non-decreasing, ending
     at the recorded token count; at least one document."""
     path = os.path.join(directory, OFFSETS_FILE)
-    try:
-        offsets = np.load(path, allow_pickle=False)
+    try:  # memory-mapped: read lazily, its pages shared by every process on the host
+        offsets = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DataError(f"{path}: cannot be read ({e})") from None
     want = meta["documents"] * meta.get("segments_per_record", 1) + 1  # chat stages: several segments a record
     if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) != want:
         raise DataError(f"{path}: holds {offsets.dtype} {offsets.shape}, not the int64 ({want},) "
                         f"that meta.json's {meta['documents']} documents need")
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != meta["tokens"]:
+    if offsets[0] != 0 or not _non_decreasing(offsets) or offsets[-1] != meta["tokens"]:
         raise DataError(f"{path}: not the non-decreasing document starts from 0 to meta.json's {meta['tokens']} "
                         "tokens (damaged)")
     if meta["documents"] == 0:
         raise DataError(f"{directory}: no records (prepared from {len(meta['sources'])} file(s) with no document)")
     return offsets
+
+
+def _non_decreasing(values: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether ``values`` never decreases, checked in blocks (no full-size temporary for a mapped array)."""
+    for start in range(0, max(len(values) - 1, 0), block):
+        chunk = np.asarray(values[start:start + block + 1])
+        if np.any(chunk[1:] < chunk[:-1]):
+            return False
+    return True
 
 
 def _check_tokens_file(directory: str, num_tokens: int, dtype: np.dtype) -> None:
