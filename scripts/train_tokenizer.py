@@ -163,6 +163,8 @@ def iter_texts(paths: Sequence[str], progress: bool = True) -> Iterator[str]:
     finally:
         if bar is not None:
             bar.close()
+    if progress:
+        print("read every line; learning the merges ...", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,7 +236,9 @@ def save(tok, out_dir: str, model_max_length: int = MODEL_MAX_LENGTH) -> None:
 def train_files(paths: Sequence[str], out_dir: str, vocab_size: int = 6400, min_frequency: int = 2,
                 progress: bool = True, model_max_length: int = MODEL_MAX_LENGTH):
     """Train on the jsonl files and write the tokenizer directory; returns the ``tokenizers.Tokenizer``."""
-    tok = train(iter_texts(paths, progress=progress), vocab_size, min_frequency, show_progress=progress)
+    # one progress bar: ours counts the lines read (with a total); the trainer's own bars would draw over it,
+    # so it runs quiet and a line announces its merge phase (which shows nothing for a while on large files)
+    tok = train(iter_texts(paths, progress=progress), vocab_size, min_frequency, show_progress=False)
     save(tok, out_dir, model_max_length)
     return tok
 

@@ -234,6 +234,17 @@ def test_train_tokenizer_without_out_leaves_the_shipped_one(trainer, tmp_path, m
     assert (TOKENIZER / "tokenizer.json").stat().st_mtime_ns == shipped
 
 
+def test_train_tokenizer_shows_one_bar_then_the_merge_phase(trainer, tmp_path, capfd):
+    data = tmp_path / "mini.jsonl"
+    data.write_text("\n".join((SAMPLE / "sft.jsonl").read_text(encoding="utf-8").splitlines()[:50]) + "\n",
+                    encoding="utf-8")
+    trainer.train_files([str(data)], str(tmp_path / "tok"), vocab_size=300, progress=True)
+    err = capfd.readouterr().err
+    assert "reading" in err and "50/50" in err  # our bar, over the lines, ends full
+    assert err.rstrip().endswith("learning the merges ...")  # announced once reading is done; nothing after it
+    assert "Pre-processing" not in err and "Compute merges" not in err  # the trainer's own bars stay off
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Our chat template against MiniMind-3's
 
