@@ -82,6 +82,11 @@ def test_reward_stage_learns_the_pairs_and_scores_as_a_reward(tmp_path):
     for i in (100, 205, 333):
         prompt = {"messages": [{"role": "user", "content": f"Question {i}: what is {i}+1?"}]}
         assert scorer(f"The answer is {i + 1}, happy to help.", prompt) > scorer("no", prompt) + 1.0
+    # one padded forward for many responses (3 rows -> 4, lengths to one bucket) == each scored alone
+    replies = ["no", "The answer is 7, happy to help with anything else you need today.", "7"]
+    prompts = [{"messages": [{"role": "user", "content": f"what is {i}+1?"}]} for i in (3, 6, 10)]
+    np.testing.assert_allclose(scorer.batch(replies, prompts), [scorer(r, p) for r, p in zip(replies, prompts)],
+                               rtol=1e-5, atol=1e-6)
     # in a grpo step: the reward_model component of each rollout is the scorer's value
     grpo_cfg = from_dict({"stage": "grpo", "data_path": RLAIF, "model": dict(TINY_MODEL), "init": str(tmp_path / "init"),
                           "rewards": {"reward_model": 1.0, "minimind": 0.5}, "reward_model": str(out),

@@ -74,3 +74,29 @@ def test_combine_and_score_name_the_record():
         rw.score(fn, ["42"], [{}], where=["data/rlaif.jsonl:7"])
     with pytest.raises(rw.RewardError, match=r"record 1: the reward is nan"):
         rw.score(lambda r, rec: math.nan if r == "b" else 0.0, ["a", "b"], [{}, {}])
+
+
+def test_a_batched_reward_is_called_once_and_its_failure_still_names_the_record():
+    class Batched:
+        def __init__(self, fail_at=None):
+            self.calls, self.fail_at = [], fail_at
+
+        def __call__(self, response, record):
+            self.calls.append("one")
+            if record["i"] == self.fail_at:
+                raise ValueError("bad record")
+            return float(len(response))
+
+        def batch(self, responses, records):
+            self.calls.append("batch")
+            if self.fail_at is not None:
+                raise ValueError("somewhere in the batch")
+            return [float(len(r)) for r in responses]
+
+    records = [{"i": i} for i in range(3)]
+    ok = Batched()
+    assert rw.score(ok, ["a", "bb", "ccc"], records) == [1.0, 2.0, 3.0] and ok.calls == ["batch"]
+    failing = Batched(fail_at=1)
+    with pytest.raises(rw.RewardError, match=r"x\.jsonl:2: the reward function raised ValueError: bad record"):
+        rw.score(failing, ["a", "bb", "ccc"], records, where=["x.jsonl:1", "x.jsonl:2", "x.jsonl:3"])
+    assert failing.calls == ["batch", "one", "one"]

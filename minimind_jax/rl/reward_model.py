@@ -113,8 +113,21 @@ class RewardScorer:
         self._score = score
 
     def __call__(self, response: str, record) -> float:
+        return self.batch([response], [record])[0]
+
+    def batch(self, responses, records) -> list[float]:
+        """The scores of many responses in one forward pass (rows and length padded to powers of two, so a
+        rollout batch compiles once per bucket pair); :func:`~minimind_jax.rl.rewards.score` calls it."""
+        rows = [self._encode(r, rec) for r, rec in zip(responses, records, strict=True)]
+        n = bucket_length(max(int(np.max(np.nonzero(labels != IGNORE_INDEX)[0], initial=0)) + 1
+                              for _, labels in rows))
+        b = bucket_length(len(rows), minimum=1)
+        ids = np.stack([r[0][:n] for r in rows] + [rows[0][0][:n]] * (b - len(rows)))
+        labels = np.stack([r[1][:n] for r in rows] + [rows[0][1][:n]] * (b - len(rows)))
+        scores = np.asarray(self._score(self.params, jnp.asarray(ids), jnp.asarray(labels)))
+        return [float(v) for v in scores[:len(rows)]]
+
+    def _encode(self, response: str, record) -> tuple[np.ndarray, np.ndarray]:
         messages = [*record.get("messages", []), {"role": "assistant", "content": response}]
         enc = encode_sft({"conversations": messages}, self.tokenizer, self.max_seq_len, markers=self.markers)
-        ids, labels = enc.arrays["input_ids"], enc.arrays["labels"]
-        n = bucket_length(int(np.max(np.nonzero(labels != IGNORE_INDEX)[0], initial=0)) + 1)
-        return float(self._score(self.params, jnp.asarray(ids[None, :n]), jnp.asarray(labels[None, :n]))[0])
+        return enc.arrays["input_ids"], enc.arrays["labels"]

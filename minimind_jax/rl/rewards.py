@@ -15,6 +15,7 @@ rewards, its ``conversations`` for a reward model). :func:`combine` weights seve
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -114,12 +115,17 @@ def combine(weights: Mapping[str, float], extra: Mapping[str, RewardFn] | None =
 def score(fn: RewardFn, responses: Sequence[str], records: Sequence[Mapping],
           where: Sequence[str] | None = None) -> list[float]:
     """``fn`` over a batch; an exception or a non-finite value is a :class:`RewardError` naming the record
-    (``where[i]``, e.g. ``file:line``, or its index)."""
+    (``where[i]``, e.g. ``file:line``, or its index). A reward with a ``batch(responses, records)`` method (a
+    reward model) scores them all at once; when that raises, each is scored alone to name the record."""
+    values = None
+    if callable(getattr(fn, "batch", None)) and responses:
+        with contextlib.suppress(Exception):
+            values = [float(v) for v in fn.batch(responses, records)]
     out = []
     for i, (response, record) in enumerate(zip(responses, records, strict=True)):
         name = where[i] if where is not None else f"record {i}"
         try:
-            value = float(fn(response, record))
+            value = values[i] if values is not None else float(fn(response, record))
         except Exception as e:
             raise RewardError(f"{name}: the reward function raised {type(e).__name__}: {e}") from e
         if not math.isfinite(value):
