@@ -132,3 +132,21 @@ def test_a_step_without_manifest_is_used_unverified_and_its_restore_errors_are_o
         state_io.read_meta(mgr, 6)
     assert state_io.latest_step(mgr, verify=False) == 6
     mgr.close()
+
+
+def test_resume_on_data_that_changed(tmp_path, capsys):
+    """The saved data position is only meaningful on the same records: fewer records is one clear error (the
+    run untouched); the same records in a rewritten file resume with a note."""
+    data = tmp_path / "p.jsonl"
+    lines = open(tiny_run(tmp_path).data_path[0], encoding="utf-8").read().splitlines()[:200]
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    loop.train(tiny_run(tmp_path, data_path=str(data), max_steps=4, **SETTINGS))
+    listing = _listing(tmp_path / "pretrain_64" / "state")
+    data.write_text("\n".join(lines[:100]) + "\n", encoding="utf-8")
+    with pytest.raises(TrainConfigError, match=r"p\.jsonl: the data changed since .* \(200 examples per epoch "
+                                                r"then, 100 now\)"):
+        _resume(tmp_path, data_path=str(data))
+    assert _listing(tmp_path / "pretrain_64" / "state") == listing
+    data.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # same records, another file
+    res = _resume(tmp_path, data_path=str(data))
+    assert res.steps == 8 and "changed since the run was saved (same number of examples)" in capsys.readouterr().out

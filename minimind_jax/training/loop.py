@@ -144,6 +144,9 @@ def setup(cfg: TrainConfig) -> Run:
     stage = build_stage(cfg, start.model_cfg, policy, models.teacher_cfg, tokenizer)
     mesh = _mesh(cfg, stage)
     pipeline, total_steps = _data(cfg, stage, tokenizer)
+    data = _data_meta(cfg, pipeline)
+    if start.meta is not None:
+        _check_same_data(start, data)
     if start.replace:
         _remove_old_run(start)
     tx, schedule = models.optimizer(total_steps)
@@ -157,6 +160,7 @@ def setup(cfg: TrainConfig) -> Run:
     step_fn = jit_train_step(make_train_step(stage, start.model_cfg, policy, tx, schedule), state_sharding,
                              batch_sharding, mesh)
     manager, meta, logger = _open_run_dir(cfg, start, models, policy, mesh, total_steps)
+    meta["data"] = data
     r = Run(cfg, policy, start.model_cfg, stage, models, tokenizer, mesh, start.run_dir, manager, data_iter, state,
             step_fn, batch_sharding, meta, logger, total_steps, int(state.step) if start.meta is not None else 0,
             start.meta is not None)
@@ -259,6 +263,35 @@ def _data(cfg: TrainConfig, stage: Stage, tokenizer):
         raise TrainConfigError(f"{', '.join(cfg.data_path)}: {batches} batches of {cfg.batch_size} are fewer "
                                f"than one optimizer step ({cfg.accumulation_steps} accumulation steps)")
     return pipeline, min(steps_in_data, cfg.max_steps) if cfg.max_steps else steps_in_data
+
+
+def _data_meta(cfg: TrainConfig, pipeline) -> dict:
+    """What a checkpoint records of its data: the files (size, mtime) and this process's examples per epoch."""
+    paths = [cfg.data_path] if isinstance(cfg.data_path, str) else list(cfg.data_path)
+    files = []
+    for path in paths:
+        st = os.stat(path)
+        files.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"files": files, "examples_per_epoch": pipeline.examples_per_epoch, "processes": jax.process_count()}
+
+
+def _check_same_data(start: Start, now: dict) -> None:
+    """A resumed run continues the saved data position, which only means something on the same records: fewer
+    or more examples per epoch is an error naming the files; the same count in changed files is a warning."""
+    saved = start.meta.get("data")
+    if not saved:  # saved by an older version: nothing to compare
+        return
+    where = ", ".join(f["path"] for f in now["files"])
+    if saved.get("processes") == now["processes"] and saved.get("examples_per_epoch") != now["examples_per_epoch"]:
+        raise TrainConfigError(
+            f"{where}: the data changed since {start.state_dir} was saved ({saved.get('examples_per_epoch')} "
+            f"examples per epoch then, {now['examples_per_epoch']} now): the saved data position cannot be "
+            "continued. Resume with the same data, or start a new run on the new data (another out_dir, or "
+            "overwrite=true without --from_resume)")
+    before = {(f["path"], f["size"], f["mtime_ns"]) for f in saved.get("files", [])}
+    if before != {(f["path"], f["size"], f["mtime_ns"]) for f in now["files"]}:
+        log(f"note: the data files ({where}) changed since the run was saved (same number of examples): the "
+            "resumed batches are those of the new files")
 
 
 def _shardings(models: StageModels, model_cfg: ModelConfig, mesh, params):
