@@ -154,8 +154,7 @@ def test_resume_on_data_that_changed(tmp_path, capsys):
 
 def test_a_corrupt_data_position(runs, tmp_path):
     """The data iterator's saved position is covered by the manifest (damaged: check_step names it, so resume falls
-    back as above); in a
-    step without a manifest it is one clear error naming the step."""
+    back as above); in a step without a manifest it is one clear error naming the step."""
     state = _copy_base(runs, tmp_path)
     (state / "6" / "data" / "process_0-of-1.json").write_text('{"next_index": ', encoding="utf-8")
     assert state_io.check_step(state_io.manager(state, tiny_run(tmp_path)), 6) is not None
