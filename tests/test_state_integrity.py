@@ -161,3 +161,22 @@ def test_a_corrupt_data_position(runs, tmp_path):
     (state / "6" / "manifest.sha256.json").unlink()
     with pytest.raises(TrainConfigError, match=r"state/6: cannot restore the checkpoint \(JSONDecodeError"):
         _resume(tmp_path)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database: '
+                                              "Failed to write 182874 bytes to file 6: No space left on device")])
+def test_a_full_disk_while_saving_names_the_last_complete_checkpoint(tmp_path, monkeypatch, error):
+    save = state_io.save
+
+    def full_at_step_4(mgr, step, *args, **kwargs):
+        if step >= 4:
+            raise error
+        return save(mgr, step, *args, **kwargs)
+
+    monkeypatch.setattr(state_io, "save", full_at_step_4)
+    with pytest.raises(loop.TrainingError, match=r"state: no space left on device while saving a checkpoint; the "
+                                                 r"last complete checkpoint \(step 2\) is intact\. Free some space"):
+        loop.train(tiny_run(tmp_path, max_steps=6, **SETTINGS))
+    monkeypatch.setattr(state_io, "save", save)
+    assert _resume(tmp_path).steps == 8  # space back: the run continues from step 2

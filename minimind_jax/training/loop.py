@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import shutil
@@ -394,7 +395,29 @@ class _Dispatched:
 
 
 def run(r: Run) -> RunResult:
-    """The step loop; returns after the last step, a stop request or a non-finite step (saved except the last)."""
+    """The step loop; returns after the last step, a stop request or a non-finite step (saved except the last).
+    A full disk while saving is one :class:`TrainingError` naming the last complete checkpoint."""
+    try:
+        return _run(r)
+    except Exception as e:
+        if not _no_space_left(e):
+            raise
+        kept = sorted(s for s in r.manager.all_steps() if state_io.check_step(r.manager, s) is None)
+        what = f"the last complete checkpoint (step {kept[-1]}) is intact" if kept else "no checkpoint is complete"
+        raise TrainingError(f"{r.run_dir / 'state'}: no space left on device while saving a checkpoint; {what}. "
+                            "Free some space (or lower keep_checkpoints), then continue with --from_resume 1") from None
+
+
+def _no_space_left(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is ENOSPC: an OSError, or orbax / tensorstore's error text."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _run(r: Run) -> RunResult:
     res = RunResult(r.run_dir, r.start_step, [], None, r.model_cfg, first_step=r.start_step,
                     last_saved=r.start_step if r.resumed else None)
     feed = _feed(r)
