@@ -395,7 +395,7 @@ async def _unless_client_leaves(request: Request, complete_fn, req, rows, scorer
             return work.result()
         if await request.is_disconnected():
             for stream in streams:
-                stream.close()
+                stream.cancel()
             with contextlib.suppress(Exception):  # the cancelled rows end; their result is not wanted
                 await work
             return None

@@ -553,9 +553,15 @@ class RowStream(Iterator[list[list[int]]]):
                 return new
 
     def close(self) -> None:
+        """Cancel the rows still running and end the stream (from the thread that iterates it)."""
         self._open = 0
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the rows still running, from any thread: the engine ends each (its slot freed before the next
+        step), so a ``next()`` waiting in another thread returns and the stream then ends."""
         for r in self.requests:
-            r.cancelled = True  # a no-op once it is done; its slot is freed before the next step otherwise
+            r.cancelled = True  # a no-op once it is done
 
 
 class EngineRows:
@@ -577,7 +583,7 @@ class EngineRows:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sequence[SamplingParams],
                  on_stream: Callable[[RowStream], None] | None = None) -> list[GenerationResult]:
         """The rows' results once all have ended; ``on_stream`` is given their :class:`RowStream` as soon as
-        they are submitted (its ``close()``, from any thread, cancels them: a client that left)."""
+        they are submitted (its ``cancel()``, from any thread, ends them: a client that left)."""
         rows = self.stream(prompts, max_new_tokens, sampling)
         if on_stream is not None:
             on_stream(rows)
