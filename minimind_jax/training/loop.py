@@ -402,8 +402,9 @@ def run(r: Run) -> RunResult:
     except Exception as e:
         if not _no_space_left(e):
             raise
-        kept = sorted(s for s in r.manager.all_steps() if state_io.check_step(r.manager, s) is None)
-        what = f"the last complete checkpoint (step {kept[-1]}) is intact" if kept else "no checkpoint is complete"
+        last = state_io.latest_step(r.manager, verify=False)  # the failed step was never finalised: not listed
+        what = (f"the last complete checkpoint (step {last}) is intact" if last is not None
+                else "no checkpoint is complete")
         raise TrainingError(f"{r.run_dir / 'state'}: no space left on device while saving a checkpoint; {what}. "
                             "Free some space (or lower keep_checkpoints), then continue with --from_resume 1") from None
 
