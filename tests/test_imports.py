@@ -23,10 +23,7 @@ PACKAGES = ("minimind_jax", "convert")
 OPTIONAL = {"torch", "transformers", "lm_eval", "selenium", "playwright"}
 
 # (file, imported top-level-or-full module name) still imported inside a function
-LOCAL_IMPORT_EXCEPTIONS: set[tuple[str, str]] = {
-    ("minimind_jax/data/prepared.py", "tokenizers"),
-    ("minimind_jax/data/prepared.py", "tqdm"),
-}
+LOCAL_IMPORT_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -49,6 +49,8 @@ Reading:
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -59,6 +61,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tokenizers
+from tqdm import tqdm
 
 from minimind_jax.data.jsonl import (
     MAX_LINE_BYTES,
@@ -131,8 +135,6 @@ _WORKER_ENCODER = None
 def _worker_init(serialized: str, record_encoder=None) -> None:
     global _WORKER_TOKENIZER, _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    import tokenizers
-
     _WORKER_TOKENIZER = tokenizers.Tokenizer.from_str(serialized)
     _WORKER_ENCODER = record_encoder
 
@@ -238,8 +240,8 @@ def prepare(
     giving ``segments_per_record`` texts per record) and ``extra_meta`` (stored as meta.json's ``chat``); use
     :func:`minimind_jax.data.prepared_chat.prepare_chat` rather than calling this directly.
 
-    ``workers`` > 0: a pool of that many processes (see ``_start_method``), each parsing, validating and encoding whole chunks of
-    ``chunk_lines`` lines (faster on 2 cores than the tokenizers library's own threads, see
+    ``workers`` > 0: a pool of that many processes (see ``_start_method``), each parsing, validating and encoding
+    whole chunks of ``chunk_lines`` lines (faster on 2 cores than the tokenizers library's own threads, see
     ``scripts/prepare_data.py --bench``); 0: in this process with ``encode_batch`` (Rust threads).
     Resumable: rerunning with the same inputs and tokenizer continues after the last committed chunk.
     ``max_chunks`` (testing) stops after committing that many chunks this call and returns None.
@@ -248,7 +250,28 @@ def prepare(
     """
     if (stage == "pretrain") != (record_encoder is None):
         raise ValueError(f"{stage} data needs its record encoder (prepared_chat.prepare_chat); pretrain none")
-    chat = record_encoder is not None
+    paths = _checked_inputs(paths, chunk_lines)
+    out_dir = os.fspath(out_dir)
+    if overwrite and is_prepared_dir(out_dir):  # the complete directory stays until its replacement is complete
+        kwargs = dict(tokenizer_path=tokenizer_path, stage=stage, workers=workers, chunk_lines=chunk_lines,
+                      skip_bad_lines=skip_bad_lines, pack_max_seq_len=pack_max_seq_len, progress=progress,
+                      max_chunks=max_chunks, max_line_bytes=max_line_bytes, record_encoder=record_encoder,
+                      segments_per_record=segments_per_record, extra_meta=extra_meta)
+        return _prepare_replacement(paths, out_dir, tokenizer, kwargs)
+    os.makedirs(out_dir, exist_ok=True)
+    job = _Job.create(paths, out_dir, tokenizer, stage, skip_bad_lines, record_encoder, segments_per_record)
+    meta = _already_prepared(job, pack_max_seq_len, overwrite)
+    if meta is not None:
+        return meta
+    state = _start_or_resume(job, overwrite)
+    t_start = time.perf_counter()
+    if not _encode_all(job, state, workers, chunk_lines, max_line_bytes, max_chunks, progress):
+        return None
+    return _finalise(job, state, tokenizer, tokenizer_path, pack_max_seq_len, extra_meta, t_start)
+
+
+def _checked_inputs(paths, chunk_lines: int) -> list[str]:
+    """The data files as absolute paths, each an existing file holding a record (DataError naming it)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.path.abspath(os.fspath(p)) for p in paths]
@@ -259,151 +282,218 @@ def prepare(
         _check_has_content(p)
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be positive, got {chunk_lines}")
-    out_dir = os.fspath(out_dir)
-    if overwrite and is_prepared_dir(out_dir):  # the complete directory stays until its replacement is complete
-        staging = os.path.normpath(out_dir) + ".overwrite"
-        kwargs = dict(tokenizer_path=tokenizer_path, stage=stage, workers=workers, chunk_lines=chunk_lines,
-                      skip_bad_lines=skip_bad_lines, pack_max_seq_len=pack_max_seq_len, progress=progress,
-                      max_chunks=max_chunks, max_line_bytes=max_line_bytes, record_encoder=record_encoder,
-                      segments_per_record=segments_per_record, extra_meta=extra_meta)
-        try:  # resumes an interrupted replacement of the same inputs
-            meta = prepare(paths, staging, tokenizer, **kwargs)
-        except FileExistsError:  # an unfinished replacement from other inputs: start it over
-            meta = prepare(paths, staging, tokenizer, overwrite=True, **kwargs)
-        if meta is not None:
-            _move_into(staging, out_dir)
-        return meta
-    os.makedirs(out_dir, exist_ok=True)
-    backend = _backend(tokenizer)
-    vocab = backend.get_vocab_size(with_added_tokens=True)
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-    sources = [_source_info(p) for p in paths]
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    identity = {"format_version": FORMAT_VERSION, "sources": sources, "tokenizer_sha256": fingerprint,
-                "dtype": dtype.name, "stage": stage}
+    return paths
 
-    meta_path = os.path.join(out_dir, META_FILE)
-    state_path = os.path.join(out_dir, STATE_FILE)
-    tokens_path = os.path.join(out_dir, TOKENS_FILE)
-    part_path = os.path.join(out_dir, PART_FILE)
-    records_path, extra_path = os.path.join(out_dir, RECORDS_PART_FILE), os.path.join(out_dir, EXTRA_FILE)
-    meta = _load_json_or_none(meta_path, overwrite)
+
+def _prepare_replacement(paths: list[str], out_dir: str, tokenizer, kwargs: dict) -> dict | None:
+    """``prepare(..., overwrite=True)`` of a complete directory: prepared beside it (``<out_dir>.overwrite``,
+    resumable) and moved in only when complete."""
+    staging = os.path.normpath(out_dir) + ".overwrite"
+    try:  # resumes an interrupted replacement of the same inputs
+        meta = prepare(paths, staging, tokenizer, **kwargs)
+    except FileExistsError:  # an unfinished replacement from other inputs: start it over
+        meta = prepare(paths, staging, tokenizer, overwrite=True, **kwargs)
     if meta is not None:
-        same = (meta.get("sources_identity") == sources and meta.get("tokenizer", {}).get("sha256") == fingerprint
-                and meta.get("skip_bad_lines") == skip_bad_lines and meta.get("stage") == stage)
-        if same and not overwrite:  # already done (only the recorded default packing may change)
-            if meta.get("pack_max_seq_len") != pack_max_seq_len:
-                meta["pack_max_seq_len"] = pack_max_seq_len
-                _atomic_write_json(meta_path, meta)
-            return meta
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds prepared data from other inputs / tokenizer "
-                                  "(pass overwrite=True / --overwrite)")
+        _move_into(staging, out_dir)
+    return meta
+
+
+@dataclasses.dataclass
+class _Job:
+    """What one preparation writes and from what: its inputs, output files, token dtype and record encoder."""
+
+    paths: list[str]
+    out_dir: str
+    stage: str
+    backend: Any  # the tokenizers.Tokenizer
+    vocab: int
+    dtype: np.dtype
+    sources: list[dict]
+    fingerprint: str
+    skip_bad_lines: bool
+    record_encoder: Any
+    segments_per_record: int
+
+    @classmethod
+    def create(cls, paths, out_dir, tokenizer, stage, skip_bad_lines, record_encoder, segments_per_record):
+        backend = _backend(tokenizer)
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+        return cls(paths, out_dir, stage, backend, vocab, np.dtype(np.uint16 if vocab <= 2**16 else np.uint32),
+                   [_source_info(p) for p in paths], tokenizer_fingerprint(tokenizer), skip_bad_lines,
+                   record_encoder, segments_per_record)
+
+    @property
+    def chat(self) -> bool:
+        return self.record_encoder is not None
+
+    @property
+    def identity(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "sources": self.sources, "tokenizer_sha256": self.fingerprint,
+                "dtype": self.dtype.name, "stage": self.stage}
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def committed_sizes(self, state: dict) -> list[tuple[str, int]]:
+        """(file being written, its size at the last commit)."""
+        sizes = [(self.file(TOKENS_FILE), state["tokens"] * self.dtype.itemsize),
+                 (self.file(PART_FILE), state["documents"] * self.segments_per_record * 8)]
+        if self.chat:
+            sizes += [(self.file(RECORDS_PART_FILE), state["documents"] * 16),
+                      (self.file(EXTRA_FILE), state["extra_bytes"])]
+        return sizes
+
+
+def _already_prepared(job: _Job, pack_max_seq_len: int | None, overwrite: bool) -> dict | None:
+    """The meta of a complete directory prepared from the same inputs (its recorded default packing updated),
+    None when there is none to keep; FileExistsError when it holds other inputs and not ``overwrite``."""
+    meta_path = job.file(META_FILE)
+    meta = _load_json_or_none(meta_path, overwrite)
+    if meta is None:
+        return None
+    same = (meta.get("sources_identity") == job.sources and meta.get("tokenizer", {}).get("sha256") == job.fingerprint
+            and meta.get("skip_bad_lines") == job.skip_bad_lines and meta.get("stage") == job.stage)
+    if same and not overwrite:  # already done (only the recorded default packing may change)
+        if meta.get("pack_max_seq_len") != pack_max_seq_len:
+            meta["pack_max_seq_len"] = pack_max_seq_len
+            _atomic_write_json(meta_path, meta)
+        return meta
+    if not overwrite:
+        raise FileExistsError(f"{job.out_dir} already holds prepared data from other inputs / tokenizer "
+                              "(pass overwrite=True / --overwrite)")
+    return None
+
+
+def _start_or_resume(job: _Job, overwrite: bool) -> dict:
+    """The committed progress: a fresh start (old files removed), or an unfinished run of the same inputs with
+    whatever a killed run wrote after its last commit dropped; FileExistsError when it was of other inputs."""
+    state_path = job.file(STATE_FILE)
     state = None if overwrite else _load_json_or_none(state_path, overwrite)
     if state is not None:
-        if state.get("identity") != identity or state.get("skip_bad_lines") != skip_bad_lines:
-            raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs / tokenizer / "
+        if state.get("identity") != job.identity or state.get("skip_bad_lines") != job.skip_bad_lines:
+            raise FileExistsError(f"{job.out_dir} holds an unfinished preparation of other inputs / tokenizer / "
                                   "settings (pass overwrite=True / --overwrite to start over)")
     if state is None:
         for name in (META_FILE, OFFSETS_FILE, STATE_FILE, TOKENS_FILE, PART_FILE, RECORDS_PART_FILE, FLAGS_FILE,
                      EXTRA_FILE, EXTRA_OFFSETS_FILE):
-            if os.path.exists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-        state = {"identity": identity, "skip_bad_lines": skip_bad_lines, "file_index": 0, "byte_offset": 0,
+            if os.path.exists(job.file(name)):
+                os.remove(job.file(name))
+        state = {"identity": job.identity, "skip_bad_lines": job.skip_bad_lines, "file_index": 0, "byte_offset": 0,
                  "line_no": 1, "documents": 0, "tokens": 0, "bad_lines": 0, "blank_lines": 0, "bad": [],
                  "extra_bytes": 0,
-                 "per_file": [{"lines": 0, "documents": 0, "bad_lines": 0, "blank_lines": 0} for _ in paths]}
-        for path in (tokens_path, part_path) + ((records_path, extra_path) if chat else ()):
+                 "per_file": [{"lines": 0, "documents": 0, "bad_lines": 0, "blank_lines": 0} for _ in job.paths]}
+        for path, _ in job.committed_sizes(state):
             open(path, "wb").close()
         _atomic_write_json(state_path, state)
-    # drop whatever a killed run wrote after its last commit
-    sizes = [(tokens_path, state["tokens"] * dtype.itemsize), (part_path, state["documents"] * segments_per_record * 8)]
-    if chat:
-        sizes += [(records_path, state["documents"] * 16), (extra_path, state["extra_bytes"])]
-    for path, size in sizes:
+    for path, size in job.committed_sizes(state):
         with open(path, "r+b") as f:
             f.truncate(size)
+    return state
 
-    total_bytes = sum(s["size"] for s in sources)
-    done_bytes = sum(s["size"] for s in sources[: state["file_index"]]) + state["byte_offset"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="prepare",
-                   dynamic_ncols=True)
-    t_start, tokens_start = time.perf_counter(), state["tokens"]
+class _Writer:
+    """Appends each encoded chunk to the output files, in input order, and commits it: ``progress.json`` records
+    the position after it, so a killed run resumes from there."""
 
+    def __init__(self, job: _Job, state: dict, files: list, bar):
+        self.job, self.state, self.bar = job, state, bar
+        self.ftok, self.fpart, self.frec, self.fextra = files
+        self.committed_chunks = 0
+        self.t_start, self.tokens_start = time.perf_counter(), state["tokens"]
+
+    def commit(self, file_index: int, offset: int, next_line: int, result) -> None:
+        """Write ``result`` (None: a file ended) and move the committed position to ``file_index``, ``offset``,
+        ``next_line``; DataError at a bad line unless skipping them."""
+        state = self.state
+        if result is not None:
+            self._write(result)
+            self._count(result, next_line)
+            self.committed_chunks += 1
+        state["file_index"], state["byte_offset"], state["line_no"] = file_index, offset, next_line
+        _atomic_write_json(self.job.file(STATE_FILE), state)
+        if self.bar is not None:
+            self._show_progress()
+
+    def _write(self, result) -> None:
+        tokens, lengths, bad, _, (flags, extras) = result
+        state = self.state
+        if bad:
+            messages = [f"{self.job.paths[state['file_index']]}:{line}: {reason}" for line, reason in bad]
+            if not self.job.skip_bad_lines:
+                raise DataError(messages[0] + " (pass --skip-bad-lines / skip_bad_lines=True to skip and count "
+                                "such lines)")
+            room = MAX_REPORTED_BAD_LINES - len(state["bad"])
+            state["bad"].extend(messages[: max(room, 0)])
+        self.ftok.write(tokens.tobytes())
+        self.fpart.write(lengths.astype("<i8").tobytes())
+        if self.job.chat:
+            info = np.stack([flags.astype(np.int64), [len(e) for e in extras]], 1) if extras else []
+            self.frec.write(np.asarray(info, "<i8").tobytes())
+            self.fextra.write(b"".join(extras))
+            state["extra_bytes"] += sum(len(e) for e in extras)
+        for f in (self.ftok, self.fpart, self.frec, self.fextra):
+            f.flush()
+
+    def _count(self, result, next_line: int) -> None:
+        tokens, _, bad, blank, (flags, _) = result
+        state = self.state
+        for counts in (state["per_file"][state["file_index"]], state):
+            counts["documents"] += len(flags)
+            counts["bad_lines"] += len(bad)
+            counts["blank_lines"] += blank
+        state["per_file"][state["file_index"]]["lines"] += next_line - state["line_no"]
+        state["tokens"] += len(tokens)
+
+    def _show_progress(self) -> None:
+        state, bar = self.state, self.bar
+        done = sum(s["size"] for s in self.job.sources[: state["file_index"]]) + state["byte_offset"]
+        bar.update(done - bar.n)
+        rate = (state["tokens"] - self.tokens_start) / max(time.perf_counter() - self.t_start, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tok/s, {state['tokens']:,} tokens", refresh=False)
+
+
+def _progress_bar(job: _Job, state: dict):
+    total_bytes = sum(s["size"] for s in job.sources)
+    done_bytes = sum(s["size"] for s in job.sources[: state["file_index"]]) + state["byte_offset"]
+    return tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True)
+
+
+def _encode_all(job: _Job, state: dict, workers: int, chunk_lines: int, max_line_bytes: int,
+                max_chunks: int | None, progress: bool) -> bool:
+    """Encode the inputs from the committed position on, in chunks (by ``workers`` processes, or here when 0),
+    committing each in order; whether the inputs were finished (False: stopped after ``max_chunks``)."""
+    bar = _progress_bar(job, state) if progress else None
     pool, workers_started = None, []
     if workers > 0:
         ctx = multiprocessing.get_context(_start_method())
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(), record_encoder))
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(job.backend.to_str(), job.record_encoder))
         workers_started = list(getattr(pool, "_pool", []))
-    chunks = _read_chunks(paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines, dtype,
-                          max_line_bytes, stage)
-    window: collections.deque = collections.deque()
-    committed_chunks = 0
-    finished = False
+    chunks = _read_chunks(job.paths, state["file_index"], state["byte_offset"], state["line_no"], chunk_lines,
+                          job.dtype, max_line_bytes, job.stage)
+    window: collections.deque = collections.deque()  # (file index, offset, next line, pending result or None)
+    names = [job.file(TOKENS_FILE), job.file(PART_FILE)] + (
+        [job.file(RECORDS_PART_FILE), job.file(EXTRA_FILE)] if job.chat else [os.devnull, os.devnull])
     try:
-        with open(tokens_path, "ab") as ftok, open(part_path, "ab") as fpart, \
-                open(records_path if chat else os.devnull, "ab") as frec, \
-                open(extra_path if chat else os.devnull, "ab") as fextra:
-            def commit(file_index, offset, next_line, result):
-                nonlocal committed_chunks
-                if result is not None:
-                    tokens, lengths, bad, blank, (flags, extras) = result
-                    task_file = state["file_index"]
-                    if bad:
-                        path = paths[task_file]
-                        messages = [f"{path}:{line}: {reason}" for line, reason in bad]
-                        if not skip_bad_lines:
-                            raise DataError(messages[0] + " (pass --skip-bad-lines / skip_bad_lines=True to "
-                                            "skip and count such lines)")
-                        room = MAX_REPORTED_BAD_LINES - len(state["bad"])
-                        state["bad"].extend(messages[: max(room, 0)])
-                    ftok.write(tokens.tobytes())
-                    fpart.write(lengths.astype("<i8").tobytes())
-                    if chat:
-                        info = np.stack([flags.astype(np.int64), [len(e) for e in extras]], 1) if extras else []
-                        frec.write(np.asarray(info, "<i8").tobytes())
-                        fextra.write(b"".join(extras))
-                        state["extra_bytes"] += sum(len(e) for e in extras)
-                    for f in (ftok, fpart, frec, fextra):
-                        f.flush()
-                    pf = state["per_file"][task_file]
-                    pf["lines"] += next_line - state["line_no"]
-                    pf["documents"] += len(flags)
-                    pf["bad_lines"] += len(bad)
-                    pf["blank_lines"] += blank
-                    state["documents"] += len(flags)
-                    state["tokens"] += len(tokens)
-                    state["bad_lines"] += len(bad)
-                    state["blank_lines"] += blank
-                    committed_chunks += 1
-                state["file_index"], state["byte_offset"], state["line_no"] = file_index, offset, next_line
-                _atomic_write_json(state_path, state)
-                if bar is not None:
-                    done = sum(s["size"] for s in sources[: state["file_index"]]) + state["byte_offset"]
-                    bar.update(done - bar.n)
-                    rate = (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} tok/s, {state['tokens']:,} tokens", refresh=False)
+        with contextlib.ExitStack() as stack:
+            writer = _Writer(job, state, [stack.enter_context(open(n, "ab")) for n in names], bar)
 
             def drain_one():
                 file_index, offset, next_line, pending = window.popleft()
-                result = None
-                if pending is not None:
-                    result = _wait(pending, workers_started) if pool is not None else pending
-                commit(file_index, offset, next_line, result)
+                if pending is not None and pool is not None:
+                    pending = _wait(pending, workers_started)
+                writer.commit(file_index, offset, next_line, pending)
 
             for file_index, offset, next_line, task in chunks:
-                if max_chunks is not None and committed_chunks + sum(w[3] is not None for w in window) >= max_chunks:
+                in_flight = sum(w[3] is not None for w in window)
+                if max_chunks is not None and writer.committed_chunks + in_flight >= max_chunks:
+                    finished = False
                     break
                 if task is None:
                     pending = None
                 elif pool is not None:
                     pending = pool.apply_async(_encode_chunk, (task,))
                 else:
-                    pending = _encode_chunk(task, backend, record_encoder)
+                    pending = _encode_chunk(task, job.backend, job.record_encoder)
                 window.append((file_index, offset, next_line, pending))
                 while len(window) > max(2 * workers, 1):
                     drain_one()
@@ -417,46 +507,46 @@ def prepare(
             pool.join()
         if bar is not None:
             bar.close()
-    if not finished:
-        return None
-    if not state["documents"]:
-        raise DataError(f"{paths[0]}: no records: all {state['bad_lines']} non-blank lines of the input are bad "
-                        f"(first: {state['bad'][0] if state['bad'] else '?'})")
+    return finished
 
-    _save_cumulative(part_path, os.path.join(out_dir, OFFSETS_FILE), state["tokens"])
-    if chat:
+
+def _finalise(job: _Job, state: dict, tokenizer, tokenizer_path, pack_max_seq_len, extra_meta, t_start) -> dict:
+    """Turn the committed parts into the final arrays and write meta.json last (the directory is then complete);
+    DataError when every line was bad."""
+    if not state["documents"]:
+        raise DataError(f"{job.paths[0]}: no records: all {state['bad_lines']} non-blank lines of the input are bad "
+                        f"(first: {state['bad'][0] if state['bad'] else '?'})")
+    part_path, records_path = job.file(PART_FILE), job.file(RECORDS_PART_FILE)
+    _save_cumulative(part_path, job.file(OFFSETS_FILE), state["tokens"])
+    if job.chat:
         info = np.fromfile(records_path, dtype="<i8").reshape(-1, 2)
-        _save_array(os.path.join(out_dir, FLAGS_FILE), info[:, 0].astype(np.uint8))
+        _save_array(job.file(FLAGS_FILE), info[:, 0].astype(np.uint8))
         info[:, 1].astype("<i8").tofile(records_path)  # the extra lengths, summed into extra_offsets.npy
-        _save_cumulative(records_path, os.path.join(out_dir, EXTRA_OFFSETS_FILE), state["extra_bytes"])
-    elapsed = time.perf_counter() - t_start
+        _save_cumulative(records_path, job.file(EXTRA_OFFSETS_FILE), state["extra_bytes"])
     meta = {
         "format_version": FORMAT_VERSION,
-        "stage": stage,
-        "dtype": dtype.name,
+        "stage": job.stage,
+        "dtype": job.dtype.name,
         "tokenizer": {
-            "path": tokenizer_path, "sha256": fingerprint, "vocab_size": vocab,
+            "path": tokenizer_path, "sha256": job.fingerprint, "vocab_size": job.vocab,
             "bos_token_id": getattr(tokenizer, "bos_token_id", None),
             "eos_token_id": getattr(tokenizer, "eos_token_id", None),
             "pad_token_id": getattr(tokenizer, "pad_token_id", None),
         },
-        "sources": [{**s, **pf} for s, pf in zip(sources, state["per_file"])],
-        "sources_identity": sources,
-        "documents": state["documents"],
-        "tokens": state["tokens"],
-        "bad_lines": state["bad_lines"],
-        "blank_lines": state["blank_lines"],
-        "bad": state["bad"],
-        "skip_bad_lines": skip_bad_lines,
+        "sources": [{**s, **pf} for s, pf in zip(job.sources, state["per_file"])],
+        "sources_identity": job.sources,
+        **{key: state[key] for key in ("documents", "tokens", "bad_lines", "blank_lines", "bad")},
+        "skip_bad_lines": job.skip_bad_lines,
         "pack_max_seq_len": pack_max_seq_len,
-        "last_run_seconds": round(elapsed, 3),
+        "last_run_seconds": round(time.perf_counter() - t_start, 3),
     }
-    if chat:
-        meta.update(segments_per_record=segments_per_record, extra_bytes=state["extra_bytes"], chat=extra_meta or {})
-    _atomic_write_json(meta_path, meta)
-    os.remove(state_path)
+    if job.chat:
+        meta.update(segments_per_record=job.segments_per_record, extra_bytes=state["extra_bytes"],
+                    chat=extra_meta or {})
+    _atomic_write_json(job.file(META_FILE), meta)
+    os.remove(job.file(STATE_FILE))
     os.remove(part_path)
-    if chat:
+    if job.chat:
         os.remove(records_path)
     return meta
 
