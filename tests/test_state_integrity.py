@@ -4,13 +4,17 @@ step and continues bit-identically to an uninterrupted run; when every step is d
 nothing is touched; orbax's max_to_keep cleanup still removes old steps with their manifests."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from minimind_jax.training import loop, state_io
 from minimind_jax.training.config import TrainConfigError
-from test_train_loop import _steps, tiny_run
+from test_train_loop import PRETRAIN, TINY_MODEL, _steps, tiny_run
 
 pytestmark = pytest.mark.xdist_group("state_integrity")  # one worker trains the module's runs once
 
@@ -180,3 +184,44 @@ def test_a_full_disk_while_saving_names_the_last_complete_checkpoint(tmp_path, m
         loop.train(tiny_run(tmp_path, max_steps=6, **SETTINGS))
     monkeypatch.setattr(state_io, "save", save)
     assert _resume(tmp_path).steps == 8  # space back: the run continues from step 2
+
+
+# ``sh -c`` script: mount a tmpfs of $1 at $0 (in the private mount namespace of ``unshare``: gone when it exits),
+# run the rest, then list what the disk holds of the run's state (stdout)
+_ON_A_SMALL_DISK = ('mount -t tmpfs -o size="$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; '
+                    'ls "$0"/pretrain_64/state "$0"/pretrain_64/state/1 2>&1; exit $rc')
+
+
+def _unshare(mount_point: Path, size: str, *command: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _ON_A_SMALL_DISK,
+                           str(mount_point), size, *command], capture_output=True, text=True, **kw)
+
+
+def test_a_really_full_disk_is_one_error_line_without_orbax_tracebacks(tmp_path):
+    """A real full disk (an 8 MB tmpfs: step 1's 5.4 MB state fits, step 2's does not) under async saves:
+    stderr is our one error line, without the ~300-600 lines orbax's background threads printed (absl ERROR
+    records with tracebacks, tensorstore's "Event loop is closed"); step 1 stays complete."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    try:
+        probe = _unshare(mount_point, "1m", "true", timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot run unshare: {e}")
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs mount here (unshare / user namespaces): {probe.stderr.strip()[:200]}")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: compiles fastest
+    args = ["--preset", "minimind3", "--data_path", PRETRAIN, "--out_dir", str(mount_point), "--batch_size", "8",
+            "--max_seq_len", "64", "--max_steps", "3", "--save_interval", "1", "--async_checkpointing", "true",
+            "--dtype", "float32", "--progress", "false", "--sample_prompt", "", "--plot", "false",
+            "--tensorboard", "false"] + [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    res = _unshare(mount_point, "8m", sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" /
+                                                           "train.py"), *args, env={**env, "JAX_PLATFORMS": "cpu"},
+                   timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert len(lines) < 15, res.stderr
+    assert lines[-1] == (f"error: {mount_point}/pretrain_64/state: no space left on device while saving a checkpoint; "
+                         "the last complete checkpoint (step 1) is intact. Free some space (or lower "
+                         "keep_checkpoints), then continue with --from_resume 1")
+    assert "Traceback" not in res.stderr and "Event loop is closed" not in res.stderr
+    assert state_io.MANIFEST in res.stdout.split()  # step 1 finalised and hashed

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import math
 import os
 import shutil
@@ -400,22 +399,13 @@ def run(r: Run) -> RunResult:
     try:
         return _run(r)
     except Exception as e:
-        if not _no_space_left(e):
+        if not state_io.no_space_left(e):
             raise
         last = state_io.latest_step(r.manager, verify=False)  # the failed step was never finalised: not listed
         what = (f"the last complete checkpoint (step {last}) is intact" if last is not None
                 else "no checkpoint is complete")
         raise TrainingError(f"{r.run_dir / 'state'}: no space left on device while saving a checkpoint; {what}. "
                             "Free some space (or lower keep_checkpoints), then continue with --from_resume 1") from None
-
-
-def _no_space_left(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is ENOSPC: an OSError, or orbax / tensorstore's error text."""
-    while e is not None:
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _run(r: Run) -> RunResult:
@@ -452,10 +442,12 @@ def _feed(r: Run) -> prefetch.BatchFeed:
 
 
 def _close(r: Run) -> None:
-    """Wait for the checkpoint being written, then close the checkpoint manager and the metrics files."""
-    r.manager.wait_until_finished()
-    r.manager.close()
-    r.logger.close()
+    """Wait for the checkpoint being written, then close the checkpoint manager (also when that save failed: its
+    error goes up after) and the metrics files."""
+    try:
+        r.manager.close()
+    finally:
+        r.logger.close()
 
 
 def _steps(r: Run, res: RunResult, stop, bar, feed: prefetch.BatchFeed) -> None:

@@ -14,13 +14,23 @@ The rules when a run resumes:
 - a step without a manifest (saved by an older version, or the process died while hashing it) is used
   unverified, with a log line saying so; restore then still turns any orbax error into one clear error;
 - when every kept step is damaged, nothing is moved or deleted and a ``TrainConfigError`` says so.
+
+Failed saves. A save that fails in orbax's background threads (a full disk, say) raises its error in the caller
+at the next save, ``wait_until_finished`` or ``close``; ``close`` then still shuts orbax's threads down, so the
+process exits without their tracebacks. While a manager is open, orbax's ERROR log records about a full disk
+(one per background thread, each with a traceback; the caller reports the error as one line, see
+``no_space_left``) are dropped, and so are tensorstore's "Event loop is closed" errors: writes of the failed
+save that finish after orbax closed its event loop.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -47,6 +57,8 @@ class StateManager(ocp.CheckpointManager):
         self.problems: dict[int, str | None] = {}  # step -> its first bad file (None: intact), once checked
         self._hasher: threading.Thread | None = None
         self._hash_error: BaseException | None = None
+        _QUIET.acquire()
+        self._quiet = True
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self._join_hasher()
@@ -58,8 +70,26 @@ class StateManager(ocp.CheckpointManager):
         return saved
 
     def wait_until_finished(self) -> None:
-        super().wait_until_finished()
-        self._join_hasher()
+        """Raises a failed save's error (orbax raises it once in each thread that waits)."""
+        try:
+            super().wait_until_finished()
+        finally:
+            self._join_hasher()
+
+    def close(self) -> None:
+        """Wait for the save in flight, then close orbax's threads, even when that save failed (its error is
+        raised after). ``all_steps()`` then lists the steps on disk: a failed save has already dropped from
+        orbax's list the old steps it was to delete once finalised."""
+        try:
+            self.wait_until_finished()
+        finally:
+            try:
+                super().close()  # its own wait does not raise the error again in this thread
+                self.reload()
+            finally:
+                if self._quiet:
+                    self._quiet = False
+                    _QUIET.release()
 
     def _finalise_and_hash(self, step: int) -> None:
         try:
@@ -76,6 +106,58 @@ class StateManager(ocp.CheckpointManager):
         if self._hash_error is not None:
             error, self._hash_error = self._hash_error, None
             raise error
+
+
+def no_space_left(e: BaseException | None) -> bool:
+    """Whether ``e`` (or what caused it) is ENOSPC: an OSError, or orbax / tensorstore's error text."""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _OrbaxNoise(logging.Filter):
+    """Installed while any StateManager is open (counted): a filter on the ``absl`` logger orbax logs to that
+    drops its ERROR records about a full disk, and a ``sys.unraisablehook`` that drops tensorstore's "Event loop
+    is closed" errors (see the module doc); everything else goes through as before."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._previous_hook = sys.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        cause = record.exc_info[1] if record.exc_info else None
+        return not (no_space_left(cause) or "No space left on device" in record.getMessage())
+
+    def _unraisable(self, unraisable) -> None:
+        if self._users and unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError) \
+                and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        self._previous_hook(unraisable)
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                logging.getLogger("absl").addFilter(self)
+                if sys.unraisablehook is not self._unraisable:
+                    self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                logging.getLogger("absl").removeFilter(self)
+                if sys.unraisablehook is self._unraisable:  # else replaced since: ours passes everything on
+                    sys.unraisablehook = self._previous_hook
+
+
+_QUIET = _OrbaxNoise()
 
 
 def manager(state_dir: Path, cfg: TrainConfig) -> StateManager:
