@@ -11,6 +11,8 @@ by the RL stages as the ``reward_model`` reward, so the whole RLAIF pipeline run
 * :class:`RewardScorer` is a reward function ``fn(response, record)``: the record's ``messages`` plus the
   response as the assistant's reply, encoded as SFT data is, scored in one jitted forward pass per length
   bucket.
+* :func:`open_reward_model` reads ``--reward_model DIR``: this kind (a ``manifest.json``) or a Hugging Face
+  sequence-classification / reward model (a ``config.json``; :mod:`minimind_jax.rl.hf_reward`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from minimind_jax import weights
-from minimind_jax.checkpoint import read_manifest, save_checkpoint
+from minimind_jax.checkpoint import looks_like_checkpoint, read_manifest, save_checkpoint
 from minimind_jax.config import ModelConfig
 from minimind_jax.data.samples import IGNORE_INDEX, ChatMarkers, encode_sft
 from minimind_jax.generate import bucket_length
 from minimind_jax.model.transformer import MiniMindLM
 from minimind_jax.precision import get_policy
+from minimind_jax.rl import hf_reward
 
 HEAD_KEY = "reward_head"
 
@@ -131,3 +134,17 @@ class RewardScorer:
         messages = [*record.get("messages", []), {"role": "assistant", "content": response}]
         enc = encode_sft({"conversations": messages}, self.tokenizer, self.max_seq_len, markers=self.markers)
         return enc.arrays["input_ids"], enc.arrays["labels"]
+
+
+def open_reward_model(path: str | Path, tokenizer, policy: str = "fp32", max_seq_len: int = 2048):
+    """The ``reward_model`` reward of ``--reward_model DIR``: a :class:`RewardScorer` for a reward model of ours
+    (written by ``--stage reward``), a :class:`~minimind_jax.rl.hf_reward.HFRewardModel` for a Hugging Face
+    directory (scored with its own tokenizer); anything else is one error naming the directory."""
+    if hf_reward.is_hf_model_dir(path):
+        return hf_reward.HFRewardModel(path, max_length=max_seq_len)
+    if not Path(path).exists():
+        raise weights.WeightsError(f"reward_model {path}: no such directory")
+    if not looks_like_checkpoint(path):
+        raise weights.WeightsError(f"reward_model {path}: neither a reward model written by --stage reward (a "
+                                   "manifest.json) nor a Hugging Face sequence-classification model (a config.json)")
+    return RewardScorer(path, tokenizer, policy, max_seq_len)

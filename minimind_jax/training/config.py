@@ -146,7 +146,9 @@ class TrainConfig:
     # the record's gt), think_format, reward_model (the score of `reward_model`); e.g.
     # rewards='{numeric: 1, minimind: 0.5}' (agent: MiniMind's trajectory reward)
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: {"minimind": 1.0})
-    reward_model: str | None = None  # a reward model trained by --stage reward (its <run>/reward_model)
+    # the `reward_model` reward's model: a directory written by --stage reward (its <run>/reward_model) or a
+    # Hugging Face sequence-classification / reward model directory (config.json; needs the torch extra)
+    reward_model: str | None = None
     agent_max_turns: int = 3  # agent: generation turns per trajectory (tool results between them)
     agent_max_total_tokens: int = 2500  # agent: tokens of a whole trajectory (generated + tool turns)
     # --- ppo (MiniMind-3's train_ppo.py defaults; one rollout per prompt, rewards as in grpo, clip_epsilon 0.2)
@@ -275,7 +277,8 @@ class TrainConfig:
         if self.stage in ("grpo", "ppo") and not any(self.rewards.values()):
             bad("rewards", "no reward has a non-zero weight")
         if self.rewards.get("reward_model") and not self.reward_model:
-            bad("reward_model", "rewards name reward_model: give --reward_model DIR (trained by --stage reward)")
+            bad("reward_model", "rewards name reward_model: give --reward_model DIR (trained by --stage reward, or a "
+                                "Hugging Face sequence-classification model)")
 
     def _check_model(self, bad) -> None:
         """The weights to start from and the model settings."""

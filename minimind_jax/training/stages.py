@@ -55,6 +55,7 @@ from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.lora import LoraConfig
 from minimind_jax.model.transformer import MiniMindLM
 from minimind_jax.rl import agent, grpo, ppo, reward_model
+from minimind_jax.training.config import TrainConfigError
 from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stage losses)
     token_cross_entropy,
     count_trained_tokens,
@@ -70,6 +71,7 @@ from minimind_jax.training.losses import (  # noqa: F401  (re-exported: the stag
     make_distill_loss,
     make_lora_loss,
 )
+from minimind_jax.weights import WeightsError
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -186,10 +188,14 @@ def grpo_stage(cfg, model_config, policy, tokenizer) -> Stage:
 
 
 def extra_rewards(cfg, tokenizer, policy) -> dict:
-    """The rewards that need a model (the configured reward model), by name."""
-    if cfg.rewards.get("reward_model"):
-        return {"reward_model": reward_model.RewardScorer(cfg.reward_model, tokenizer, policy.name)}
-    return {}
+    """The rewards that need a model (the configured reward model: ours or a Hugging Face one), by name; a
+    directory that cannot be read is a configuration error naming it."""
+    if not cfg.rewards.get("reward_model"):
+        return {}
+    try:
+        return {"reward_model": reward_model.open_reward_model(cfg.reward_model, tokenizer, policy.name)}
+    except WeightsError as e:
+        raise TrainConfigError(str(e)) from None
 
 
 def ppo_stage(cfg, model_config, policy, tokenizer) -> Stage:
