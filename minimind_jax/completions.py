@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -37,12 +38,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from minimind_jax.chat_format import StopStrings
 from minimind_jax.engine import Engine, EngineError, EngineRows
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
+from minimind_jax.sse import STALL_S, EventStream
 
 __all__ = ["CompletionError", "CompletionRequest", "complete", "completions_router", "parse_completion_request",
            "stream_completion"]
@@ -296,8 +298,10 @@ def stream_completion(req: CompletionRequest, generator, scorer: Scorer | None, 
     k = req.logprobs
 
     def choices(texts: list[str], echo: bool = False) -> Iterator[dict]:
-        upto = [len(s.ids) if echo else s.releasable() for s in streams]
-        blocks = _stream_logprobs(streams, upto, scorer, tokenizer, k, echo) if k is not None else None
+        blocks = None
+        if k is not None:  # releasable() decodes prefixes: only the logprobs need it
+            upto = [len(s.ids) if echo else s.releasable() for s in streams]
+            blocks = _stream_logprobs(streams, upto, scorer, tokenizer, k, echo)
         for i, (s, text) in enumerate(zip(streams, texts)):
             finish = None if s.announced else s.finish
             if text or finish or (blocks and blocks[i]["tokens"]):
@@ -329,12 +333,13 @@ async def _json_body(request: Request) -> Any:
 
 def completions_router(generator, tokenizer, model_name: str = "minimind", *, batch_size: int = 8,
                        read_body: Callable[[Request], Awaitable[Any]] | None = None,
-                       engine: Engine | None = None) -> APIRouter:
+                       engine: Engine | None = None, stall_s: float = STALL_S) -> APIRouter:
     """``POST /v1/completions`` over ``generator`` (its params also feed the prompt scorer). With ``engine``
     (the server's), the rows are decoded on its slots, sharing them, its queue and its limits (429 / 503 /
     504) with the chat requests, and prompt + ``max_tokens`` must fit its ``cache_len``; without, one request
     at a time runs on ``generator``. ``read_body`` reads and parses a request's JSON (the server passes its
-    size-limited reader); prompts are tokenised off the event loop."""
+    size-limited reader); prompts are tokenised off the event loop. A stream that its client does not read for
+    ``stall_s`` seconds (the connection's buffers full) has its rows cancelled (:class:`~minimind_jax.sse.EventStream`)."""
     read_body = read_body or _json_body
     router = APIRouter()
     scorers: list[Scorer] = []  # built on first use: a scripted test generator has no params
@@ -364,9 +369,8 @@ def completions_router(generator, tokenizer, model_name: str = "minimind", *, ba
             if req.stream:
                 chunks = stream_completion(req, rows, row_scorer, tokenizer)
                 first = None if engine is None else await asyncio.to_thread(next, chunks)  # submits the rows
-                return StreamingResponse(_sse(chunks, head, prompt_tokens, req.include_usage, lock, first),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return EventStream(_sse(chunks, head, prompt_tokens, req.include_usage, lock, first),
+                                   on_stall=functools.partial(_stop, chunks), stall_s=stall_s)
             if engine is None:
                 async with lock:
                     choices, completion_tokens = await asyncio.to_thread(complete, req, rows, row_scorer, tokenizer)
@@ -399,6 +403,12 @@ async def _unless_client_leaves(request: Request, complete_fn, req, rows, scorer
             with contextlib.suppress(Exception):  # the cancelled rows end; their result is not wanted
                 await work
             return None
+
+
+def _stop(chunks: Iterator[dict]) -> None:
+    """End a stream's rows (its client stopped reading: no entry is being computed meanwhile)."""
+    with contextlib.suppress(ValueError):  # "already executing"
+        chunks.close()
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

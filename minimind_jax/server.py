@@ -47,7 +47,9 @@ context less one) tokens and prompt + ``max_tokens`` must fit the context (the m
 ``cache_len``; 400 ``context_length_exceeded`` naming the limit). At most ``max_queue`` requests wait for a
 slot (beyond: 429 ``queue_full``); one not done within ``request_timeout_s`` ends with 504 ``timeout``;
 while the server shuts down requests get 503 ``shutting_down``. A non-streaming client that disconnects
-cancels its row (checked every 0.25 s); a streaming one as soon as the server sees its connection close.
+cancels its row (checked every 0.25 s); a streaming one as soon as the server sees its connection close, and
+one that stops reading its stream once the connection's buffers are full and nothing has gone through for
+``stream_stall_s`` (15 s) seconds (:mod:`minimind_jax.sse`).
 
 **Errors.** Invalid requests get ``4xx`` with ``{"error": {"message", "type", "param", "code"}}``; a
 failure inside a decode step answers every running request with ``500`` (or an ``error`` event if its
@@ -73,7 +75,7 @@ from typing import Any
 import jax
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
@@ -82,6 +84,7 @@ from minimind_jax.engine import Engine, EngineError, SlotDecoder
 from minimind_jax.engine import Request as EngineRequest
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
+from minimind_jax.sse import STALL_S, EventStream
 from minimind_jax.tokenizer import TokenizerError
 
 __all__ = ["APIError", "ChatRequest", "Job", "PromptBuilder", "create_app", "parse_chat_request"]
@@ -578,7 +581,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
                request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None,
-               warm_up: bool = False):
+               warm_up: bool = False, stream_stall_s: float = STALL_S):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
     chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
     :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens, default the
@@ -586,7 +589,9 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     with it; ``app.state.engine`` is the engine. ``max_queue`` requests may wait for a slot (then 429), a
     request not done within ``request_timeout_s`` gets 504; ``warm_up`` compiles every decode shape when the
     app starts (requests wait meanwhile). Request bodies over ``max_body_bytes`` get 413; prompts over
-    ``max_prompt_tokens`` (default: the context) get 400."""
+    ``max_prompt_tokens`` (default: the context) get 400. A stream whose client reads nothing for
+    ``stream_stall_s`` seconds once the connection's buffers are full has its rows cancelled
+    (:class:`~minimind_jax.sse.EventStream`)."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
@@ -610,7 +615,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     app.state.engine = engine
     _error_handlers(app)
     app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch, engine=engine,
-                                          read_body=lambda request: read_body(request, max_body_bytes)))
+                                          read_body=lambda request: read_body(request, max_body_bytes),
+                                          stall_s=stream_stall_s))
     _pages(app, model_name, _parameter_count(generator), engine)
 
     @app.post("/v1/chat/completions")
@@ -624,8 +630,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
         answer = _Answer(req, jobs, model_name, scorer)
         if not req.stream:
             return await answer.whole(request)
-        return StreamingResponse(answer.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(answer.events(), on_stall=lambda: _cancel(jobs), stall_s=stream_stall_s)
 
     return app
 

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
 
     from minimind_jax.generate import Generator
     from minimind_jax.server import create_app
+    from minimind_jax.sse import listening_socket
     from minimind_jax.tokenizer import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
     try:  # a missing, corrupt or foreign checkpoint / tokenizer: one line naming it, not a traceback
@@ -80,15 +81,24 @@ def main(argv=None) -> int:
         return 2
     name = args.model_name or served_name(args.ckpt)
     cache_len = args.cache_len or min(generator.config.max_position_embeddings, DEFAULT_CACHE_LEN)
-    app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
-                     default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                     max_body_bytes=int(args.max_body_mb * 2 ** 20), cache_len=cache_len,
-                     max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up)
+    try:  # e.g. a tokenizer larger than the model's vocabulary
+        app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
+                         default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                         max_body_bytes=int(args.max_body_mb * 2 ** 20), cache_len=cache_len,
+                         max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:  # connections get a bounded send buffer, so a client that stops reading its stream is noticed
+        sock = listening_socket(args.host, args.port)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
     print(f"serving {args.ckpt} as {name!r} ({generator.config.num_hidden_layers} layers, policy {args.policy}, "
           f"{args.max_batch} slots of {cache_len} tokens) on http://{args.host}:{args.port}/v1", flush=True)
     print(f"chat page: http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 
 

@@ -8,7 +8,6 @@ chosen text (reasoning, tool calls, failures, slow streams) so the output handli
 import concurrent.futures
 import http.client
 import json
-import socket
 import threading
 import time
 import types
@@ -25,6 +24,7 @@ from minimind_jax.chat_format import split_reasoning
 from minimind_jax.generate import Generator, SamplingParams
 from minimind_jax.model.transformer import MiniMindLM
 from minimind_jax.server import create_app, parse_chat_request, token_bytes
+from minimind_jax.sse import listening_socket
 from minimind_jax.tokenizer import load_tokenizer
 
 HELLO = [{"role": "user", "content": "Hello! Please tell me about the sun."}]  # 17..32 prompt tokens
@@ -33,8 +33,7 @@ HELLO = [{"role": "user", "content": "Hello! Please tell me about the sun."}]  #
 class _Server:
     def __init__(self, app):
         self.app = app
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        sock = listening_socket("127.0.0.1", 0)  # as scripts/serve_openai_api.py serves: a 64 KiB send buffer
         self.port = sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)

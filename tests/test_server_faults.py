@@ -226,3 +226,66 @@ def test_served_name_is_the_run_directory():
                                           "--request-timeout", "2.5", "--warm-up"])
     assert (args.cache_len, args.max_queue, args.request_timeout, args.warm_up) == (512, 4, 2.5, True)
     assert mod.DEFAULT_CACHE_LEN == 4096
+
+
+class FloodingGenerator(ScriptedGenerator):
+    """The scripted decoder with long answers: a "FLOOD" prompt is answered "flood " x 6000, a token every 4 ms
+    (about 25 s in all), in slots of 8192 tokens."""
+
+    def __init__(self, tok):
+        super().__init__(tok, slots=2)
+        self.cache_len = self.config.max_position_embeddings = 8192
+
+    def script(self, prompt: str) -> str:
+        return "flood " * 6000 if "FLOOD" in prompt else super().script(prompt)
+
+    def step(self):
+        time.sleep(0.004)
+        return super().step()
+
+
+def _never_reading_client(port: int, route: str, body: dict) -> socket.socket:
+    """A connection that sends a streamed request and never reads (a small receive buffer: it fills soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps({**body, "stream": True}).encode()
+    sock.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_client_that_never_reads_its_stream_frees_its_slot(tok, route):
+    """The stream's chunks fill the client's and the server's buffers; once no send has gone through for the
+    stall time (1 s here) the row is cancelled, long before its 6000 tokens (~25 s) would end it."""
+    gen = FloodingGenerator(tok)
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen, stream_stall_s=1.0))
+    request = ({"messages": _user("FLOOD please")} if route == "/v1/chat/completions" else {"prompt": "FLOOD please"})
+    try:
+        start = time.monotonic()
+        sock = _never_reading_client(srv.port, route, {**request, "max_tokens": 6000})
+        deadline = start + 30
+        while not gen.records:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        record = gen.records[-1]
+        while not record["released"]:
+            assert time.monotonic() < deadline, len(record["tokens"])
+            time.sleep(0.05)
+        freed_after = time.monotonic() - start
+        print(f"freed after {freed_after:.1f} s, {len(record['tokens'])} tokens")
+        assert len(record["tokens"]) < 3000 and freed_after < 12, (freed_after, len(record["tokens"]))
+        assert srv.raw("GET", "/health")[1]["slots_in_use"] == 0
+        # the server answers others meanwhile, and the stalled client gets an error event if it reads at last
+        assert srv.client.chat.completions.create(model="s", messages=HELLO).choices[0].message.content == "Hi there."
+        sock.settimeout(10)
+        received = b""
+        while b"data: [DONE]" not in received:
+            more = sock.recv(65536)
+            assert more, received[-300:]
+            received += more
+        assert b'"code": "stream_not_read"' in received
+        sock.close()
+    finally:
+        srv.stop()
