@@ -3,8 +3,9 @@ keeps them busy.
 
 :class:`SlotDecoder` is the device part. Its KV cache has ``slots`` rows of ``cache_len`` tokens, and every
 slot has its own length (the next write column and position id), last token, seen-token set (repetition
-penalty), step counter and sampling settings. :meth:`SlotDecoder.prefill` runs one prompt (right-padded to
-a power-of-two bucket, so it compiles once per bucket) and writes its keys / values into a free slot;
+penalty), step counter and sampling settings. :meth:`SlotDecoder.prefill_many` runs several prompts in one
+call (right-padded to the longest's power-of-two bucket, their rows to a power-of-two count, so it compiles
+once per (rows, bucket)) and writes their keys / values into free slots;
 :meth:`SlotDecoder.step` decodes one token for every slot at once: the model is ``vmap``-ed over the
 slots, so each slot writes its own column and attends to its own first ``length`` columns, whatever the
 other slots hold. The step runs over slots 0..w-1, w the power of two above the highest slot in use (new
@@ -17,9 +18,9 @@ Sampling is :func:`~minimind_jax.generate.pick_tokens`: a slot's token ``i`` is 
 request's tokens for a given seed do not depend on what else is being decoded, nor on when it joined.
 
 :class:`Engine` is the scheduler: a bounded queue of :class:`Request` objects and one worker thread. Before
-every decode step it frees the slots of cancelled and timed-out requests, then prefills waiting requests
-into the free slots; after the step each request's token goes to its hooks (:meth:`Request.on_token`),
-and a request that ends (an eos id, its token limit, a stop string its hook reports) frees its slot at
+every decode step it frees the slots of cancelled and timed-out requests, then prefills the waiting requests
+into the free slots, together in one call; after the step each request's token goes to its hooks
+(:meth:`Request.on_token`), and a request that ends (an eos id, its token limit, a stop string its hook reports) frees its slot at
 once, so the next waiting request joins at the next step.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -75,24 +77,28 @@ def _empty_slots(config: ModelConfig, slots: int, cache_len: int, dtype) -> _Slo
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
-def _prefill_slot(params, state: _Slots, slot, ids, n, rows, *, config: ModelConfig, policy: Policy):
-    """Run one right-padded prompt ``ids`` (1, P) with ``n`` real tokens, write its keys / values into cache
-    columns 0..P-1 of ``slot`` and pick its token 0 with ``rows`` (its settings, one row). Returns (state,
-    token). The padding after the prompt never reaches a real token (causal attention) and its columns are
-    overwritten by the decode before the slot's length reaches them."""
+def _prefill_slots(params, state: _Slots, slots, ids, n, rows, *, config: ModelConfig, policy: Policy):
+    """Run the right-padded prompts ``ids`` (m, P) with ``n`` (m,) real tokens each, write their keys / values
+    into cache columns 0..P-1 of ``slots`` (m,) and pick each its token 0 with ``rows`` (their settings, m rows).
+    A slot index past the last slot marks a padding row: nothing of it is written. Returns (state, tokens (m,)).
+    The padding after a prompt never reaches a real token (causal attention) and its columns are overwritten
+    by the decode before the slot's length reaches them."""
     model = MiniMindLM(config, policy)
-    p = ids.shape[1]
-    out = model.apply({"params": params}, ids, cache=KVCache.init(config, 1, p, state.k.dtype))
-    logits = jax.lax.dynamic_slice_in_dim(out.logits[0], n - 1, 1).astype(jnp.float32)  # (1, vocab)
-    seen = jnp.zeros((1, config.vocab_size), bool).at[0, ids[0]].max(jnp.arange(p) < n)
-    token = pick_tokens(logits, seen, rows, jnp.zeros((1,), jnp.int32))
-    seen = seen.at[0, token[0]].set(True)
+    m, p = ids.shape
+    out = model.apply({"params": params}, ids, cache=KVCache.init(config, m, p, state.k.dtype))
+    logits = jnp.take_along_axis(out.logits, (n - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)  # (m, vocab)
+    seen = jnp.zeros((m, config.vocab_size), bool).at[jnp.arange(m)[:, None], ids].max(jnp.arange(p) < n[:, None])
+    token = pick_tokens(logits, seen, rows, jnp.zeros((m,), jnp.int32))
+    seen = seen.at[jnp.arange(m), token].set(True)
+
+    def put(every, new):  # rows into their slots; padding rows (slot index out of range) are dropped
+        return every.at[slots].set(new, mode="drop")
+
     return state.replace(
-        k=jax.lax.dynamic_update_slice(state.k, out.cache.k, (0, slot, 0, 0, 0)),
-        v=jax.lax.dynamic_update_slice(state.v, out.cache.v, (0, slot, 0, 0, 0)),
-        length=state.length.at[slot].set(n), last=state.last.at[slot].set(token[0]),
-        seen=state.seen.at[slot].set(seen[0]), steps=state.steps.at[slot].set(1),
-        rows=jax.tree.map(lambda every, one: every.at[slot].set(one[0]), state.rows, rows)), token[0]
+        k=state.k.at[:, slots, :p].set(out.cache.k, mode="drop"),
+        v=state.v.at[:, slots, :p].set(out.cache.v, mode="drop"),
+        length=put(state.length, n), last=put(state.last, token), seen=put(state.seen, seen),
+        steps=put(state.steps, jnp.ones((m,), jnp.int32)), rows=jax.tree.map(put, state.rows, rows)), token
 
 
 def _first_slots(state: _Slots, width: int) -> _Slots:
@@ -141,7 +147,7 @@ class SlotDecoder:
     """
 
     def __init__(self, params, config: ModelConfig, policy: Policy | str = "fp32", *, slots: int = 8,
-                 cache_len: int | None = None):
+                 cache_len: int | None = None, prefill_tokens: int = 2048):
         cache_len = config.max_position_embeddings if cache_len is None else int(cache_len)
         if slots < 1 or cache_len < 2:
             raise ValueError(f"need at least 1 slot and a cache of 2 tokens, got slots={slots}, cache_len={cache_len}")
@@ -156,13 +162,14 @@ class SlotDecoder:
         self.params = params
         self.slots = slots
         self.cache_len = cache_len
+        self.prefill_tokens = int(prefill_tokens)  # the most padded tokens (rows x bucket) prefilled at once
         self.active = np.zeros(slots, bool)
         self.reset()
 
     @classmethod
-    def for_generator(cls, generator, *, slots: int, cache_len: int | None = None) -> SlotDecoder:
+    def for_generator(cls, generator, *, slots: int, cache_len: int | None = None, **kwargs) -> SlotDecoder:
         """Slots over a :class:`~minimind_jax.generate.Generator`'s params (already cast and on the device)."""
-        return cls(generator.params, generator.config, generator.policy, slots=slots, cache_len=cache_len)
+        return cls(generator.params, generator.config, generator.policy, slots=slots, cache_len=cache_len, **kwargs)
 
     def reset(self) -> None:
         """Empty every slot (a fresh cache; after a failed step the old one may be gone)."""
@@ -170,45 +177,82 @@ class SlotDecoder:
         self.active[:] = False
 
     def warm_up(self) -> float:
-        """Compile every step width and prompt bucket now (seconds taken), so that no request waits for a
-        compile later; runs only while every slot is free (what it computes is dropped)."""
+        """Compile every step width and every prefill shape (rows, prompt bucket) within ``prefill_tokens``
+        now (seconds taken), so that no request waits for a compile later; runs only while every slot is free
+        (what it computes is dropped)."""
         if self.active.any():
             raise RuntimeError("warm_up needs every slot free")
         t0 = time.perf_counter()
-        for p in sorted({min(bucket_length(n), self.cache_len) for n in range(1, self.cache_len)}):
-            self.prefill(0, [0] * min(p, self.cache_len - 1), SamplingParams(seed=0))
-            self.release(0)
-        width = 1
-        while True:
+        for p in sorted({self._bucket(n) for n in range(1, self.cache_len)}):
+            for m in self._widths():
+                if m == 1 or m * p <= self.prefill_tokens:
+                    slots = list(range(m))
+                    self.prefill_many(slots, [[0] * min(p, self.cache_len - 1)] * m, [SamplingParams(seed=0)] * m)
+                    self.active[:] = False
+        for width in self._widths():
             self.active[width - 1] = True
             self.step()
             self.active[:] = False
-            if width >= self.slots:
-                return time.perf_counter() - t0
-            width = min(2 * width, self.slots)
+        return time.perf_counter() - t0
 
-    def prefill(self, slot: int, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
-        """Put a prompt into the free ``slot`` and return its first new token."""
+    def _widths(self) -> list[int]:
+        """The row counts programs are compiled for: powers of two below ``slots``, and ``slots``."""
+        return sorted({min(1 << i, self.slots) for i in range(self.slots.bit_length() + 1)})
+
+    def _width(self, rows: int) -> int:
+        return min(bucket_length(rows, minimum=1), self.slots)
+
+    def _bucket(self, prompt_len: int) -> int:
+        return min(bucket_length(prompt_len), self.cache_len)
+
+    def group_size(self, lengths: Sequence[int]) -> int:
+        """How many of these waiting prompts (in order, lengths in tokens) one :meth:`prefill_many` takes: the
+        longest prefix whose padded size (rows x prompt bucket) is within ``prefill_tokens``, at least one."""
+        k = 1
+        while k < len(lengths) and self._width(k + 1) * self._bucket(max(lengths[:k + 1])) <= self.prefill_tokens:
+            k += 1
+        return k
+
+    def check(self, prompt_ids: Sequence[int]) -> None:
+        """Raise ValueError unless the prompt fits a slot and its ids are in the vocabulary."""
         n = len(prompt_ids)
-        if self.active[slot]:
-            raise ValueError(f"slot {slot} is in use")
         if not 0 < n < self.cache_len:
             raise ValueError(f"a prompt of {n} tokens does not fit a slot of {self.cache_len} tokens")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
             raise ValueError(f"the prompt has ids outside the vocabulary (size {self.config.vocab_size})")
-        p = min(bucket_length(n), self.cache_len)
-        ids = np.zeros((1, p), np.int32)
-        ids[0, :n] = prompt_ids
-        rows = row_settings([sampling], [1], ())
-        self._state, token = _prefill_slot(self.params, self._state, jnp.int32(slot), jnp.asarray(ids), jnp.int32(n),
-                                           rows, config=self.config, policy=self.policy)
-        self.active[slot] = True
-        return int(token)
+
+    def prefill(self, slot: int, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
+        """Put a prompt into the free ``slot`` and return its first new token."""
+        return self.prefill_many([slot], [prompt_ids], [sampling])[0]
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                     samplings: Sequence[SamplingParams]) -> list[int]:
+        """Put several prompts into free slots in one call (their rows padded to a power-of-two count, their
+        length to the longest's bucket: compiled once per (rows, bucket)); returns each its first new token.
+        A request's tokens do not depend on the others prefilled with it."""
+        if len(set(slots)) != len(slots) or self.active[list(slots)].any():
+            raise ValueError(f"slots {list(slots)} are not distinct free slots")
+        for ids in prompts:
+            self.check(ids)
+        k, m = len(prompts), self._width(len(prompts))
+        p = self._bucket(max(len(ids) for ids in prompts))
+        ids = np.zeros((m, p), np.int32)
+        for i, prompt in enumerate(prompts):
+            ids[i, :len(prompt)] = prompt
+        n = np.ones(m, np.int32)
+        n[:k] = [len(prompt) for prompt in prompts]
+        where = np.full(m, self.slots, np.int32)  # padding rows go to no slot
+        where[:k] = slots
+        rows = row_settings(list(samplings) + [SamplingParams.make_greedy()] * (m - k), [1] * m, ())
+        self._state, tokens = _prefill_slots(self.params, self._state, jnp.asarray(where), jnp.asarray(ids),
+                                             jnp.asarray(n), rows, config=self.config, policy=self.policy)
+        self.active[list(slots)] = True
+        return [int(t) for t in np.asarray(tokens)[:k]]
 
     def step(self) -> np.ndarray:
         """One token for every slot, (slots,) int; only the active slots' entries mean anything."""
         used = np.flatnonzero(self.active)
-        width = min(bucket_length(int(used[-1]) + 1 if used.size else 1, minimum=1), self.slots)
+        width = self._width(int(used[-1]) + 1 if used.size else 1)
         self._state, tokens = _step_slots(self.params, self._state, jnp.asarray(self.active[:width]),
                                           config=self.step_config, policy=self.policy, width=width)
         out = np.zeros(self.slots, np.int32)
@@ -285,17 +329,21 @@ class Engine:
     503 ``shutting_down`` and the ones waiting or running end with it. ``decoder`` is a :class:`SlotDecoder`
     or anything with its ``slots``, ``cache_len``, ``active``, ``prefill``, ``step``, ``release``, ``reset``
     (and ``warm_up`` with ``warm_up=True``: every step width and prompt bucket compiles before the first
-    request, instead of stalling the running rows the first time a shape is needed).
+    request, instead of stalling the running rows the first time a shape is needed). When several requests
+    wait and the decoder has ``prefill_many`` (with ``group_size`` and ``check``), up to ``prefill_rows`` of
+    them are prefilled in one call, so the running rows stall once for the group, not once per request.
     """
 
     def __init__(self, decoder, eos_ids: Sequence[int], *, max_queue: int = 64, timeout_s: float | None = None,
-                 warm_up: bool = False):
+                 warm_up: bool = False, prefill_rows: int | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.decoder = decoder
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.max_queue = max_queue
         self.timeout_s = timeout_s
+        # the most waiting requests prefilled in one call (default: every free slot; 1: one at a time)
+        self.prefill_rows = decoder.slots if prefill_rows is None else max(1, int(prefill_rows))
         self.warm_up = warm_up  # compile every shape (decoder.warm_up) before serving, requests queue meanwhile
         self.slots: list[Request | None] = [None] * decoder.slots
         self.steps_with_rows = [0] * (decoder.slots + 1)  # how many decode steps ran with k slots in use
@@ -419,23 +467,54 @@ class Engine:
                 self._fail(r, self._timeout(r))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into the free slots; each one's first token is handled at once."""
-        for slot in range(len(self.slots)):
-            if self.slots[slot] is not None:
-                continue
+        """Prefill waiting requests into the free slots, several in one call where the decoder can (each join
+        stalls the running rows for one prefill); each one's first token is handled at once."""
+        while True:
+            free = [slot for slot, r in enumerate(self.slots) if r is None]
             with self._cond:
-                if not self._waiting:
-                    return
-                r = self._waiting.popleft()
+                waiting = list(itertools.islice(self._waiting, min(len(free), self.prefill_rows)))
+            if not waiting:
+                return
+            # decoders without prefill_many (scripted ones in tests) take one prompt at a time
+            many = getattr(self.decoder, "prefill_many", None)
+            group = waiting[:self.decoder.group_size([len(r.prompt_ids) for r in waiting]) if many else 1]
+            with self._cond:
+                for _ in group:
+                    self._waiting.popleft()  # only this thread takes from the queue
+            group = self._prefill(group, free[:len(group)], many)
+            for slot, (r, token) in zip(free, group):
+                if r is not None:
+                    self.slots[slot] = r
+                    r.on_start()
+                    self._push(slot, token)
+
+    def _prefill(self, group: list[Request], slots: list[int], many) -> list[tuple[Request | None, int]]:
+        """Prefill ``group`` into ``slots``: (request, first token) per slot, (None, 0) where the request failed
+        (it got its 500; the slot stays free). A prompt the decoder refuses fails alone."""
+        def fail(r: Request, e: Exception) -> None:
+            log.exception("prefill failed")
+            self._fail(r, EngineError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
+
+        if many is None or len(group) == 1:
             try:
-                token = self.decoder.prefill(slot, r.prompt_ids, r.sampling)
-            except Exception as e:  # this prompt failed (the slot stays free); the others go on
-                log.exception("prefill failed")
-                self._fail(r, EngineError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
-                continue
-            self.slots[slot] = r
-            r.on_start()
-            self._push(slot, token)
+                return [(group[0], self.decoder.prefill(slots[0], group[0].prompt_ids, group[0].sampling))]
+            except Exception as e:  # this prompt failed; the others go on
+                fail(group[0], e)
+                return [(None, 0)]
+        ok = []
+        for r in group:
+            try:
+                self.decoder.check(r.prompt_ids)
+                ok.append(r)
+            except ValueError as e:
+                fail(r, e)
+        try:
+            tokens = many(slots[:len(ok)], [r.prompt_ids for r in ok], [r.sampling for r in ok]) if ok else []
+        except Exception as e:
+            for r in ok:
+                fail(r, e)
+            return [(None, 0)] * len(group)
+        return list(zip(ok, tokens)) + [(None, 0)] * (len(group) - len(ok))
 
     def _step(self) -> None:
         rows = self.slots_in_use

@@ -1031,7 +1031,7 @@ def bench_serve(args) -> None:
           f"{args.requests} requests one after another, prompts {args.prompt[0]}-{args.prompt[1]} tokens, "
           f"{args.new[0]}-{args.new[1]} new tokens (sampled, no eos); device {jax.devices()[0].device_kind}")
     engine = Engine(SlotDecoder.for_generator(gen, slots=args.slots, cache_len=cache_len), eos_ids=(),
-                    max_queue=max(args.clients) * args.requests)
+                    max_queue=max(args.clients) * args.requests, prefill_rows=args.prefill_rows)
     engine.start()
     batch = _BatchAtATime(gen, args.slots)
     engines = {"continuous": engine.submit, "batch": batch.submit}
@@ -1142,6 +1142,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, nargs=2, default=[8, 96], help="new tokens: min max")
     p.add_argument("--cache-len", type=int, default=None, help="tokens per slot (default: the model's context)")
     p.add_argument("--engines", nargs="+", default=["continuous", "batch"], choices=["continuous", "batch"])
+    p.add_argument("--prefill-rows", type=int, default=None,
+                   help="the most waiting requests prefilled in one call (default: every free slot; 1: one at a time)")
     p.set_defaults(fn=bench_serve)
     p = sub.add_parser("grpo", help="memory and time of one GRPO / CISPO train step (policy + reference)")
     p.add_argument("--preset", default="minimind3")

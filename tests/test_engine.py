@@ -68,8 +68,66 @@ def test_a_slot_gives_the_generator_tokens_alone_and_among_others(gen):
     assert [got[i] for i in range(5)] == [e[:m] for e, m in zip(expected, limits)]
 
 
+def test_prompts_prefilled_together_give_each_the_tokens_it_gets_alone(gen):
+    """Several requests joining at once share one prefill call (rows padded to a power of two, prompts to the
+    longest's bucket): each still gets the Generator's tokens for its seed, whatever joined with it."""
+    prompts, n = _prompts() + [list(np.random.RandomState(2).randint(3, 256, 20))], 10  # the last: bucket 32
+    sampling = SAMPLING + [SamplingParams(temperature=0.9, top_p=0.95, seed=16)]
+    expected = [gen.generate([p], n, s, eos_ids=NO_EOS)[0].tokens for p, s in zip(prompts, sampling)]
+    dec = SlotDecoder.for_generator(gen, slots=SLOTS, cache_len=CACHE)
+    groups = [([0, 1, 3], [0, 1, 2]), ([1, 2], [3, 5])]  # (slots, requests): 3 rows padded to 4, then 2 rows
+    got: dict[int, list[int]] = {}
+    running: dict[int, int] = {}
+    for step in range(3 * n):
+        if step in (0, 4):
+            slots, which = groups[step // 4]
+            if step == 4:  # request 1 leaves early so that its slot is reused by the second group
+                dec.release(running.pop(1))
+            firsts = dec.prefill_many(slots, [prompts[i] for i in which], [sampling[i] for i in which])
+            got.update({i: [t] for i, t in zip(which, firsts)})
+            running.update(zip(which, slots))
+        if not running:
+            break
+        tokens = dec.step()
+        for i, slot in list(running.items()):
+            got[i].append(int(tokens[slot]))
+            if len(got[i]) == n:
+                dec.release(running.pop(i))
+    assert got[1] == expected[1][:len(got[1])] and len(got[1]) == 5
+    assert {i: got[i] for i in (0, 2, 3, 5)} == {i: expected[i] for i in (0, 2, 3, 5)}
+
+
+class _Grouping(SlotDecoder):
+    """Records how many prompts each prefill call took."""
+
+    groups: list[int]
+
+    def prefill_many(self, slots, prompts, samplings):
+        self.groups = getattr(self, "groups", []) + [len(prompts)]
+        return super().prefill_many(slots, prompts, samplings)
+
+
+def test_the_engine_prefills_waiting_requests_in_one_call(gen):
+    prompts = _prompts()
+    expected = [gen.generate([p], 6, s, eos_ids=NO_EOS)[0].tokens for p, s in zip(prompts, SAMPLING)]
+    dec = _Grouping(gen.params, gen.config, slots=SLOTS, cache_len=CACHE)
+    eng = Engine(dec, eos_ids=NO_EOS)
+    eng.start()
+    try:
+        hold = threading.Event()
+        first = eng.submit(_Collect(prompts[0], 6, SAMPLING[0], then=_at(1, hold.wait)))
+        while not first.tokens:  # the engine is held at the first request's first token
+            time.sleep(0.01)
+        later = [eng.submit(_Collect(p, 6, s)) for p, s in zip(prompts[1:], SAMPLING[1:])]
+        hold.set()
+        assert [r.result(120).tokens for r in (first, *later)] == expected
+    finally:
+        eng.close()
+    assert dec.groups == [1, 3, 1]  # three joined the running row in one call; the fifth waited for a free slot
+
+
 def _compiled() -> tuple[int, int]:
-    return engine_mod._prefill_slot._cache_size(), engine_mod._step_slots._cache_size()
+    return engine_mod._prefill_slots._cache_size(), engine_mod._step_slots._cache_size()
 
 
 def test_warm_up_compiles_every_shape_and_changes_no_answer(gen):
