@@ -308,11 +308,31 @@ def adapters_from_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig
                           dtype=np.float32) -> tuple[dict, int]:
     """MiniMind's adapter state dict -> (adapters in this project's layout, rank). Every key must name a
     projection of ``config``; every adapted module needs both A and B of matching shapes."""
-    tensors = {(k.removeprefix("module.")): v for k, v in tensors.items()}
+    found = _tensors_by_module(tensors, config, where)
+    pieces, rank = _checked_pairs(found, config, where)
+    adapters: dict = {}
+    for (inner, is_expert), layers in pieces.items():
+        per_layer = {i: _stack_experts(per_e, inner, is_expert, config, where) for i, per_e in layers.items()}
+        if config.scan_layers:
+            missing = [i for i in range(config.num_hidden_layers) if i not in per_layer]
+            if missing:
+                raise LoraError(f"{where}: {'.'.join(inner)} is adapted in some layers but not {missing[:5]}; a "
+                                "scanned model (scan_layers) needs every layer")
+            a = np.stack([per_layer[i][0] for i in range(config.num_hidden_layers)])
+            b = np.stack([per_layer[i][1] for i in range(config.num_hidden_layers)])
+            _set(adapters, ("layers",) + inner, {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)})
+        else:
+            for i, (a, b) in per_layer.items():
+                _set(adapters, (f"layers_{i}",) + inner, {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)})
+    return adapters, rank
+
+
+def _tensors_by_module(tensors: Mapping[str, np.ndarray], config: ModelConfig, where: str) -> dict:
+    """{(path inside the layer, layer, expert): {"A": array, "B": array}} from MiniMind's adapter keys."""
     by_name = {name: key for key, name in _module_names(config).items()}
-    shapes = _base_shapes(config)
     found: dict[tuple, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
+        key = key.removeprefix("module.")
         module, sep, rest = key.partition(".lora.")
         if not sep or rest not in ("A.weight", "B.weight"):
             raise LoraError(f"{where}: {key!r} is not a LoRA tensor ({{module}}.lora.A.weight / .lora.B.weight)")
@@ -322,10 +342,21 @@ def adapters_from_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig
         found.setdefault(by_name[module], {})[rest[0]] = np.asarray(value)
     if not found:
         raise LoraError(f"{where}: no LoRA tensors in the file")
+    return found
+
+
+def _checked_pairs(found: dict, config: ModelConfig, where: str) -> tuple[dict, int]:
+    """Each module's (A (in, r), B (r, out)) checked against its projection, grouped as
+    {(inner path, is_expert): {layer: {expert: (a, b)}}}, and the one rank they share."""
+    names, shapes = _module_names(config), _base_shapes(config)
     ranks = set()
-    pieces: dict[tuple[str, ...], dict] = {}
-    for (inner, i, e), ab in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1], -1 if kv[0][2] is None else kv[0][2])):
-        module = _module_names(config)[(inner, i, e)]
+    pieces: dict[tuple, dict] = {}
+    def order(item):  # by module path, layer, expert (a non-expert module first)
+        (inner, i, e), _ = item
+        return inner, i, -1 if e is None else e
+
+    for (inner, i, e), ab in sorted(found.items(), key=order):
+        module = names[(inner, i, e)]
         for part in "AB":
             if part not in ab:
                 raise LoraError(f"{where}: {module}.lora.{part}.weight is missing (its pair is present)")
@@ -339,32 +370,20 @@ def adapters_from_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig
         pieces.setdefault((inner, e is not None), {}).setdefault(i, {}).setdefault(e, (a, b))
     if len(ranks) != 1:
         raise LoraError(f"{where}: the adapters have different ranks {sorted(ranks)}")
-    adapters: dict = {}
-    for (inner, is_expert), layers in pieces.items():
-        def stack_experts(per_e, inner=inner, is_expert=is_expert):
-            if not is_expert:
-                return per_e[None]
-            bank = "experts" if inner[-2] == "experts" else "shared_experts"
-            count = config.num_experts if bank == "experts" else config.n_shared_experts
-            missing = [e for e in range(count) if e not in per_e]
-            if missing:
-                raise LoraError(f"{where}: expert bank {'.'.join(inner)} is adapted for some experts but not "
-                                f"{missing[:5]} (all experts of a bank share one adapter tensor here)")
-            return (np.stack([per_e[e][0] for e in range(count)]), np.stack([per_e[e][1] for e in range(count)]))
+    return pieces, ranks.pop()
 
-        per_layer = {i: stack_experts(per_e) for i, per_e in layers.items()}
-        if config.scan_layers:
-            missing = [i for i in range(config.num_hidden_layers) if i not in per_layer]
-            if missing:
-                raise LoraError(f"{where}: {'.'.join(inner)} is adapted in some layers but not {missing[:5]}; a "
-                                "scanned model (scan_layers) needs every layer")
-            a = np.stack([per_layer[i][0] for i in range(config.num_hidden_layers)])
-            b = np.stack([per_layer[i][1] for i in range(config.num_hidden_layers)])
-            _set(adapters, ("layers",) + inner, {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)})
-        else:
-            for i, (a, b) in per_layer.items():
-                _set(adapters, (f"layers_{i}",) + inner, {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)})
-    return adapters, ranks.pop()
+
+def _stack_experts(per_e: dict, inner: tuple[str, ...], is_expert: bool, config: ModelConfig, where: str):
+    """One layer's (a, b) for a module; an expert bank's stacked over its experts (all of them required)."""
+    if not is_expert:
+        return per_e[None]
+    bank = "experts" if inner[-2] == "experts" else "shared_experts"
+    count = config.num_experts if bank == "experts" else config.n_shared_experts
+    missing = [e for e in range(count) if e not in per_e]
+    if missing:
+        raise LoraError(f"{where}: expert bank {'.'.join(inner)} is adapted for some experts but not "
+                        f"{missing[:5]} (all experts of a bank share one adapter tensor here)")
+    return np.stack([per_e[e][0] for e in range(count)]), np.stack([per_e[e][1] for e in range(count)])
 
 
 def save_adapters(out_dir: str | os.PathLike, adapters, config: ModelConfig, lora: LoraConfig, *,

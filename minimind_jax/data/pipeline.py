@@ -171,25 +171,54 @@ class DataPipeline:
         return self.iterator()
 
 
+def _check_sizes(batch_size: int, shard_index: int, shard_count: int, epochs: int | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be positive or None, got {epochs}")
+
+
+def _open_source(stage: str, paths, source, skip_bad_lines: bool):
+    """``source`` checked against ``stage``, or the source ``paths`` name: one prepared directory or jsonl files."""
+    if source is not None:
+        if source.stage != stage:
+            raise ValueError(f"source holds {source.stage} data, not {stage}")
+        return source
+    path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(path_list) == 1 and is_prepared_dir(path_list[0]):
+        return open_prepared(path_list[0], stage)  # a DataError when prepared for another stage
+    if any(is_prepared_dir(p) for p in path_list):
+        raise ValueError("give one prepared data directory at a time (or prepare the files together)")
+    return JsonlSource(paths, stage, skip_bad_lines=skip_bad_lines)
+
+
+def _sample_fn(stage: str, transform, source, *, seed: int, per_epoch: int, augment: bool):
+    """``fn(position, (record_index, record)) -> arrays``: one sample, its augmentations drawn from an rng seeded by
+    (seed, epoch, record index), counted in ``source.stats``."""
+    stats = source.stats
+
+    def apply(position: int, item: tuple[int, dict]) -> dict[str, np.ndarray]:
+        record_index, record = item
+        rng = None
+        if augment:
+            rng = np.random.default_rng([seed % 2**64, position // per_epoch, record_index])
+        encoded = _encode(transform, source, record_index, record, rng)
+        stats.count_sample(encoded.truncated, stage != "pretrain" and untrained(encoded.arrays))
+        if stage in RL_STAGES:  # the rollout's rewards read the record (its gt) back by this index
+            return {**encoded.arrays, "record_index": np.int32(record_index)}
+        return encoded.arrays
+
+    return apply
+
+
 def make_dataset(
-    stage: str,
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    tokenizer,
-    max_seq_len: int,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    epochs: int | None = 1,
-    shuffle: bool = True,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    skip_bad_lines: bool = False,
-    add_system_prompt_prob: float = 0.0,
-    drop_empty_think_prob: float = 0.0,
-    read_options: grain.ReadOptions | None = None,
-    source: JsonlSource | PreparedSource | None = None,
-    special_token_weight: float | None = None,
-    thinking_ratio: float = 0.5,
+    stage: str, paths: str | os.PathLike | Sequence[str | os.PathLike], tokenizer, max_seq_len: int, batch_size: int,
+    *, seed: int = 0, epochs: int | None = 1, shuffle: bool = True, shard_index: int = 0, shard_count: int = 1,
+    skip_bad_lines: bool = False, add_system_prompt_prob: float = 0.0, drop_empty_think_prob: float = 0.0,
+    read_options: grain.ReadOptions | None = None, source: JsonlSource | PreparedSource | None = None,
+    special_token_weight: float | None = None, thinking_ratio: float = 0.5,
 ) -> DataPipeline:
     """The batched pipeline for ``stage`` ("pretrain", "sft" (also "reason" / "lora"), "dpo", RL prompts "rlaif" /
     "agent"); see module docstring.
@@ -209,31 +238,14 @@ def make_dataset(
     when none has a trained token (all replies past ``max_seq_len``), a logged warning when most have none.
     """
     stage = canonical_stage(stage)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be positive or None, got {epochs}")
-    transform = make_transform(stage, tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
-                               drop_empty_think_prob=drop_empty_think_prob, special_token_weight=special_token_weight,
-                               thinking_ratio=thinking_ratio)
+    _check_sizes(batch_size, shard_index, shard_count, epochs)
+    options = {"add_system_prompt_prob": add_system_prompt_prob, "drop_empty_think_prob": drop_empty_think_prob,
+               "special_token_weight": special_token_weight, "thinking_ratio": thinking_ratio}
+    transform = make_transform(stage, tokenizer, max_seq_len, **options)  # checks the options for every source
     augment = bool(add_system_prompt_prob or drop_empty_think_prob) or stage in RL_STAGES
-    if source is None:
-        path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        if len(path_list) == 1 and is_prepared_dir(path_list[0]):
-            source = open_prepared(path_list[0], stage)  # a DataError when prepared for another stage
-        elif any(is_prepared_dir(p) for p in path_list):
-            raise ValueError("give one prepared data directory at a time (or prepare the files together)")
-        else:
-            source = JsonlSource(paths, stage, skip_bad_lines=skip_bad_lines)
-    elif source.stage != stage:
-        raise ValueError(f"source holds {source.stage} data, not {stage}")
-    stats = source.stats
+    source = _open_source(stage, paths, source, skip_bad_lines)
     if isinstance(source, PreparedChatSource):  # the same arrays from stored ids, augmentations applied on ids
-        transform = source.transform(tokenizer, max_seq_len, add_system_prompt_prob=add_system_prompt_prob,
-                                     drop_empty_think_prob=drop_empty_think_prob,
-                                     special_token_weight=special_token_weight, thinking_ratio=thinking_ratio)
+        transform = source.transform(tokenizer, max_seq_len, **options)
     elif isinstance(source, PreparedSource):
         transform = source.transform(tokenizer, max_seq_len)
 
@@ -248,17 +260,6 @@ def make_dataset(
         ds = ds.shuffle(seed=seed)
     if epochs != 1:
         ds = ds.repeat(epochs)
-
-    def apply(position: int, item: tuple[int, dict]) -> dict[str, np.ndarray]:
-        record_index, record = item
-        rng = None
-        if augment:
-            rng = np.random.default_rng([seed % 2**64, position // per_epoch, record_index])
-        encoded = _encode(transform, source, record_index, record, rng)
-        stats.count_sample(encoded.truncated, stage != "pretrain" and untrained(encoded.arrays))
-        if stage in RL_STAGES:  # the rollout's rewards read the record (its gt) back by this index
-            return {**encoded.arrays, "record_index": np.int32(record_index)}
-        return encoded.arrays
-
+    apply = _sample_fn(stage, transform, source, seed=seed, per_epoch=per_epoch, augment=augment)
     ds = ds.map_with_index(apply).batch(batch_size, drop_remainder=True)
-    return DataPipeline(ds, source, stats, stage, batch_size, max_seq_len, per_epoch, read_options)
+    return DataPipeline(ds, source, source.stats, stage, batch_size, max_seq_len, per_epoch, read_options)
