@@ -13,6 +13,11 @@ requests take the lowest free slot), so it compiles once per (w, cache_len) and 
 does not pay for its free slots; free slots below w are computed too, but their results are dropped and
 their state does not move.
 
+A prompt longer than ``chunk_tokens`` (512) is prefilled in chunks, one per decode step of the other slots
+(:meth:`SlotDecoder.prefill_part`): chunk j attends only to the cache columns up to its own end (rounded up to
+a power of two), so a long prompt's prefill needs memory linear in its length, and running requests keep
+streaming while it goes in, one chunk's delay per step.
+
 Sampling is :func:`~minimind_jax.generate.pick_tokens`: a slot's token ``i`` is drawn with the key
 ``fold_in(key(seed), i)``, the same stream :class:`~minimind_jax.generate.Generator` uses for a row, so a
 request's tokens for a given seed do not depend on what else is being decoded, nor on when it joined.
@@ -29,7 +34,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 import logging
 import queue
 import threading
@@ -114,6 +118,32 @@ def _with_first_slots(state: _Slots, part: _Slots) -> _Slots:
                             for f in ("length", "last", "seen", "steps")})
 
 
+@functools.partial(jax.jit, static_argnames=("config", "policy", "kv_len"), donate_argnames=("state",))
+def _prefill_chunk(params, state: _Slots, slot, ids, start, final, rows, *, config: ModelConfig, policy: Policy,
+                   kv_len: int):
+    """Feed ``ids`` (1, C), a long prompt's tokens start..start+C-1, into ``slot``: they attend to the slot's
+    cache columns before them, within its first ``kv_len`` (so the scores take C x kv_len: memory linear in the
+    prompt), their keys / values are written there, and the slot's length becomes start + C. Picks a token
+    from the last one's logits with ``rows`` (the slot's settings); only the prompt's ``final`` chunk's token
+    means anything (and only then is it added to the slot's seen set). Returns (state, token)."""
+    model = MiniMindLM(config, policy)
+    k, v = (jax.lax.dynamic_index_in_dim(x, slot, axis=1)[:, :, :kv_len] for x in (state.k, state.v))
+    out = model.apply({"params": params}, ids, cache=KVCache(k, v, start))
+    logits = out.logits[:, -1].astype(jnp.float32)  # (1, vocab)
+    seen = jnp.where(start == 0, False, state.seen[slot]).at[ids[0]].set(True)  # the prompt's tokens so far
+    token = pick_tokens(logits, seen[None], rows, jnp.zeros((1,), jnp.int32))[0]
+    seen = seen.at[token].max(final)
+
+    def put(every, new):
+        return every.at[slot[None]].set(new)
+
+    return state.replace(
+        k=state.k.at[:, slot, :kv_len].set(out.cache.k[:, 0]), v=state.v.at[:, slot, :kv_len].set(out.cache.v[:, 0]),
+        length=state.length.at[slot].set(start + ids.shape[1]), last=state.last.at[slot].set(token),
+        seen=state.seen.at[slot].set(seen), steps=state.steps.at[slot].set(1), rows=jax.tree.map(put, state.rows, rows),
+    ), token
+
+
 @functools.partial(jax.jit, static_argnames=("config", "policy", "width"), donate_argnames=("state",))
 def _step_slots(params, state: _Slots, active, *, config: ModelConfig, policy: Policy, width: int):
     """One decode step of slots 0..width-1: feed each its last token at column ``length``, pick the next.
@@ -147,7 +177,7 @@ class SlotDecoder:
     """
 
     def __init__(self, params, config: ModelConfig, policy: Policy | str = "fp32", *, slots: int = 8,
-                 cache_len: int | None = None, prefill_tokens: int = 2048):
+                 cache_len: int | None = None, prefill_tokens: int = 2048, chunk_tokens: int = 512):
         cache_len = config.max_position_embeddings if cache_len is None else int(cache_len)
         if slots < 1 or cache_len < 2:
             raise ValueError(f"need at least 1 slot and a cache of 2 tokens, got slots={slots}, cache_len={cache_len}")
@@ -163,6 +193,9 @@ class SlotDecoder:
         self.slots = slots
         self.cache_len = cache_len
         self.prefill_tokens = int(prefill_tokens)  # the most padded tokens (rows x bucket) prefilled at once
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.chunk_tokens = int(chunk_tokens)  # a longer prompt is prefilled in chunks of this many tokens
         self.active = np.zeros(slots, bool)
         self.reset()
 
@@ -189,6 +222,10 @@ class SlotDecoder:
                     slots = list(range(m))
                     self.prefill_many(slots, [[0] * min(p, self.cache_len - 1)] * m, [SamplingParams(seed=0)] * m)
                     self.active[:] = False
+        for kv_len in sorted({self._bucket(end) for end in range(self.chunk_tokens + 1, self.cache_len)}):
+            n = kv_len - 1  # the longest prompt whose last chunk attends within kv_len (a prompt fits below cache_len)
+            self.prefill_part(0, [0] * n, n - self.chunk_tokens, SamplingParams(seed=0))
+            self.active[:] = False
         for width in self._widths():
             self.active[width - 1] = True
             self.step()
@@ -248,6 +285,36 @@ class SlotDecoder:
                                              jnp.asarray(n), rows, config=self.config, policy=self.policy)
         self.active[list(slots)] = True
         return [int(t) for t in np.asarray(tokens)[:k]]
+
+    def chunked(self, prompt_len: int) -> bool:
+        """Whether a prompt of this many tokens is prefilled in chunks (:meth:`prefill_part`)."""
+        return prompt_len > self.chunk_tokens
+
+    def prefill_part(self, slot: int, prompt_ids: Sequence[int], done: int,
+                     sampling: SamplingParams) -> tuple[int, int | None]:
+        """Prefill the next ``chunk_tokens`` of a long prompt, ``done`` of its tokens being in the free ``slot``
+        already (0 at first). Returns (tokens done, the first new token after the last chunk, else None); the
+        slot turns active with that token. Every chunk holds ``chunk_tokens`` real tokens: the last one starts
+        at ``len(prompt) - chunk_tokens`` (recomputing a few columns rather than padding past the prompt), so
+        one program per cache bucket serves every prompt length."""
+        n, c = len(prompt_ids), self.chunk_tokens
+        if done == 0:
+            self.check(prompt_ids)
+            if self.active[slot]:
+                raise ValueError(f"slot {slot} is not free")
+        if not self.chunked(n) or not 0 <= done < n:
+            raise ValueError(f"no chunk to prefill: {done} of {n} tokens done, chunks of {c}")
+        start = min(done, n - c)
+        final = start + c == n
+        rows = row_settings([sampling], [1], ())
+        ids = jnp.asarray(np.asarray(prompt_ids[start:start + c], np.int32)[None])
+        self._state, token = _prefill_chunk(self.params, self._state, jnp.int32(slot), ids, jnp.int32(start),
+                                            jnp.bool_(final), rows, config=self.config, policy=self.policy,
+                                            kv_len=self._bucket(start + c))
+        if not final:
+            return start + c, None
+        self.active[slot] = True
+        return n, int(token)
 
     def step(self) -> np.ndarray:
         """One token for every slot, (slots,) int; only the active slots' entries mean anything."""
@@ -346,6 +413,7 @@ class Engine:
         self.prefill_rows = decoder.slots if prefill_rows is None else max(1, int(prefill_rows))
         self.warm_up = warm_up  # compile every shape (decoder.warm_up) before serving, requests queue meanwhile
         self.slots: list[Request | None] = [None] * decoder.slots
+        self._chunking: dict[int, int] = {}  # slot -> prompt tokens prefilled so far, for a long prompt's slot
         self.steps_with_rows = [0] * (decoder.slots + 1)  # how many decode steps ran with k slots in use
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -420,13 +488,14 @@ class Engine:
                 self.decoder.reset()
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self.decoder.active.any():
+                while not (self._closing or self._waiting or self._chunking or self.decoder.active.any()):
                     self._cond.wait()
                 if self._closing:
                     break
             try:
                 self._drop_ended()
                 self._admit()
+                self._prefill_chunks()
                 if self.decoder.active.any():
                     self._step()
             except Exception as e:  # the server must outlive a failed step: its rows get a 500
@@ -468,25 +537,58 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests into the free slots, several in one call where the decoder can (each join
-        stalls the running rows for one prefill); each one's first token is handled at once."""
+        stalls the running rows for one prefill); each one's first token is handled at once. A prompt the decoder
+        prefills in chunks takes its slot now and gets one chunk per decode step (:meth:`_prefill_chunks`), one
+        such prompt at a time; shorter requests queued behind it are admitted meanwhile."""
         while True:
             free = [slot for slot, r in enumerate(self.slots) if r is None]
             with self._cond:
-                waiting = list(itertools.islice(self._waiting, min(len(free), self.prefill_rows)))
-            if not waiting:
+                long = None if self._chunking else next((r for r in self._waiting if self._long(r)), None)
+                short = [r for r in self._waiting if not self._long(r)][:min(len(free), self.prefill_rows)]
+                if free and long is not None:
+                    self._waiting.remove(long)
+            if not free:
+                return
+            if long is not None:
+                self.slots[free[0]] = long
+                self._chunking[free[0]] = 0
+                continue
+            if not short:
                 return
             # decoders without prefill_many (scripted ones in tests) take one prompt at a time
             many = getattr(self.decoder, "prefill_many", None)
-            group = waiting[:self.decoder.group_size([len(r.prompt_ids) for r in waiting]) if many else 1]
+            group = short[:self.decoder.group_size([len(r.prompt_ids) for r in short]) if many else 1]
             with self._cond:
-                for _ in group:
-                    self._waiting.popleft()  # only this thread takes from the queue
+                for r in group:
+                    self._waiting.remove(r)  # only this thread takes from the queue
             group = self._prefill(group, free[:len(group)], many)
             for slot, (r, token) in zip(free, group):
                 if r is not None:
                     self.slots[slot] = r
                     r.on_start()
                     self._push(slot, token)
+
+    def _long(self, r: Request) -> bool:
+        chunked = getattr(self.decoder, "chunked", None)
+        return chunked is not None and chunked(len(r.prompt_ids))
+
+    def _prefill_chunks(self) -> None:
+        """One chunk of the long prompt being prefilled; after its last one it decodes with the others."""
+        for slot, done in list(self._chunking.items()):
+            r = self.slots[slot]
+            try:
+                done, token = self.decoder.prefill_part(slot, r.prompt_ids, done, r.sampling)
+            except Exception as e:  # this prompt failed; the others go on
+                log.exception("prefill failed")
+                self._release(slot)
+                self._fail(r, EngineError(500, f"generation failed: {type(e).__name__}: {e}", "generation_failed"))
+                continue
+            if token is None:
+                self._chunking[slot] = done
+            else:
+                del self._chunking[slot]
+                r.on_start()
+                self._push(slot, token)
 
     def _prefill(self, group: list[Request], slots: list[int], many) -> list[tuple[Request | None, int]]:
         """Prefill ``group`` into ``slots``: (request, first token) per slot, (None, 0) where the request failed
@@ -517,7 +619,7 @@ class Engine:
         return list(zip(ok, tokens)) + [(None, 0)] * (len(group) - len(ok))
 
     def _step(self) -> None:
-        rows = self.slots_in_use
+        rows = self.slots_in_use - len(self._chunking)
         tokens = self.decoder.step()
         self.steps_with_rows[rows] += 1
         now = time.monotonic()
@@ -526,7 +628,7 @@ class Engine:
             while now - self._rate[0][0] > _RATE_WINDOW_S:
                 self._rate.popleft()
         for slot, r in enumerate(self.slots):
-            if r is not None:
+            if r is not None and slot not in self._chunking:
                 self._push(slot, int(tokens[slot]))
 
     def _push(self, slot: int, token: int) -> None:
@@ -543,6 +645,7 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         self.slots[slot] = None
+        self._chunking.pop(slot, None)
         self.decoder.release(slot)
 
     def _end(self, slot: int, reason: str) -> None:

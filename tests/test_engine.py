@@ -158,6 +158,41 @@ def test_moe_with_scanned_layers_decodes_in_slots():
     assert _alone(dec, prompt, sampling, 8, slot=1) == expected
 
 
+@pytest.mark.parametrize("scanned_moe", [False, True])
+def test_a_long_prompt_prefilled_in_chunks_gives_the_generator_tokens(gen, scanned_moe):
+    """A prompt longer than chunk_tokens goes in one chunk per call (the last one overlapping the one before it),
+    while another slot decodes between the chunks: both get the Generator's tokens for their seeds."""
+    if scanned_moe:
+        cfg = tiny("tiny3", use_moe=True, scan_layers=True)
+        gen = Generator(cached_params(cfg), cfg)
+    rng = np.random.RandomState(5)
+    dec = SlotDecoder.for_generator(gen, slots=2, cache_len=CACHE, chunk_tokens=8)
+    neighbour, n = _prompts()[1], 12
+    expected_neighbour = gen.generate([neighbour], n, SAMPLING[1], eos_ids=NO_EOS)[0].tokens
+    for length, sampling in ((20, SAMPLING[2]), (9, SAMPLING[0]), (40, SAMPLING[4])):
+        prompt = list(rng.randint(3, 256, length))
+        expected = gen.generate([prompt], n, sampling, eos_ids=NO_EOS)[0].tokens
+        got_neighbour = [dec.prefill(0, neighbour, SAMPLING[1])]
+        done, token, calls = 0, None, 0
+        while token is None:
+            done, token = dec.prefill_part(1, prompt, done, sampling)
+            calls += 1
+            if token is None:
+                got_neighbour.append(int(dec.step()[0]))  # the chunking slot stays out of the step
+        assert calls == -(-length // 8) and dec.active[1]
+        got = [token]
+        while len(got) < n:
+            tokens = dec.step()
+            got.append(int(tokens[1]))
+            got_neighbour.append(int(tokens[0]))
+        assert got == expected
+        assert got_neighbour[:n] == expected_neighbour
+        dec.release(0)
+        dec.release(1)
+    with pytest.raises(ValueError, match="no chunk"):
+        dec.prefill_part(1, list(range(3, 10)), 0, SAMPLING[0])  # 7 tokens: not a chunked prompt
+
+
 class _Collect(Request):
     """Records the hooks' calls; ``then(k)`` runs on the engine thread at this request's k-th token."""
 
@@ -289,3 +324,46 @@ def test_engine_rows_give_the_generator_rows_and_raise_the_engines_errors(gen):
     finally:
         eng.close()
     assert eng.slots_in_use == 0
+
+
+def test_a_long_prompt_does_not_hold_up_the_running_requests(gen):
+    """While a long prompt is prefilled chunk by chunk, the request beside it decodes a token per chunk (whole,
+    the long prompt's prefill would come first: it was queued first); both get the Generator's tokens."""
+    rng = np.random.RandomState(6)
+    long_prompt, short_prompt = list(rng.randint(3, 256, 40)), _prompts()[0]
+    expected_long = gen.generate([long_prompt], 4, SAMPLING[0], eos_ids=NO_EOS)[0].tokens
+    expected_short = gen.generate([short_prompt], 12, SAMPLING[1], eos_ids=NO_EOS)[0].tokens
+    eng = Engine(SlotDecoder.for_generator(gen, slots=2, cache_len=CACHE, chunk_tokens=8), NO_EOS)
+    short = _Collect(short_prompt, 12, SAMPLING[1])
+    seen_by_long: list[int] = []
+    long = _Collect(long_prompt, 4, SAMPLING[0], then=lambda k: seen_by_long.append(len(short.tokens)))
+    eng.start()
+    try:
+        with eng._cond:  # both queued before the worker looks: the long prompt first
+            eng.submit(long)
+            eng.submit(short)
+        assert long.result(120).tokens == expected_long and short.result(120).tokens == expected_short
+    finally:
+        eng.close()
+    assert seen_by_long[0] >= 4  # 5 chunks of 8: the short request decoded between them
+    assert eng.slots_in_use == 0 and not eng._chunking
+
+
+def test_chunked_prefill_memory_is_linear_in_the_prompt(gen):
+    """XLA's temp buffers of the chunk program double when the cache doubles; a whole-prompt prefill's grow 4x."""
+    cfg = tiny("tiny3", max_position_embeddings=4096)
+    long_gen = Generator(cached_params(cfg), cfg)
+    rows = engine_mod.row_settings([SamplingParams(seed=0)], [1], ())
+    chunk, whole = [], []
+    for cache in (2048, 4096):
+        dec = SlotDecoder.for_generator(long_gen, slots=1, cache_len=cache, chunk_tokens=256)
+        compiled = engine_mod._prefill_chunk.lower(
+            dec.params, dec._state, np.int32(0), np.zeros((1, 256), np.int32), np.int32(0), np.bool_(True), rows,
+            config=dec.config, policy=dec.policy, kv_len=cache).compile()
+        chunk.append(compiled.memory_analysis().temp_size_in_bytes)
+        compiled = engine_mod._prefill_slots.lower(
+            dec.params, dec._state, np.zeros(1, np.int32), np.zeros((1, cache), np.int32), np.ones(1, np.int32), rows,
+            config=dec.config, policy=dec.policy).compile()
+        whole.append(compiled.memory_analysis().temp_size_in_bytes)
+    assert chunk[1] / chunk[0] < 2.5 and whole[1] / whole[0] > 3.5, (chunk, whole)
+    assert chunk[1] < whole[1] / 8
