@@ -139,7 +139,7 @@ def test_every_module_imports_in_a_fresh_interpreter(package):
 # the layers of docs/ARCHITECTURE.md: (module or package prefix, layer); the longest matching prefix wins
 LAYERS = [
     ("minimind_jax", 1),  # the package's own names: settings and the model
-    ("minimind_jax.config", 0), ("minimind_jax.precision", 0), ("minimind_jax.tokenizer", 0),
+    ("minimind_jax.config", 0), ("minimind_jax.precision", 0), ("minimind_jax.tokenizer", 0), ("minimind_jax.chat_render", 0),
     ("minimind_jax.chat_format", 0), ("minimind_jax.data", 0), ("minimind_jax.model", 1),
     ("minimind_jax.sharding", 2), ("minimind_jax.checkpoint", 2), ("convert", 3), ("minimind_jax.weights", 4),
     ("minimind_jax.lora", 4), ("minimind_jax.generate", 5), ("minimind_jax.evaluation.scoring", 5),
