@@ -28,6 +28,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import absl.flags
 import grain
 import numpy as np
 
@@ -160,9 +161,15 @@ class DataPipeline:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def iterator(self, state: dict | None = None) -> grain.DatasetIterator:
-        """A fresh checkpointable iterator over the batches, restored to ``state`` when given."""
-        it = iter(self.dataset.to_iter_dataset(self.read_options))
+    def iterator(self, state: dict | None = None, workers: int = 0) -> grain.DatasetIterator:
+        """A fresh checkpointable iterator over the batches, restored to ``state`` when given; with ``workers``
+        grain worker processes making the batches (the same ones; its state has another form)."""
+        ds = self.dataset.to_iter_dataset(self.read_options)
+        if workers:
+            if not absl.flags.FLAGS.is_parsed():  # grain's workers read its absl flags; scripts parse none
+                absl.flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = iter(ds)
         if state is not None:
             it.set_state(state)
         return it

@@ -107,6 +107,9 @@ class TrainConfig:
     # batches the loop reads ahead in a background thread (and, for stages that need no rollout first, already
     # places on the devices) while the current step runs; 0: read each batch when its step needs it
     prefetch_batches: int = 2
+    # grain worker processes that read, render and tokenise the batches (MiniMind's --num_workers); 0: the read-ahead
+    # thread does it. The batches are the same for any number; a run resumes with the number it was saved with
+    num_workers: int = 0
     # --- checkpoints and logging
     save_interval: int = 1000  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
@@ -213,7 +216,7 @@ class TrainConfig:
             bad("learning_rate", f"must be positive, got {self.learning_rate}")
         if self.grad_clip < 0:
             bad("grad_clip", f"must be >= 0, got {self.grad_clip}")
-        for key in ("warmup_steps", "max_skipped_steps", "prefetch_batches"):
+        for key in ("warmup_steps", "max_skipped_steps", "prefetch_batches", "num_workers"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
 

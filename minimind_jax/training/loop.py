@@ -150,7 +150,7 @@ def setup(cfg: TrainConfig) -> Run:
     if start.replace:
         _remove_old_run(start)
     tx, schedule = models.optimizer(total_steps)
-    data_iter = pipeline.iterator()
+    data_iter = pipeline.iterator(workers=cfg.num_workers)
     if start.meta is not None:
         state, state_sharding = _restored_state(cfg, start, models, tx, policy, mesh, data_iter, total_steps)
     else:
@@ -272,7 +272,8 @@ def _data_meta(cfg: TrainConfig, pipeline) -> dict:
     for path in paths:
         st = os.stat(path)
         files.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"files": files, "examples_per_epoch": pipeline.examples_per_epoch, "processes": jax.process_count()}
+    return {"files": files, "examples_per_epoch": pipeline.examples_per_epoch, "processes": jax.process_count(),
+            "num_workers": cfg.num_workers}
 
 
 def _check_same_data(start: Start, now: dict) -> None:
@@ -282,6 +283,9 @@ def _check_same_data(start: Start, now: dict) -> None:
     if not saved:  # saved by an older version: nothing to compare
         return
     where = ", ".join(f["path"] for f in now["files"])
+    if saved.get("num_workers", 0) != now["num_workers"]:  # the data position's form depends on it
+        raise TrainConfigError(f"num_workers: {start.state_dir} was saved with num_workers="
+                               f"{saved.get('num_workers', 0)}; resume with that number (the batches are the same)")
     if saved.get("processes") == now["processes"] and saved.get("examples_per_epoch") != now["examples_per_epoch"]:
         raise TrainConfigError(
             f"{where}: the data changed since {start.state_dir} was saved ({saved.get('examples_per_epoch')} "
@@ -443,11 +447,14 @@ def _feed(r: Run) -> prefetch.BatchFeed:
 
 def _close(r: Run) -> None:
     """Wait for the checkpoint being written, then close the checkpoint manager (also when that save failed: its
-    error goes up after) and the metrics files."""
+    error goes up after), the metrics files and the data iterator."""
     try:
         r.manager.close()
     finally:
         r.logger.close()
+        close = getattr(r.data_iter, "close", None)  # grain's worker processes stop
+        if close is not None:
+            close()
 
 
 def _steps(r: Run, res: RunResult, stop, bar, feed: prefetch.BatchFeed) -> None:
