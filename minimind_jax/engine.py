@@ -14,9 +14,10 @@ does not pay for its free slots; free slots below w are computed too, but their 
 their state does not move.
 
 A prompt longer than ``chunk_tokens`` (512) is prefilled in chunks, one per decode step of the other slots
-(:meth:`SlotDecoder.prefill_part`): chunk j attends only to the cache columns up to its own end (rounded up to
-a power of two), so a long prompt's prefill needs memory linear in its length, and running requests keep
-streaming while it goes in, one chunk's delay per step.
+(:meth:`SlotDecoder.prefill_part`): a chunk attends only to the cache columns up to its own end (rounded up to
+a power of two), so a long prompt's prefill needs memory linear in its length, and the chunks get shorter as
+the prompt grows (at most ``chunk_scores`` query x column pairs, 512 x 2048), so running requests keep
+streaming while it goes in, each step delayed by about the same chunk cost.
 
 Sampling is :func:`~minimind_jax.generate.pick_tokens`: a slot's token ``i`` is drawn with the key
 ``fold_in(key(seed), i)``, the same stream :class:`~minimind_jax.generate.Generator` uses for a row, so a
@@ -177,7 +178,8 @@ class SlotDecoder:
     """
 
     def __init__(self, params, config: ModelConfig, policy: Policy | str = "fp32", *, slots: int = 8,
-                 cache_len: int | None = None, prefill_tokens: int = 2048, chunk_tokens: int = 512):
+                 cache_len: int | None = None, prefill_tokens: int = 2048, chunk_tokens: int = 512,
+                 chunk_scores: int = 512 * 2048):
         cache_len = config.max_position_embeddings if cache_len is None else int(cache_len)
         if slots < 1 or cache_len < 2:
             raise ValueError(f"need at least 1 slot and a cache of 2 tokens, got slots={slots}, cache_len={cache_len}")
@@ -195,7 +197,8 @@ class SlotDecoder:
         self.prefill_tokens = int(prefill_tokens)  # the most padded tokens (rows x bucket) prefilled at once
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-        self.chunk_tokens = int(chunk_tokens)  # a longer prompt is prefilled in chunks of this many tokens
+        self.chunk_tokens = int(chunk_tokens)  # a longer prompt is prefilled in chunks of at most this many tokens,
+        self.chunk_scores = int(chunk_scores)  # fewer where chunk x columns attended would exceed this
         self.active = np.zeros(slots, bool)
         self.reset()
 
@@ -210,22 +213,20 @@ class SlotDecoder:
         self.active[:] = False
 
     def warm_up(self) -> float:
-        """Compile every step width and every prefill shape (rows, prompt bucket) within ``prefill_tokens``
-        now (seconds taken), so that no request waits for a compile later; runs only while every slot is free
-        (what it computes is dropped)."""
+        """Compile every step width, every prefill shape (rows, prompt bucket) within ``prefill_tokens`` for
+        prompts up to ``chunk_tokens`` and every chunk shape now (seconds taken), so that no request waits for a
+        compile later; runs only while every slot is free (what it computes is dropped)."""
         if self.active.any():
             raise RuntimeError("warm_up needs every slot free")
         t0 = time.perf_counter()
-        for p in sorted({self._bucket(n) for n in range(1, self.cache_len)}):
+        for p in sorted({self._bucket(n) for n in range(1, min(self.chunk_tokens + 1, self.cache_len))}):
             for m in self._widths():
                 if m == 1 or m * p <= self.prefill_tokens:
                     slots = list(range(m))
                     self.prefill_many(slots, [[0] * min(p, self.cache_len - 1)] * m, [SamplingParams(seed=0)] * m)
                     self.active[:] = False
-        for kv_len in sorted({self._bucket(end) for end in range(self.chunk_tokens + 1, self.cache_len)}):
-            n = kv_len - 1  # the longest prompt whose last chunk attends within kv_len (a prompt fits below cache_len)
-            self.prefill_part(0, [0] * n, n - self.chunk_tokens, SamplingParams(seed=0))
-            self.active[:] = False
+        for kv_len in sorted({self._bucket(end) for end in range(self.chunk_tokens, self.cache_len)}):
+            self._chunk(0, [0] * self._chunk_len(kv_len), 0, kv_len, SamplingParams(seed=0), final=False)
         for width in self._widths():
             self.active[width - 1] = True
             self.step()
@@ -290,31 +291,47 @@ class SlotDecoder:
         """Whether a prompt of this many tokens is prefilled in chunks (:meth:`prefill_part`)."""
         return prompt_len > self.chunk_tokens
 
+    def _chunk_len(self, kv_len: int) -> int:
+        """Tokens per chunk that attends within ``kv_len`` columns: ``chunk_tokens``, halved while chunk x kv_len
+        exceeds ``chunk_scores`` (down to chunk_tokens / 32), so a chunk late in a long prompt costs about what an
+        early one does and the other slots' next token waits no longer."""
+        c = self.chunk_tokens
+        while c > max(1, self.chunk_tokens // 32) and c * kv_len > self.chunk_scores:
+            c //= 2
+        return c
+
     def prefill_part(self, slot: int, prompt_ids: Sequence[int], done: int,
                      sampling: SamplingParams) -> tuple[int, int | None]:
-        """Prefill the next ``chunk_tokens`` of a long prompt, ``done`` of its tokens being in the free ``slot``
-        already (0 at first). Returns (tokens done, the first new token after the last chunk, else None); the
-        slot turns active with that token. Every chunk holds ``chunk_tokens`` real tokens: the last one starts
-        at ``len(prompt) - chunk_tokens`` (recomputing a few columns rather than padding past the prompt), so
-        one program per cache bucket serves every prompt length."""
-        n, c = len(prompt_ids), self.chunk_tokens
+        """Prefill the next chunk of a long prompt, ``done`` of its tokens being in the free ``slot`` already (0 at
+        first). Returns (tokens done, the first new token after the last chunk, else None); the slot turns active
+        with that token. A chunk attending within the cache bucket ``kv_len`` holds ``_chunk_len(kv_len)`` real
+        tokens: the last one starts that many before the prompt's end (recomputing a few columns rather than
+        padding past the prompt), so one program per cache bucket serves every prompt length."""
+        n = len(prompt_ids)
         if done == 0:
             self.check(prompt_ids)
             if self.active[slot]:
                 raise ValueError(f"slot {slot} is not free")
         if not self.chunked(n) or not 0 <= done < n:
-            raise ValueError(f"no chunk to prefill: {done} of {n} tokens done, chunks of {c}")
+            raise ValueError(f"no chunk to prefill: {done} of {n} tokens done, chunks of {self.chunk_tokens}")
+        kv_len = self._bucket(min(done + self.chunk_tokens, n))  # within it: start + c <= that end
+        c = self._chunk_len(kv_len)
         start = min(done, n - c)
         final = start + c == n
-        rows = row_settings([sampling], [1], ())
-        ids = jnp.asarray(np.asarray(prompt_ids[start:start + c], np.int32)[None])
-        self._state, token = _prefill_chunk(self.params, self._state, jnp.int32(slot), ids, jnp.int32(start),
-                                            jnp.bool_(final), rows, config=self.config, policy=self.policy,
-                                            kv_len=self._bucket(start + c))
+        token = self._chunk(slot, prompt_ids[start:start + c], start, kv_len, sampling, final)
         if not final:
             return start + c, None
         self.active[slot] = True
-        return n, int(token)
+        return n, token
+
+    def _chunk(self, slot: int, ids: Sequence[int], start: int, kv_len: int, sampling: SamplingParams,
+               final: bool) -> int:
+        rows = row_settings([sampling], [1], ())
+        ids = jnp.asarray(np.asarray(ids, np.int32)[None])
+        self._state, token = _prefill_chunk(self.params, self._state, jnp.int32(slot), ids, jnp.int32(start),
+                                            jnp.bool_(final), rows, config=self.config, policy=self.policy,
+                                            kv_len=kv_len)
+        return int(token)
 
     def step(self) -> np.ndarray:
         """One token for every slot, (slots,) int; only the active slots' entries mean anything."""

@@ -59,6 +59,7 @@ stream had started; a failed prefill only its own request), empties the slots an
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import importlib.resources
@@ -577,6 +578,15 @@ async def next_event(job: Job, request: Request, poll_s: float = 0.25):
             continue
 
 
+def _widen_default_executor(threads: int) -> None:
+    """Requests wait on the engine in threads (``asyncio.to_thread``: a whole non-streamed completion, a stream's
+    next token). The loop's default pool has cpu_count + 4 of them (6 on 2 cores), so a few long requests would
+    hold up the parsing and rendering of every new one: give it a thread for every request the engine can hold
+    (queue and slots), and some to spare."""
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minimind-http"))
+
+
 def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch: int = 8,
                default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
@@ -605,6 +615,7 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
 
     @asynccontextmanager
     async def lifespan(app):
+        _widen_default_executor(max_queue + engine.decoder.slots + 16)
         engine.start()
         try:
             yield

@@ -1058,6 +1058,78 @@ def bench_serve(args) -> None:
                   f"{new['tokens'] == old['tokens']}")
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def bench_soak(args) -> None:
+    """The server under a flood: a 100 MB body, then ``--clients`` requests of ``--prompt-tokens`` at once; how
+    long a normal request takes meanwhile, and the process's RSS before, during and after."""
+    import concurrent.futures
+    import http.client
+    import json
+    import threading
+
+    import uvicorn
+
+    from minimind_jax import ModelConfig, init_params
+    from minimind_jax.generate import Generator
+    from minimind_jax.server import create_app
+    from minimind_jax.sse import listening_socket
+    from minimind_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    config = ModelConfig.preset(args.preset, vocab_size=len(tok), max_position_embeddings=args.context)
+    gen = Generator(init_params(config, jax.random.key(0)), config)
+    app = create_app(gen, tok, args.preset, max_batch=args.slots, warm_up=True)
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+
+    def post(path, body: bytes, timeout=3600):
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.status, time.perf_counter() - t0
+
+    normal = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}).encode()
+    while not server.started:
+        time.sleep(0.1)
+    print(f"soak: {args.preset} (random weights, fp32), {args.slots} slots of {config.max_position_embeddings} "
+          f"tokens; warming up (every decode and chunk shape compiles)")
+    status, dt = post("/v1/chat/completions", normal)  # waits for the warm-up
+    status, dt = post("/v1/chat/completions", normal)
+    before = _rss_mb()
+    print(f"  normal request alone: {status} in {dt:.2f} s; RSS {before:.0f} MB")
+    status, dt = post("/v1/chat/completions", b"{" + b" " * (100 << 20) + b"}")
+    print(f"  100 MB body: {status} in {dt:.2f} s; RSS {_rss_mb():.0f} MB")
+    rng = np.random.RandomState(0)
+    longs = [json.dumps({"model": "m", "prompt": [int(t) for t in rng.randint(3, len(tok), args.prompt_tokens)],
+                         "max_tokens": 4}).encode() for _ in range(args.clients)]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+        flood = [pool.submit(post, "/v1/completions", body) for body in longs]
+        time.sleep(args.after)
+        status, dt = post("/v1/chat/completions", normal)
+        during = _rss_mb()
+        print(f"  normal request {args.after:.0f} s into {args.clients} x {args.prompt_tokens}-token prompts: "
+              f"{status} in {dt:.2f} s (target <= 5 s); RSS {during:.0f} MB")
+        results = [f.result() for f in flood]
+    codes = sorted({code for code, _ in results})
+    print(f"  the {args.clients} long prompts: status {codes}, done in {time.perf_counter() - t0:.1f} s "
+          f"(slowest {max(t for _, t in results):.1f} s)")
+    status, dt = post("/v1/chat/completions", normal)
+    after = _rss_mb()
+    print(f"  normal request after: {status} in {dt:.2f} s; RSS {after:.0f} MB = {after / before:.2f}x of before "
+          f"(target <= 1.20x)")
+    server.should_exit = True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1145,6 +1217,14 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-rows", type=int, default=None,
                    help="the most waiting requests prefilled in one call (default: every free slot; 1: one at a time)")
     p.set_defaults(fn=bench_serve)
+    p = sub.add_parser("soak", help="the HTTP server under a 100 MB body and many long prompts at once")
+    p.add_argument("--preset", default="tiny3")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--prompt-tokens", type=int, default=30000)
+    p.add_argument("--context", type=int, default=32768, help="the model's context = tokens per slot")
+    p.add_argument("--after", type=float, default=5.0, help="seconds into the flood the normal request is sent")
+    p.set_defaults(fn=bench_soak)
     p = sub.add_parser("grpo", help="memory and time of one GRPO / CISPO train step (policy + reference)")
     p.add_argument("--preset", default="minimind3")
     p.add_argument("--policy", default="bf16")

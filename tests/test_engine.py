@@ -193,6 +193,23 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_generator_tokens(gen, scann
         dec.prefill_part(1, list(range(3, 10)), 0, SAMPLING[0])  # 7 tokens: not a chunked prompt
 
 
+def test_chunks_shrink_as_the_prompt_grows_and_still_give_the_generator_tokens(gen):
+    """With chunk_scores 8 x 16, a chunk attending within 32 columns holds 4 tokens, within 64 two: a 60-token
+    prompt takes more calls than 60 / 8, each within the budget, and its tokens are still the Generator's."""
+    dec = SlotDecoder.for_generator(gen, slots=1, cache_len=CACHE, chunk_tokens=8, chunk_scores=8 * 16)
+    assert [dec._chunk_len(kv) for kv in (16, 32, 64, 128)] == [8, 4, 2, 1]
+    prompt = list(np.random.RandomState(7).randint(3, 256, 60))
+    expected = gen.generate([prompt], 6, SAMPLING[3], eos_ids=NO_EOS)[0].tokens
+    done, token, sizes = 0, None, []
+    while token is None:
+        before = done
+        done, token = dec.prefill_part(0, prompt, done, SAMPLING[3])
+        sizes.append(done - before)
+    assert len(sizes) > 20 and sizes[:2] == [8, 8] and 2 in sizes
+    got = [token] + [int(dec.step()[0]) for _ in range(5)]
+    assert got == expected
+
+
 class _Collect(Request):
     """Records the hooks' calls; ``then(k)`` runs on the engine thread at this request's k-th token."""
 

@@ -117,6 +117,38 @@ def test_non_streaming_client_that_leaves_stops_its_generation(server, route):
     assert srv.raw("GET", "/health")[0] == 200
 
 
+def test_requests_waiting_on_the_engine_do_not_hold_up_new_ones(tok):
+    """40 non-streamed completions generating for 12 s each (8 slots, the rest queued) each wait in a thread;
+    a new request is still parsed and answered at once (the loop's default pool of cpu_count + 4 threads
+    would be full of waiting ones), and the leaving clients' rows are cancelled."""
+    gen = ScriptedGenerator(tok)
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen))
+    body = json.dumps({"prompt": "HOLD please", "max_tokens": 450}).encode()
+    socks = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            socks.append(sock)
+        deadline = time.monotonic() + 30
+        while srv.raw("GET", "/health")[1]["queued"] < 32:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        status, answer = srv.raw("POST", "/v1/chat/completions", body=b"{not json")
+        assert status == 400 and answer["error"]["code"] == "invalid_json"
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while srv.raw("GET", "/health")[1]["slots_in_use"]:
+            assert time.monotonic() < deadline, "the leaving clients' rows were not cancelled"
+            time.sleep(0.1)
+        srv.stop()
+
+
 @pytest.fixture()
 def one_slot(tok):
     """A server of one slot and a queue of one; a request not done in 1.5 s times out."""
