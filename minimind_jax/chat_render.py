@@ -135,36 +135,29 @@ def _tools_block(tools: list) -> str:
     return _TOOLS_INTRO + "".join("\n" + _tojson(t) for t in tools) + _TOOLS_OUTRO
 
 
-def _minimind3(messages: list, tools: list | None, add_generation_prompt: Any, open_thinking: Any) -> str | None:
+def _conversation(messages: list, tools: list | None, add_generation_prompt: Any, open_thinking: Any, *,
+                  system_needs_content: bool) -> str | None:
+    """Both templates: the system block (with the tools), the turns, the generation prompt. MiniMind-3 adds text
+    to a leading system message's content, so without one Jinja errors (None: let it); the bundled one reads ''."""
     first = messages[0]
     opens_with_system = first["role"] == "system"
-    if opens_with_system and "content" not in first:
-        return None  # the template adds to the missing content: Jinja's error
+    if opens_with_system and system_needs_content and "content" not in first:
+        return None
+    system = first.get("content", "") if opens_with_system else None
     head = ""
     if tools:
-        head = "<|im_start|>system\n" + (first["content"] + "\n\n" if opens_with_system else "")
-        head += _tools_block(tools) + "<|im_end|>\n"
-    elif opens_with_system:
-        head = "<|im_start|>system\n" + first["content"] + "<|im_end|>\n"
+        intro = "" if system is None else system + "\n\n"
+        head = "<|im_start|>system\n" + intro + _tools_block(tools) + "<|im_end|>\n"
+    elif system is not None:
+        head = "<|im_start|>system\n" + system + "<|im_end|>\n"
     tail = ""
     if add_generation_prompt:
         tail = "<|im_start|>assistant\n" + ("<think>\n" if open_thinking is True else _CLOSED_THINK)
     return head + _turns(messages) + tail
 
 
-def _bundled(messages: list, tools: list | None, add_generation_prompt: Any, open_thinking: Any) -> str | None:
-    first = messages[0]
-    opens_with_system = first["role"] == "system"
-    head = ""
-    if tools:
-        system = first.get("content", "") + "\n\n" if opens_with_system else ""
-        head = "<|im_start|>system\n" + system + _tools_block(tools) + "<|im_end|>\n"
-    elif opens_with_system:
-        head = "<|im_start|>system\n" + first.get("content", "") + "<|im_end|>\n"
-    tail = ""
-    if add_generation_prompt:
-        tail = "<|im_start|>assistant\n" + ("<think>\n" if open_thinking is True else _CLOSED_THINK)
-    return head + _turns(messages) + tail
+_bundled = functools.partial(_conversation, system_needs_content=False)
+_minimind3 = functools.partial(_conversation, system_needs_content=True)
 
 
 # sha256 of the exact template strings: the bundled tokenizer's (minimind_jax/assets/tokenizer) and MiniMind-3's
