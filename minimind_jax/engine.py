@@ -195,8 +195,8 @@ class SlotDecoder:
         self.slots = slots
         self.cache_len = cache_len
         self.prefill_tokens = int(prefill_tokens)  # the most padded tokens (rows x bucket) prefilled at once
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if chunk_tokens < 1 or chunk_scores < 1:
+            raise ValueError(f"chunk_tokens and chunk_scores must be positive, got {chunk_tokens}, {chunk_scores}")
         self.chunk_tokens = int(chunk_tokens)  # a longer prompt is prefilled in chunks of at most this many tokens,
         self.chunk_scores = int(chunk_scores)  # fewer where chunk x columns attended would exceed this
         self.active = np.zeros(slots, bool)

@@ -591,7 +591,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
                request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None,
-               warm_up: bool = False, stream_stall_s: float = STALL_S):
+               warm_up: bool = False, stream_stall_s: float = STALL_S, prefill_chunk: int = 512,
+               prefill_chunk_scores: int = 512 * 2048):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
     chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
     :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens, default the
@@ -601,12 +602,15 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     app starts (requests wait meanwhile). Request bodies over ``max_body_bytes`` get 413; prompts over
     ``max_prompt_tokens`` (default: the context) get 400. A stream whose client reads nothing for
     ``stream_stall_s`` seconds once the connection's buffers are full has its rows cancelled
-    (:class:`~minimind_jax.sse.EventStream`)."""
+    (:class:`~minimind_jax.sse.EventStream`). A prompt over ``prefill_chunk`` tokens is prefilled in chunks
+    between decode steps, each at most ``prefill_chunk_scores`` query x column pairs (the default decoder's
+    ``chunk_tokens`` and ``chunk_scores``)."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
     if decoder is None:
-        decoder = SlotDecoder.for_generator(generator, slots=max_batch, cache_len=cache_len)
+        decoder = SlotDecoder.for_generator(generator, slots=max_batch, cache_len=cache_len,
+                                            chunk_tokens=prefill_chunk, chunk_scores=prefill_chunk_scores)
     engine = Engine(decoder, eos_ids if eos_ids is not None else default_eos_ids(generator, tokenizer),
                     max_queue=max_queue, timeout_s=request_timeout_s, warm_up=warm_up)
     prompts = PromptBuilder(tokenizer, decoder.cache_len, generator.config.max_position_embeddings,

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new-token limit of a request that sets no max_tokens (capped by the context left)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the model's context less one)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="a longer prompt is prefilled in chunks of at most this many tokens, between decode steps")
+    p.add_argument("--prefill-chunk-scores", type=int, default=512 * 2048,
+                   help="most query x column pairs a chunk attends (chunks shrink late in a long prompt); "
+                        "raise it on a GPU for faster long prefills, lower it for smoother streaming")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted, in MiB (413 beyond)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -85,7 +90,8 @@ def main(argv=None) -> int:
         app = create_app(generator, tokenizer, name, max_batch=args.max_batch,
                          default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                          max_body_bytes=int(args.max_body_mb * 2 ** 20), cache_len=cache_len,
-                         max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up)
+                         max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up,
+                         prefill_chunk=args.prefill_chunk, prefill_chunk_scores=args.prefill_chunk_scores)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

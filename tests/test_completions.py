@@ -116,6 +116,24 @@ def test_the_server_app_serves_completions(served):
         assert json.loads(events[-3][len("data: "):])["usage"]["completion_tokens"] == 3
 
 
+def test_the_server_prefills_long_prompts_in_the_chunks_it_is_given(served):
+    """``prefill_chunk`` reaches the engine's decoder: a 40-token prompt goes in chunks of 16 and still gives
+    the Generator's greedy tokens; a chunk of 0 tokens is refused when the app is made."""
+    _, cfg, params, tok = served
+    gen = Generator(params, cfg)
+    app = create_app(gen, tok, "tiny", max_batch=2, prefill_chunk=16, prefill_chunk_scores=16 * 64)
+    assert (app.state.engine.decoder.chunk_tokens, app.state.engine.decoder.chunk_scores) == (16, 1024)
+    prompt = [(7 * i) % 200 + 3 for i in range(40)]
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200, r.text
+    expected = gen.generate([prompt], 5, [SamplingParams(temperature=0.0)], eos_ids=tuple(app.state.engine.eos_ids))
+    assert r.json()["choices"][0]["text"] == tok.decode(
+        [t for t in expected[0].tokens if t not in app.state.engine.eos_ids])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        create_app(gen, tok, "tiny", prefill_chunk=0)
+
+
 def _stream(api, **kwargs) -> tuple[dict, list, object]:
     """The streamed choices joined per index ({index: (text, logprobs lists, finish)}), the chunks, the usage."""
     joined, chunks, usage = {}, [], None

@@ -255,8 +255,9 @@ def test_served_name_is_the_run_directory():
     assert mod.served_name("out/quickstart/sft_128/weights/") == "sft_128"
     assert mod.served_name("MiniMind2") == "MiniMind2"
     args = mod.build_parser().parse_args(["--ckpt", "x", "--cache-len", "512", "--max-queue", "4",
-                                          "--request-timeout", "2.5", "--warm-up"])
+                                          "--request-timeout", "2.5", "--warm-up", "--prefill-chunk", "256"])
     assert (args.cache_len, args.max_queue, args.request_timeout, args.warm_up) == (512, 4, 2.5, True)
+    assert (args.prefill_chunk, args.prefill_chunk_scores) == (256, 512 * 2048)
     assert mod.DEFAULT_CACHE_LEN == 4096
 
 
