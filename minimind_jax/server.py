@@ -602,9 +602,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     app starts (requests wait meanwhile). Request bodies over ``max_body_bytes`` get 413; prompts over
     ``max_prompt_tokens`` (default: the context) get 400. A stream whose client reads nothing for
     ``stream_stall_s`` seconds once the connection's buffers are full has its rows cancelled
-    (:class:`~minimind_jax.sse.EventStream`). A prompt over ``prefill_chunk`` tokens is prefilled in chunks
-    between decode steps, each at most ``prefill_chunk_scores`` query x column pairs (the default decoder's
-    ``chunk_tokens`` and ``chunk_scores``)."""
+    (:class:`~minimind_jax.sse.EventStream`). ``prefill_chunk`` and ``prefill_chunk_scores`` are the default
+    decoder's ``chunk_tokens`` and ``chunk_scores`` (long prompts are prefilled in chunks)."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")

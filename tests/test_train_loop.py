@@ -262,31 +262,54 @@ def test_quickstart_is_the_default_without_stage_or_config():
     assert resolve(["--stage", "pretrain"]).out_dir == "out"
 
 
-def test_two_processes_train_like_one(tmp_path):
-    """Multi-host on one machine: two processes (4 simulated devices each) joined by jax.distributed over
-    127.0.0.1 train on one 8-device mesh, each reading its own half of the data, save the state together
-    and export the weights; the losses match a single process with 8 devices (fp32, within 1e-5)."""
+def _two_processes(args, env, *extra) -> list[str]:
+    """Outputs of ``args`` run as two processes (4 simulated devices each) joined over a free local port."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["--preset", "minimind3", "--data_path", PRETRAIN, "--batch_size", "8", "--max_seq_len", "64",
-            "--max_steps", "4", "--save_interval", "2", "--log_interval", "1", "--dtype", "float32",
-            "--progress", "false", "--sample_prompt", "", "--plot", "false", "--tensorboard", "false",
-            "--shuffle", "false", "--learning_rate", "3e-3"] + [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-           "JAX_PLATFORMS": "cpu"}
-    procs = [_run_cli(args + ["--out_dir", str(tmp_path / "multi"), "--coordinator", f"127.0.0.1:{port}",
-                              "--num_processes", "2", "--process_id", str(i)], env) for i in range(2)]
+    procs = [_run_cli([*args, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+                       *extra], env) for i in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
+    return outs
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Multi-host on one machine: two processes (4 simulated devices each) joined by jax.distributed over
+    127.0.0.1 train on one 8-device mesh, each reading its own half of the data, save the state together
+    and export the weights; the losses match a single process with 8 devices (fp32, within 1e-5). Resumed
+    after bytes of the latest step were flipped, both fall back to the intact step and train on alike."""
+    args = ["--preset", "minimind3", "--data_path", PRETRAIN, "--batch_size", "8", "--max_seq_len", "64",
+            "--max_steps", "4", "--save_interval", "2", "--log_interval", "1", "--dtype", "float32",
+            "--progress", "false", "--sample_prompt", "", "--plot", "false", "--tensorboard", "false",
+            "--shuffle", "false", "--learning_rate", "3e-3", "--out_dir", str(tmp_path / "multi")]
+    args += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu"}
+    outs = _two_processes(args, env)
     assert "mesh data=8 x fsdp=1 x tensor=1 (8 devices)" in outs[0]
     single = train(tiny_run(tmp_path / "single", max_steps=4, shuffle=False))
-    rows = [json.loads(line) for line in (tmp_path / "multi" / "pretrain_64" / "metrics.jsonl").read_text().splitlines()]
+    run = tmp_path / "multi" / "pretrain_64"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([r["loss"] for r in rows], single.losses, atol=1e-5, rtol=0)
     from convert import load_torch
 
-    _, params = load_torch(tmp_path / "multi" / "pretrain_64" / "weights")
+    _, params = load_torch(run / "weights")
     np.testing.assert_allclose(params["norm"]["weight"], np.asarray(single.params["norm"]["weight"]), atol=1e-5)
+
+    # both processes verify the manifests on resume: flipped bytes in step 4 make both fall back to step 2
+    state = run / "state"
+    assert all((state / str(s) / "manifest.sha256.json").is_file() for s in (2, 4))
+    damaged = max((p for p in (state / "4").rglob("*") if p.is_file() and p.name != "manifest.sha256.json"),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    outs = _two_processes(args, env, "--from_resume", "1")
+    assert "checkpoint step 4" in outs[0] and "damaged" in outs[0], outs[0]
+    assert (state / "damaged" / "4").is_dir() and _steps(state) == [2, 4]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in rows[-2:]], single.losses[2:], atol=1e-5, rtol=0)
