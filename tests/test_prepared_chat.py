@@ -133,6 +133,21 @@ def test_stage_is_checked_when_opened(tok, tmp_path):
     assert isinstance(open_prepared(tmp_path / "dpo", "dpo"), PreparedChatSource)
 
 
+@pytest.mark.parametrize("stage, data", [("sft", "sft_tools.jsonl"), ("dpo", "dpo.jsonl")])
+def test_out_of_vocabulary_ids_are_named_before_training(stage, data, tok, tmp_path):
+    """An id past the vocabulary in a prepared chat directory (it would index past the embedding: NaN at step
+    1) is one DataError naming tokens.bin and the record, when the dataset is made."""
+    _prepare(stage, [SAMPLE / data], tmp_path / stage, tok)
+    meta = json.loads((tmp_path / stage / "meta.json").read_text())
+    path = tmp_path / stage / "tokens.bin"
+    tokens = np.fromfile(path, meta["dtype"])
+    tokens[len(tokens) // 2] = len(tok) + 7
+    tokens.tofile(path)
+    with pytest.raises(DataError, match=f"^{path}: token {len(tokens) // 2} .* is id {len(tok) + 7}, outside the "
+                                        f"tokenizer's vocabulary of {len(tok)} ids$"):
+        make_dataset(stage, [str(tmp_path / stage)], tok, 64, 2)
+
+
 TOOL_CALL = {"role": "assistant", "content": "", "tool_calls": '[{"name": "f", "arguments": {}}]'}
 
 
