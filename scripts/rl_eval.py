@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thinking_ratio", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--policy", default="fp32")
+    p.add_argument("--show", type=int, default=0, help="print the first N prompts' replies and gt")
     return p
 
 
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
             return 1
         detail = ", ".join(f"{k} {np.mean(v):.4f}" for k, v in parts.items())
         print(f"{name} ({g} per prompt): mean reward {np.mean(total):.4f} ({detail})")
+        for i in range(min(args.show, len(records)) * g):
+            text = tok.decode([int(t) for t in r.completion_ids[i][r.completion_pad[i]]], skip_special_tokens=True)
+            print(f"  gt {records[i // g].gt!r} reward {total[i]:.2f}: {text!r}")
     return 0
 
 
