@@ -7,8 +7,8 @@ Endpoints: ``POST /v1/chat/completions`` (plain JSON or Server-Sent Events with 
 ``GET /v1/models``, ``GET /health`` (model name, parameter count, requests waiting, slots and slots in use,
 tokens/s over the last 10 s), and the chat page at
 ``GET /`` (static HTML/CSS/JS in ``minimind_jax/static``: streamed replies, thinking shown apart and
-collapsible, a stop button that aborts the request, which cancels its row). Any ``model`` name is accepted
-and answered as the served model (one model per server).
+collapsible, a stop button that aborts the request, which cancels its row). A request naming another
+``model`` than the served one gets 404 ``model_not_found`` (``any_model_name``: any name is answered).
 
 **Batching.** Every request becomes a :class:`Job` on one :class:`~minimind_jax.engine.Engine`: a fixed
 number of decode slots (``max_batch``) over one preallocated KV cache (``cache_len`` tokens per slot), decoded
@@ -592,18 +592,16 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
                request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None,
                warm_up: bool = False, stream_stall_s: float = STALL_S, prefill_chunk: int = 512,
-               prefill_chunk_scores: int = 512 * 2048):
+               prefill_chunk_scores: int = 512 * 2048, any_model_name: bool = False):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
     chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
-    :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens, default the
-    model's context, over the generator's params); its thread starts with the app (its lifespan) and stops
-    with it; ``app.state.engine`` is the engine. ``max_queue`` requests may wait for a slot (then 429), a
-    request not done within ``request_timeout_s`` gets 504; ``warm_up`` compiles every decode shape when the
-    app starts (requests wait meanwhile). Request bodies over ``max_body_bytes`` get 413; prompts over
-    ``max_prompt_tokens`` (default: the context) get 400. A stream whose client reads nothing for
-    ``stream_stall_s`` seconds once the connection's buffers are full has its rows cancelled
-    (:class:`~minimind_jax.sse.EventStream`). ``prefill_chunk`` and ``prefill_chunk_scores`` are the default
-    decoder's ``chunk_tokens`` and ``chunk_scores`` (long prompts are prefilled in chunks)."""
+    :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens (default the model's
+    context), chunking prompts over ``prefill_chunk`` tokens within ``prefill_chunk_scores``); its thread starts
+    and stops with the app; ``app.state.engine`` is the engine. ``max_queue`` requests may wait for a slot (then
+    429), a request not done within ``request_timeout_s`` gets 504; ``warm_up`` compiles every decode shape at
+    start. Bodies over ``max_body_bytes`` get 413, prompts over ``max_prompt_tokens`` (default: the context) 400,
+    another ``model`` than ``model_name`` 404 (unless ``any_model_name``). A stream whose client reads nothing
+    for ``stream_stall_s`` s once the buffers are full is cancelled (:class:`~minimind_jax.sse.EventStream`)."""
     vocab = generator.config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
@@ -628,14 +626,15 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
     app = FastAPI(title="minimind-jax", lifespan=lifespan)
     app.state.engine = engine
     _error_handlers(app)
+    body_of = functools.partial(_read_request, max_body_bytes=max_body_bytes, model_name=model_name,
+                                any_name=any_model_name)
     app.include_router(completions_router(generator, tokenizer, model_name, batch_size=max_batch, engine=engine,
-                                          read_body=lambda request: read_body(request, max_body_bytes),
-                                          stall_s=stream_stall_s))
+                                          read_body=body_of, stall_s=stream_stall_s))
     _pages(app, model_name, _parameter_count(generator), engine)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat_request(await read_body(request, max_body_bytes))
+        req = parse_chat_request(await body_of(request))
         prompt_ids, max_tokens, opened = await asyncio.to_thread(prompts, req)
         jobs = [Job(prompt_ids, max_tokens, req.choice_sampling(i), tokenizer, stop=req.stop,
                     parse_tools=req.tools is not None, start_in_reasoning=opened, stream=req.stream,
@@ -647,6 +646,17 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
         return EventStream(answer.events(), on_stall=lambda: _cancel(jobs), stall_s=stream_stall_s)
 
     return app
+
+
+async def _read_request(request: Request, *, max_body_bytes: int, model_name: str, any_name: bool) -> Any:
+    """The request's JSON body (:func:`read_body`), unless it names a model other than the served one
+    (OpenAI's 404 ``model_not_found``)."""
+    body = await read_body(request, max_body_bytes)
+    asked = body.get("model") if isinstance(body, dict) else None
+    if isinstance(asked, str) and asked != model_name and not any_name:
+        raise APIError(404, f"the model {asked[:100]!r} does not exist: this server serves {model_name!r} (GET "
+                            "/v1/models; or start it with --any-model-name)", param="model", code="model_not_found")
+    return body
 
 
 async def _start(engine: Engine, jobs: list[Job], request: Request) -> None:

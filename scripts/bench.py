@@ -1097,7 +1097,7 @@ def bench_soak(args) -> None:
         conn.close()
         return resp.status, time.perf_counter() - t0
 
-    normal = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}).encode()
+    normal = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}).encode()
     while not server.started:
         time.sleep(0.1)
     print(f"soak: {args.preset} (random weights, fp32), {args.slots} slots of {config.max_position_embeddings} "
@@ -1109,7 +1109,7 @@ def bench_soak(args) -> None:
     status, dt = post("/v1/chat/completions", b"{" + b" " * (100 << 20) + b"}")
     print(f"  100 MB body: {status} in {dt:.2f} s; RSS {_rss_mb():.0f} MB")
     rng = np.random.RandomState(0)
-    longs = [json.dumps({"model": "m", "prompt": [int(t) for t in rng.randint(3, len(tok), args.prompt_tokens)],
+    longs = [json.dumps({"prompt": [int(t) for t in rng.randint(3, len(tok), args.prompt_tokens)],
                          "max_tokens": 4}).encode() for _ in range(args.clients)]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:

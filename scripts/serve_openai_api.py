@@ -4,11 +4,11 @@
     python scripts/serve_openai_api.py --ckpt MiniMind2/ --policy bf16-params --port 8998 --max-batch 16
 
 Open the printed URL for the chat page, or point any OpenAI client at http://127.0.0.1:8998/v1 (the API
-key is not checked; any ``model`` name is accepted and answered as the served model, named after the run
-directory):
+key is not checked; the model is named after the run directory, ``sft_128`` here; another ``model`` name
+gets 404 unless --any-model-name is given):
 
     curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
-         -d '{"model": "minimind", "messages": [{"role": "user", "content": "你好"}], "stream": true}'
+         -d '{"model": "sft_128", "messages": [{"role": "user", "content": "你好"}], "stream": true}'
 
 --ckpt is this project's checkpoint directory or anything the converter reads. Requests run on a
 continuous-batching engine: --max-batch decode slots over one KV cache of --cache-len tokens per slot; a new
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=None, help="seconds a request may take (then 504)")
     p.add_argument("--warm-up", action="store_true", help="compile every decode shape before serving")
     p.add_argument("--model-name", default=None, help="the model id clients see (default: from --ckpt)")
+    p.add_argument("--any-model-name", action="store_true",
+                   help="answer requests naming any model (for clients that hard-code one; default: 404)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="new-token limit of a request that sets no max_tokens (capped by the context left)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
                          default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                          max_body_bytes=int(args.max_body_mb * 2 ** 20), cache_len=cache_len,
                          max_queue=args.max_queue, request_timeout_s=args.request_timeout, warm_up=args.warm_up,
-                         prefill_chunk=args.prefill_chunk, prefill_chunk_scores=args.prefill_chunk_scores)
+                         prefill_chunk=args.prefill_chunk, prefill_chunk_scores=args.prefill_chunk_scores,
+                         any_model_name=args.any_model_name)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -131,10 +131,10 @@ def test_two_concurrent_clients_are_decoded_together_and_both_answered(model, to
         messages, n, seed = asks[i]
         barrier.wait()
         if i == 0:
-            return server.client.chat.completions.create(model="m", messages=messages, max_tokens=n,
+            return server.client.chat.completions.create(model="tiny3", messages=messages, max_tokens=n,
                                                          **_sampled(seed))
         return "".join(c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
-            model="m", messages=messages, max_tokens=n, stream=True, **_sampled(seed)))
+            model="tiny3", messages=messages, max_tokens=n, stream=True, **_sampled(seed)))
 
     for _ in range(3):  # the two requests normally share decode steps; retry if one ended before the other came
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -152,14 +152,14 @@ def test_stop_and_seed(model, tok):
     server, gen = model
     content, *_ = _expected(gen, tok, HELLO, 12, seed=3)
     stop = content[4:6]
-    r = server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=12, stop=[stop, "never"],
+    r = server.client.chat.completions.create(model="tiny3", messages=HELLO, max_tokens=12, stop=[stop, "never"],
                                               **_sampled(3))
     assert r.choices[0].message.content == content[: content.find(stop)]
     assert r.choices[0].finish_reason == "stop"
     tokens = gen.generate([_prompt(tok, HELLO)], 12, SamplingParams(temperature=1.0, top_p=1.0, seed=3))[0].tokens
     upto = next(k for k in range(1, 13) if stop in tok.decode(tokens[:k], skip_special_tokens=True))
     assert r.usage.completion_tokens == upto  # counted up to the token that completed the stop string
-    kw = dict(model="m", messages=HELLO, max_tokens=10)
+    kw = dict(model="tiny3", messages=HELLO, max_tokens=10)
     a = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
     b = server.client.chat.completions.create(**kw, **_sampled(7)).choices[0].message.content
     c = server.client.chat.completions.create(**kw, **_sampled(8), extra_body={"top_k": 50})
@@ -175,7 +175,7 @@ def _forward_logprobs(gen, ids):
 def test_n_choices_and_logprobs_equal_the_generator_and_a_forward_pass(model, tok):
     server, gen = model
     ids, eos = _prompt(tok, HELLO), tok.token_to_id("<|im_end|>")
-    kw = dict(model="m", messages=HELLO, max_tokens=10, n=3, logprobs=True, top_logprobs=3, **_sampled(11))
+    kw = dict(model="tiny3", messages=HELLO, max_tokens=10, n=3, logprobs=True, top_logprobs=3, **_sampled(11))
     r = server.client.chat.completions.create(**kw)
     assert [c.index for c in r.choices] == [0, 1, 2]
     total = 0
@@ -209,9 +209,9 @@ def test_n_choices_and_logprobs_equal_the_generator_and_a_forward_pass(model, to
                                    atol=1e-6)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == total
 
-    plain = server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=4, logprobs=True)
+    plain = server.client.chat.completions.create(model="tiny3", messages=HELLO, max_tokens=4, logprobs=True)
     assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
-    assert server.client.chat.completions.create(model="m", messages=HELLO, max_tokens=4).choices[0].logprobs is None
+    assert server.client.chat.completions.create(model="tiny3", messages=HELLO, max_tokens=4).choices[0].logprobs is None
 
 
 def test_invalid_requests_get_openai_errors(model):
@@ -219,7 +219,7 @@ def test_invalid_requests_get_openai_errors(model):
     status, body = server.raw("POST", "/v1/chat/completions", body=b'{"messages": [')
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "invalid_request_error"
-    for bad, param in [({"model": "m"}, "messages"), ({"messages": []}, "messages"),
+    for bad, param in [({"model": "tiny3"}, "messages"), ({"messages": []}, "messages"),
                        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
                        ({"messages": [{"role": "user"}]}, "messages[0].content"),
                        ({"messages": HELLO, "temperature": 5}, "temperature"),
@@ -235,10 +235,10 @@ def test_invalid_requests_get_openai_errors(model):
         status, body = server.raw("POST", "/v1/chat/completions", body=json.dumps(bad).encode())
         assert status == 400 and body["error"]["param"] == param, (bad, body)
     with pytest.raises(openai.BadRequestError) as e:
-        server.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 600}])
+        server.client.chat.completions.create(model="tiny3", messages=[{"role": "user", "content": "word " * 600}])
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
-        server.client.chat.completions.create(model="m", messages=HELLO, top_p=1.5, stream=True)
+        server.client.chat.completions.create(model="tiny3", messages=HELLO, top_p=1.5, stream=True)
     assert server.raw("GET", "/v1/nowhere")[0] == 404
     status, body = server.raw("GET", "/v1/chat/completions")
     assert status == 405 and "error" in body
@@ -339,29 +339,29 @@ WEATHER = [{"type": "function", "function": {"name": "get_weather", "description
 def test_reasoning_content(scripted):
     server, _ = scripted
     for extra in [None, {"chat_template_kwargs": {"open_thinking": True}}]:  # model opens <think> / prompt does
-        m = server.client.chat.completions.create(model="s", messages=_user("THINK"), extra_body=extra)
+        m = server.client.chat.completions.create(model="scripted", messages=_user("THINK"), extra_body=extra)
         message = m.choices[0].message
         assert message.content == "The answer is 4." and message.reasoning_content == "Let me think."
-        chunks = list(server.client.chat.completions.create(model="s", messages=_user("THINK"), stream=True,
+        chunks = list(server.client.chat.completions.create(model="scripted", messages=_user("THINK"), stream=True,
                                                             extra_body=extra))
         deltas = [c.choices[0].delta for c in chunks]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me think."
         assert "".join(d.content or "" for d in deltas) == "The answer is 4."
         assert not any("<" in (d.content or "") + (getattr(d, "reasoning_content", None) or "") for d in deltas)
-    plain = server.client.chat.completions.create(model="s", messages=_user("hello")).choices[0].message
+    plain = server.client.chat.completions.create(model="scripted", messages=_user("hello")).choices[0].message
     assert plain.content == "Hi there." and getattr(plain, "reasoning_content", None) is None
 
 
 def test_tool_calls(scripted):
     server, _ = scripted
-    r = server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER)
+    r = server.client.chat.completions.create(model="scripted", messages=_user("TOOL"), tools=WEATHER)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
-    chunks = list(server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER,
+    chunks = list(server.client.chat.completions.create(model="scripted", messages=_user("TOOL"), tools=WEATHER,
                                                         stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Checking."
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
@@ -373,33 +373,33 @@ def test_tool_calls(scripted):
     follow = _user("TOOL") + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
-    assert server.client.chat.completions.create(model="s", messages=follow).choices[0].message.content == \
+    assert server.client.chat.completions.create(model="scripted", messages=follow).choices[0].message.content == \
         "I have no tools."
-    none = server.client.chat.completions.create(model="s", messages=_user("TOOL"), tools=WEATHER, tool_choice="none")
+    none = server.client.chat.completions.create(model="scripted", messages=_user("TOOL"), tools=WEATHER, tool_choice="none")
     assert none.choices[0].message.content == "I have no tools." and not none.choices[0].message.tool_calls
 
 
 def test_generation_failure_is_a_500_and_the_server_goes_on(scripted):
     server, _ = scripted
     with pytest.raises(openai.InternalServerError) as e:
-        server.client.chat.completions.create(model="s", messages=_user("FAIL"))
+        server.client.chat.completions.create(model="scripted", messages=_user("FAIL"))
     assert "scripted failure" in e.value.message
     with pytest.raises(openai.APIError, match="mid-stream"):
-        for _ in server.client.chat.completions.create(model="s", messages=_user("FAIL_LATER"), stream=True):
+        for _ in server.client.chat.completions.create(model="scripted", messages=_user("FAIL_LATER"), stream=True):
             pass
-    assert server.client.chat.completions.create(model="s", messages=_user("x")).choices[0].message.content == \
+    assert server.client.chat.completions.create(model="scripted", messages=_user("x")).choices[0].message.content == \
         "Hi there."
 
 
 def test_queued_requests_join_the_running_decode_and_a_dropped_stream_stops(scripted):
     server, gen = scripted
     engine = server.app.state.engine
-    slow = server.client.chat.completions.create(model="s", messages=_user("SLOW"), stream=True)
+    slow = server.client.chat.completions.create(model="scripted", messages=_user("SLOW"), stream=True)
     next(iter(slow))  # the slow row is being decoded: the next three join it, without waiting for its end
     record = gen.records[-1]
     before = list(engine.steps_with_rows)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(server.client.chat.completions.create, model="s", messages=_user(f"q{i}"))
+        futures = [pool.submit(server.client.chat.completions.create, model="scripted", messages=_user(f"q{i}"))
                    for i in range(3)]
         answers = [f.result(timeout=60).choices[0].message.content for f in futures]
     assert answers == ["Hi there."] * 3 and not record["released"]  # answered while the slow row ran

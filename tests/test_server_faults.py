@@ -160,7 +160,7 @@ def one_slot(tok):
 
 def test_more_clients_than_slots_and_queue_are_429_and_slow_ones_504(one_slot):
     srv, gen = one_slot
-    held = srv.client.chat.completions.create(model="s", messages=_user("HOLD"), stream=True)
+    held = srv.client.chat.completions.create(model="scripted", messages=_user("HOLD"), stream=True)
     chunks = iter(held)
     next(chunks)  # the slot is taken for 400 steps x 30 ms, far beyond the timeout
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -181,7 +181,7 @@ def test_more_clients_than_slots_and_queue_are_429_and_slow_ones_504(one_slot):
     assert status == 504 and body["error"]["code"] == "timeout", body
     assert gen.records and all(r["released"] for r in gen.records)
     assert srv.raw("GET", "/health")[1]["slots_in_use"] == 0
-    answer = srv.client.chat.completions.create(model="s", messages=HELLO)
+    answer = srv.client.chat.completions.create(model="scripted", messages=HELLO)
     assert answer.choices[0].message.content == "Hi there."
 
 
@@ -238,9 +238,26 @@ def test_chat_page_and_health(server):
     assert status == 200 and body["model"] == "scripted"
 
 
-def test_any_model_name_is_answered_as_the_served_model(server):
-    status, body = _post(server[0], {"model": "gpt-4o", "messages": HELLO, "max_tokens": 3})
+def test_another_model_name_is_a_404_naming_the_served_model(server):
+    for route in ("/v1/chat/completions", "/v1/completions"):
+        status, body = server[0].raw("POST", route, body=json.dumps(
+            {"model": "gpt-4o", "messages": HELLO, "prompt": "x", "max_tokens": 3}).encode())
+        assert status == 404 and body["error"]["code"] == "model_not_found", body
+        assert body["error"]["param"] == "model" and "'scripted'" in body["error"]["message"]
+    status, body = _post(server[0], {"model": "scripted", "messages": HELLO, "max_tokens": 3})
     assert status == 200 and body["model"] == "scripted"
+    status, body = _post(server[0], {"messages": HELLO, "max_tokens": 3})  # no model: the served one
+    assert status == 200 and body["model"] == "scripted"
+
+
+def test_any_model_name_is_answered_as_the_served_model_when_asked(tok):
+    gen = ScriptedGenerator(tok)
+    srv = _Server(create_app(gen, tok, "scripted", decoder=gen, any_model_name=True))
+    try:
+        status, body = _post(srv, {"model": "gpt-4o", "messages": HELLO, "max_tokens": 3})
+        assert status == 200 and body["model"] == "scripted"
+    finally:
+        srv.stop()
 
 
 def test_served_name_is_the_run_directory():
@@ -311,7 +328,7 @@ def test_a_client_that_never_reads_its_stream_frees_its_slot(tok, route):
         assert len(record["tokens"]) < 3000 and freed_after < 12, (freed_after, len(record["tokens"]))
         assert srv.raw("GET", "/health")[1]["slots_in_use"] == 0
         # the server answers others meanwhile, and the stalled client gets an error event if it reads at last
-        assert srv.client.chat.completions.create(model="s", messages=HELLO).choices[0].message.content == "Hi there."
+        assert srv.client.chat.completions.create(model="scripted", messages=HELLO).choices[0].message.content == "Hi there."
         sock.settimeout(10)
         received = b""
         while b"data: [DONE]" not in received:
