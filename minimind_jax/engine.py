@@ -168,6 +168,10 @@ def _step_slots(params, state: _Slots, active, *, config: ModelConfig, policy: P
     return _with_first_slots(state, part), token
 
 
+CHUNK_TOKENS = 512  # a prompt longer than this is prefilled in chunks of at most this many tokens
+CHUNK_SCORES = 512 * 2048  # the most query x column pairs one chunk attends (chunks shrink to stay within it)
+
+
 class SlotDecoder:
     """``slots`` decode slots over one KV cache of ``cache_len`` tokens per slot (see the module docstring).
 
@@ -178,8 +182,8 @@ class SlotDecoder:
     """
 
     def __init__(self, params, config: ModelConfig, policy: Policy | str = "fp32", *, slots: int = 8,
-                 cache_len: int | None = None, prefill_tokens: int = 2048, chunk_tokens: int = 512,
-                 chunk_scores: int = 512 * 2048):
+                 cache_len: int | None = None, prefill_tokens: int = 2048, chunk_tokens: int = CHUNK_TOKENS,
+                 chunk_scores: int = CHUNK_SCORES):
         cache_len = config.max_position_embeddings if cache_len is None else int(cache_len)
         if slots < 1 or cache_len < 2:
             raise ValueError(f"need at least 1 slot and a cache of 2 tokens, got slots={slots}, cache_len={cache_len}")

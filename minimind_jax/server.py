@@ -81,7 +81,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind_jax.chat_format import ReasoningSplitter, StopStrings, ToolCallBuffer, prompt_opens_reasoning
 from minimind_jax.completions import completions_router
-from minimind_jax.engine import Engine, EngineError, SlotDecoder
+from minimind_jax.engine import CHUNK_SCORES, CHUNK_TOKENS, Engine, EngineError, SlotDecoder
 from minimind_jax.engine import Request as EngineRequest
 from minimind_jax.evaluation.scoring import MAX_TOP_LOGPROBS, Scorer
 from minimind_jax.generate import SamplingParams, TextStream
@@ -591,8 +591,8 @@ def create_app(generator, tokenizer, model_name: str = "minimind", *, max_batch:
                default_max_tokens: int = 1024, eos_ids: Sequence[int] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_prompt_tokens: int | None = None, max_queue: int = 64,
                request_timeout_s: float | None = None, cache_len: int | None = None, decoder=None,
-               warm_up: bool = False, stream_stall_s: float = STALL_S, prefill_chunk: int = 512,
-               prefill_chunk_scores: int = 512 * 2048, any_model_name: bool = False):
+               warm_up: bool = False, stream_stall_s: float = STALL_S, prefill_chunk: int = CHUNK_TOKENS,
+               prefill_chunk_scores: int = CHUNK_SCORES, any_model_name: bool = False):
     """The FastAPI app serving ``generator`` (a :class:`~minimind_jax.generate.Generator`) with ``tokenizer``'s
     chat template. Chat completions run on an :class:`~minimind_jax.engine.Engine` over ``decoder`` (default: a
     :class:`~minimind_jax.engine.SlotDecoder` of ``max_batch`` slots of ``cache_len`` tokens (default the model's

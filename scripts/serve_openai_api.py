@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new-token limit of a request that sets no max_tokens (capped by the context left)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, in tokens (default: the model's context less one)")
+    # the engine's CHUNK_TOKENS / CHUNK_SCORES (not imported here: the parser loads no jax)
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="a longer prompt is prefilled in chunks of at most this many tokens, between decode steps")
     p.add_argument("--prefill-chunk-scores", type=int, default=512 * 2048,

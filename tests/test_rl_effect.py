@@ -1,6 +1,7 @@
 """``scripts/rl_eval.py --show N``: the replies it prints are the rollouts it scored (one line per rollout of
 the first N prompts, each with its record's gt and a reward that matches the printed mean)."""
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -33,4 +34,4 @@ def test_rl_eval_show_prints_the_scored_replies(tmp_path, capsys):
     gts = [line.split('"gt": ')[1].strip('"}\n') for line in held.read_text().splitlines()]
     assert [r[0] for r in rows] == [gts[0], gts[0], gts[1], gts[1], gts[0], gts[1]]
     for gt, reward, text in rows:
-        assert float(reward) == numeric_match(eval(text), {"gt": gt})
+        assert float(reward) == numeric_match(ast.literal_eval(text), {"gt": gt})

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from test_server import HELLO, ScriptedGenerator, _Server, _user
+from minimind_jax.engine import CHUNK_SCORES, CHUNK_TOKENS
 from minimind_jax.server import APIError, create_app, parse_chat_request
 from minimind_jax.tokenizer import load_tokenizer
 
@@ -274,7 +275,8 @@ def test_served_name_is_the_run_directory():
     args = mod.build_parser().parse_args(["--ckpt", "x", "--cache-len", "512", "--max-queue", "4",
                                           "--request-timeout", "2.5", "--warm-up", "--prefill-chunk", "256"])
     assert (args.cache_len, args.max_queue, args.request_timeout, args.warm_up) == (512, 4, 2.5, True)
-    assert (args.prefill_chunk, args.prefill_chunk_scores) == (256, 512 * 2048)
+    assert (args.prefill_chunk, args.prefill_chunk_scores) == (256, CHUNK_SCORES)
+    assert mod.build_parser().parse_args(["--ckpt", "x"]).prefill_chunk == CHUNK_TOKENS
     assert mod.DEFAULT_CACHE_LEN == 4096
 
 
