@@ -14,6 +14,7 @@ import pytest
 from minimind_jax.checkpoint import save_checkpoint
 from minimind_jax.config import ModelConfig
 from minimind_jax.data import make_dataset
+from minimind_jax.data.rl_prompts import RLPromptSource
 from minimind_jax.model.transformer import init_params
 from minimind_jax.precision import get_policy
 from minimind_jax.rl import grpo, rewards, rollout
@@ -140,6 +141,26 @@ def test_long_prompts_keep_their_last_tokens_and_are_counted():
         np.testing.assert_array_equal(b["prompt_ids"][i][12 - min(n, 12):], whole[-12:])
     assert int(b["prompt_truncated"].sum()) == 4 and cut.stats.truncated >= 4
     np.testing.assert_array_equal(a["record_index"], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("shard_index", [0, 1])
+def test_record_indices_of_later_epochs_name_the_records_of_the_file(shard_index):
+    """Every epoch's batches carry each prompt's index in the file (grain counts later epochs' reads past the end),
+    so the rewards read the right record back in epoch 2 and after."""
+    tok = load_tokenizer()
+    n = len(RLPromptSource(RLAIF, "rlaif"))
+    mine = range(shard_index, n, 2)
+    ds = make_dataset("rlaif", RLAIF, tok, 64, 2, epochs=3, shard_index=shard_index, shard_count=2, seed=1,
+                      thinking_ratio=0.0)
+    seen = np.concatenate([b["record_index"] for b in ds])
+    assert len(seen) == 3 * len(mine) // 2 * 2
+    for epoch in range(3):
+        part = seen[epoch * len(mine):(epoch + 1) * len(mine)]
+        assert set(part.tolist()) <= set(mine) and len(set(part.tolist())) == len(part), epoch
+    plain = make_dataset("rlaif", RLAIF, tok, 64, 1, shuffle=False, thinking_ratio=0.0)
+    by_index = {int(b["record_index"][0]): b["prompt_ids"][0] for b in plain}
+    for b in make_dataset("rlaif", RLAIF, tok, 64, 1, epochs=2, shuffle=False, thinking_ratio=0.0):
+        np.testing.assert_array_equal(b["prompt_ids"][0], by_index[int(b["record_index"][0])])
 
 
 def test_a_nonfinite_reward_stops_the_run_naming_the_record(init_dir, tmp_path, monkeypatch):

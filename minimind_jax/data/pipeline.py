@@ -256,7 +256,8 @@ def make_dataset(
     elif isinstance(source, PreparedSource):
         transform = source.transform(tokenizer, max_seq_len)
 
-    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i, record))
+    n = len(source)  # grain hands later epochs' reads of record i the index i + epoch * n: fold it back
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, record: (i % n, record))
     ds = ds[shard_index::shard_count]
     per_epoch = len(ds)
     if per_epoch < batch_size:
